@@ -1,0 +1,102 @@
+"""The FFF conditional matmul as one `torch.library` custom op, plus its checked public entry point.
+
+Declared once here (schema, fake implementation for meta/FakeTensor tracing, autograd); the device
+kernels live in `hf_fff.backends`. Being a custom op keeps `torch.compile(fullgraph=True)` free of graph
+breaks and lets CUDA graphs capture the kernel launch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .backends import reference
+
+_MAX_DEPTH = 30  # leaves are addressed with int64 shifts; deeper trees would not fit in memory anyway
+
+
+@torch.library.custom_op("hf_fff::fff_forward", mutates_args=())
+def fff_forward(
+    x: torch.Tensor,
+    weight_in: torch.Tensor,
+    bias_in: torch.Tensor,
+    weight_out: torch.Tensor,
+    depth: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw op: x (M, H) contiguous, weights (T*N, H), bias (T*N,) -> (y (M, H), leaves (M, T) int64).
+
+    Use `fast_feedforward` instead: it validates and reshapes. Dispatches to the selected backend.
+    """
+    _, forward = backends.resolve(x.device.type)
+    return forward(x, weight_in, bias_in, weight_out, depth)
+
+
+@fff_forward.register_fake
+def _(x, weight_in, bias_in, weight_out, depth):
+    trees = weight_in.shape[0] // reference.nodes_per_tree(depth)
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], trees), dtype=torch.long)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_in, bias_in, weight_out, depth = inputs
+    ctx.save_for_backward(x, weight_in, bias_in, weight_out, output[1])
+    ctx.depth = depth
+
+
+def _backward(ctx, grad_y, _grad_leaves):
+    x, weight_in, bias_in, weight_out, leaves = ctx.saved_tensors
+    grads = reference.fff_backward(grad_y.contiguous(), x, weight_in, bias_in, weight_out, ctx.depth, leaves)
+    return (*grads, None)
+
+
+fff_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_fff_arguments(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor, depth: int) -> int:
+    """Raise a clear error for anything the kernels cannot take; return the number of trees."""
+    if not isinstance(depth, int) or not 0 <= depth <= _MAX_DEPTH:
+        raise ValueError(f"FFF depth must be an int in [0, {_MAX_DEPTH}], got {depth!r}")
+    for name, tensor in (("x", x), ("weight_in", weight_in), ("bias_in", bias_in), ("weight_out", weight_out)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"FFF {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"FFF {name} must be a floating-point tensor, got {tensor.dtype}")
+    if x.dim() < 1:
+        raise ValueError("FFF input must have at least one dimension (..., hidden)")
+    hidden = x.shape[-1]
+    n_nodes = reference.nodes_per_tree(depth)
+    if weight_in.dim() != 2 or weight_in.shape[1] != hidden or weight_in.shape[0] == 0 or weight_in.shape[0] % n_nodes:
+        raise ValueError(
+            f"FFF weight_in must have shape (trees * {n_nodes}, {hidden}) for depth {depth} and input width {hidden}, "
+            f"got {tuple(weight_in.shape)}"
+        )
+    if weight_out.shape != weight_in.shape:
+        raise ValueError(f"FFF weight_out must have the shape of weight_in {tuple(weight_in.shape)}, got {tuple(weight_out.shape)}")
+    if bias_in.shape != (weight_in.shape[0],):
+        raise ValueError(f"FFF bias_in must have shape ({weight_in.shape[0]},), got {tuple(bias_in.shape)}")
+    dtypes = {t.dtype for t in (x, weight_in, bias_in, weight_out)}
+    if len(dtypes) != 1:
+        raise TypeError(f"FFF input and weights must share one dtype, got x {x.dtype}, weights {weight_in.dtype}/{bias_in.dtype}/{weight_out.dtype}")
+    devices = {t.device for t in (x, weight_in, bias_in, weight_out)}
+    if len(devices) != 1:
+        raise ValueError(f"FFF input and weights must be on one device, got {sorted(str(d) for d in devices)}")
+    return weight_in.shape[0] // n_nodes
+
+
+def fast_feedforward(
+    x: torch.Tensor,
+    weight_in: torch.Tensor,
+    bias_in: torch.Tensor,
+    weight_out: torch.Tensor,
+    depth: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFF over any leading shape: x (..., H) -> (y (..., H), leaves (..., T) int64).
+
+    Row t*N + n of `weight_in` / `bias_in` is node n of tree t; row t*N + n of `weight_out` is that
+    node's output direction (the transpose of the original `linear_out.weight`).
+    """
+    trees = check_fff_arguments(x, weight_in, bias_in, weight_out, depth)
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    y, leaves = fff_forward(x2d, weight_in.contiguous(), bias_in.contiguous(), weight_out.contiguous(), depth)
+    return y.view(x.shape), leaves.view(*leading, trees)

@@ -1,0 +1,37 @@
+"""hf_fff: UltraFastBERT as a first-class transformers model, with fast FFF kernels.
+
+The native sources in cuda/ ship inside the wheel as the package `hf_fff.csrc` (package data) and are
+JIT-compiled on first use, so the wheel itself is pure Python.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="hf_fff",
+    version="0.1.0",
+    description="UltraFastBERT (fast feedforward networks) for HuggingFace transformers, with CPU and CUDA conditional-matmul kernels",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["hf_fff", "hf_fff.backends", "hf_fff.csrc"],
+    package_dir={"hf_fff.csrc": "cuda"},
+    package_data={"hf_fff.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "hf_fff": ["model_cards/*.md"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["hf-fff=hf_fff.cli:main"]},
+)
