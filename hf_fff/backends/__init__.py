@@ -25,6 +25,8 @@ ForwardFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 ENV_VAR = "HF_FFF_BACKEND"
 AUTO = "auto"
 REFERENCE = "reference"
+MASKED = "masked"  # the published dense-and-mask computation, for baselines; never chosen automatically
+_TORCH_BACKENDS = {REFERENCE: reference.fff_forward, MASKED: reference.fff_forward_masked}
 
 
 @dataclass
@@ -54,7 +56,7 @@ def register_native_backend(name: str, device_type: str, loader: Callable[[], Op
 
 
 def available_backends() -> list[str]:
-    return [REFERENCE, *_NATIVE]
+    return [*_TORCH_BACKENDS, *_NATIVE]
 
 
 def requested_backend() -> str:
@@ -65,7 +67,7 @@ def requested_backend() -> str:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force a backend for every FFF call in this process ("auto", "reference", "cpp", "cuda"); None restores the default."""
+    """Force a backend for every FFF call in this process ("auto", "reference", "masked", "cpp", "cuda"); None restores the default."""
     global _forced
     if name is not None and name.lower() not in (AUTO, *available_backends()):
         raise ValueError(f"unknown FFF backend {name!r}; choose one of {[AUTO, *available_backends()]}")
@@ -87,8 +89,8 @@ def use_backend(name: str) -> Iterator[None]:
 def resolve(device_type: str) -> tuple[str, ForwardFn]:
     """(backend name, forward function) that will run for tensors on `device_type`."""
     choice = requested_backend()
-    if choice == REFERENCE:
-        return REFERENCE, reference.fff_forward
+    if choice in _TORCH_BACKENDS:
+        return choice, _TORCH_BACKENDS[choice]
     if choice != AUTO:
         backend = _NATIVE[choice]
         if backend.device_type != device_type:

@@ -108,3 +108,31 @@ def fff_backward(
         grad_b_in.to(bias_in.dtype),
         grad_w_out.to(weight_out.dtype),
     )
+
+
+def fff_forward_masked(
+    x: torch.Tensor,
+    weight_in: torch.Tensor,
+    bias_in: torch.Tensor,
+    weight_out: torch.Tensor,
+    depth: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published (masking) implementation: all T*N logits, GELU, zero the unvisited, dense product.
+
+    Same function as `fff_forward` at the cost of a dense (H, T*N, H) layer; kept as the baseline the
+    benchmarks compare against and as a second oracle (it is how the original code computes).
+    """
+    tokens, _ = x.shape
+    n_nodes = nodes_per_tree(depth)
+    trees = weight_in.shape[0] // n_nodes
+    acc = accumulation_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+    logits = torch.addmm(bias_in.to(acc), x.to(acc), weight_in.to(acc).t()).view(tokens, trees, n_nodes)
+    node = torch.zeros(tokens, trees, 1, dtype=torch.long, device=x.device)
+    mask = torch.zeros_like(logits)
+    for level in range(depth + 1):
+        mask.scatter_(2, node, 1.0)
+        if level < depth:
+            node = 2 * node + 1 + (logits.gather(2, node) > 0).long()
+    activations = (F.gelu(logits) * mask).view(tokens, trees * n_nodes)
+    y = activations @ weight_out.to(acc)
+    return y.to(x.dtype), node.squeeze(-1) - (2**depth - 1)
