@@ -1,0 +1,237 @@
+"""Just-in-time build of the native sources in cuda/ (installed as the package `hf_fff.csrc`).
+
+`load_extension` compiles sources with `torch.utils.cpp_extension` + ninja the first time they are
+needed, caches the result on disk for every later process, and never raises: when a compiler, ninja
+or nvcc is missing, or the build fails, it warns once (naming the cause) and returns None, so that the
+caller falls back to the plain torch implementation.
+
+The on-disk cache is `$HF_FFF_CACHE` or `~/.cache/hf_fff/extensions`, one folder per
+`<name>-<hash>`, the hash covering everything that makes a binary unusable elsewhere: the sources'
+contents, the flags, torch / CUDA / Python versions, the GPU arch list and the CPU model (kernels may be
+built with `-march=native`). Concurrent processes serialise on an `flock` of that folder, so two
+processes building at once end with one working build, and a build killed half-way leaves no lock
+behind (torch's own lock file would then block every later process).
+
+Set HF_FFF_FORCE_BUILD_FAILURE=1 to make every build fail (for testing the fallback path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import threading
+import types
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+CACHE_ENV = "HF_FFF_CACHE"
+FORCE_FAILURE_ENV = "HF_FFF_FORCE_BUILD_FAILURE"
+_RECIPE_VERSION = "1"  # bump when this file changes how binaries are built
+_LIB_SUFFIX = ".pyd" if os.name == "nt" else ".so"  # what torch's build names the library
+_DONE_MARKER = "hf_fff_build_ok"  # written after a build loaded successfully; its absence means "rebuild"
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, Optional[types.ModuleType]] = {}  # by request (name, sources, flags); None records a failure already warned about
+
+
+class BuildUnavailable(Exception):
+    """Why a native extension cannot be built here; its message goes into the one warning."""
+
+
+def load_extension(
+    name: str,
+    sources: Sequence[str],
+    *,
+    with_cuda: bool = False,
+    extra_cflags: Iterable[str] = (),
+    extra_cuda_cflags: Iterable[str] = (),
+    extra_ldflags: Iterable[str] = (),
+) -> Optional[types.ModuleType]:
+    """Build (or reuse) the extension `name` from `sources` (file names in cuda/); None if impossible.
+
+    Sources define a pybind11 module with `PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)` (torch sets the
+    macro; the module is named after the cache folder, `<name>_<hash>`). Repeated calls in one process return the same module,
+    and a failure warns only the first time.
+    """
+    extra_cflags, extra_cuda_cflags, extra_ldflags = list(extra_cflags), list(extra_cuda_cflags), list(extra_ldflags)
+    request = repr((name, list(sources), with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags))
+    with _LOCK:
+        if request in _LOADED:
+            return _LOADED[request]
+        try:
+            module = _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
+        except BuildUnavailable as cause:
+            module = None
+            _warn_fallback(name, str(cause))
+        except Exception as error:  # a compiler error, a broken cache folder: any failure means "use torch"
+            module = None
+            _warn_fallback(name, f"the build failed: {_last_lines(str(error))}")
+        _LOADED[request] = module
+        return module
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fff" / "extensions").expanduser()
+
+
+def resolve_source(file_name: str) -> Path:
+    """Path of a native source: inside the installed package `hf_fff.csrc`, else the checkout's cuda/."""
+    candidates = []
+    with contextlib.suppress(ModuleNotFoundError):
+        installed = importlib.resources.files("hf_fff.csrc").joinpath(file_name)
+        if isinstance(installed, Path):  # a zipped install has no real path for the compiler to read
+            candidates.append(installed)
+    candidates.append(Path(__file__).resolve().parent.parent / "cuda" / file_name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise BuildUnavailable(f"source file {file_name!r} was not found (looked in {[str(c) for c in candidates]})")
+
+
+def cuda_arch_flags(extra_cuda_cflags: Sequence[str]) -> list[str]:
+    """nvcc -gencode flags for the visible GPUs, or none when the caller or TORCH_CUDA_ARCH_LIST decides.
+
+    Building only for the GPUs present keeps the build short; PTX for the newest one keeps the binary
+    usable (through the driver's JIT) on a newer GPU sharing the cache folder.
+    """
+    if any("arch" in flag for flag in extra_cuda_cflags) or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []  # torch turns TORCH_CUDA_ARCH_LIST into flags itself, and it is part of the cache key
+    if not torch.cuda.is_available():
+        raise BuildUnavailable("no CUDA GPU is visible and TORCH_CUDA_ARCH_LIST is not set")
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    flags = [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}" for major, minor in capabilities]
+    major, minor = capabilities[-1]
+    return flags + [f"-gencode=arch=compute_{major}{minor},code=compute_{major}{minor}"]
+
+
+def build_key(name: str, paths: Sequence[Path], with_cuda: bool, *flag_lists: Sequence[str]) -> str:
+    """`<name>-<hash>`: the cache folder name, different whenever the binary could differ."""
+    digest = hashlib.sha256()
+    for part in (
+        _RECIPE_VERSION,
+        name,
+        str(with_cuda),
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.implementation.cache_tag,  # the extension links against this Python's ABI
+        platform.machine(),
+        _cpu_identity(),
+        os.environ.get("CXX", "c++"),
+        os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "",
+        repr([list(flags) for flags in flag_lists]),
+    ):
+        digest.update(part.encode() + b"\0")
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{name}-{digest.hexdigest()[:16]}"
+
+
+def check_toolchain(with_cuda: bool) -> None:
+    """Raise BuildUnavailable naming the first missing tool."""
+    if os.environ.get(FORCE_FAILURE_ENV, "").strip() not in ("", "0"):
+        raise BuildUnavailable(f"{FORCE_FAILURE_ENV} is set")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise BuildUnavailable(f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)")
+    try:
+        _cpp_extension().verify_ninja_availability()
+    except RuntimeError:
+        raise BuildUnavailable("ninja is not installed (pip install ninja)") from None
+    if with_cuda:
+        if torch.version.cuda is None:
+            raise BuildUnavailable("this torch build has no CUDA support")
+        cuda_home = _cpp_extension().CUDA_HOME
+        if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+            raise BuildUnavailable("the CUDA compiler nvcc was not found (set CUDA_HOME to the CUDA toolkit)")
+
+
+def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags) -> types.ModuleType:
+    check_toolchain(with_cuda)
+    paths = [resolve_source(source) for source in sources]
+    if with_cuda:
+        extra_cuda_cflags = extra_cuda_cflags + cuda_arch_flags(extra_cuda_cflags)
+    key = build_key(name, paths, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
+    build_dir = cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    module_name = key.replace("-", "_")  # one module name per build, so two builds can live in one process
+    with _exclusive(build_dir / "hf_fff.lock"):
+        if (build_dir / _DONE_MARKER).exists():
+            return _import_built(module_name, build_dir)
+        # Only a killed build can have left torch's lock file: no live process builds without our flock.
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / "lock").unlink()
+        module = _cpp_extension().load(
+            name=module_name,
+            sources=[str(path) for path in paths],
+            extra_cflags=extra_cflags,
+            extra_cuda_cflags=extra_cuda_cflags,
+            extra_ldflags=extra_ldflags,
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            verbose=False,
+        )
+        (build_dir / _DONE_MARKER).write_text(f"{module_name}\n")
+        return module
+
+
+def _import_built(module_name: str, build_dir: Path) -> types.ModuleType:
+    """Import a finished build without torch's load(): no compiler probe, no ninja run (fast start-up)."""
+    spec = importlib.util.spec_from_file_location(module_name, build_dir / f"{module_name}{_LIB_SUFFIX}")
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import the cached build in {build_dir}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `lock_path`; the OS drops it if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: rely on torch's own lock file
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags: a `-march=native` binary is only valid on a matching CPU."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags", "Features", "CPU part")
+        return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+    return platform.processor()
+
+
+def _warn_fallback(name: str, cause: str) -> None:
+    warnings.warn(
+        f"hf_fff: the native extension {name!r} is unavailable ({cause}); using the plain torch implementation instead, which is slower.",
+        RuntimeWarning,
+        stacklevel=3,  # point at the code that asked for the extension
+    )
+
+
+def _cpp_extension() -> types.ModuleType:
+    """torch.utils.cpp_extension, imported on first need: it pulls in setuptools (~0.1 s)."""
+    import torch.utils.cpp_extension
+
+    return torch.utils.cpp_extension
+
+
+def _last_lines(text: str, count: int = 12) -> str:
+    return "\n".join(text.strip().splitlines()[-count:])
