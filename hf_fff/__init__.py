@@ -1,10 +1,67 @@
 """hf_fff: UltraFastBERT for HuggingFace transformers.
 
-Importing this package registers the `ultrafastbert` model type (and the published `crammedBERT`
-checkpoint layout) with transformers' Auto classes.
+Importing this package registers the `ultrafastbert` model type, and the published `crammedBERT`
+checkpoint layout, with transformers' Auto classes:
+
+    import hf_fff
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained("pbelcak/UltraFastBERT-1x11-long")
 """
 
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
 from .backends import available_backends, set_backend, use_backend
+from .configuration_ultrafastbert import CrammedBertConfig, UltraFastBertConfig
+from .modeling_ultrafastbert import (
+    FastFeedForward,
+    UltraFastBertForMaskedLM,
+    UltraFastBertForQuestionAnswering,
+    UltraFastBertForSequenceClassification,
+    UltraFastBertForTokenClassification,
+    UltraFastBertModel,
+    UltraFastBertPreTrainedModel,
+)
 from .ops import fast_feedforward
 
 __version__ = "0.1.0"
+
+_AUTO_CLASSES = (
+    (AutoModel, UltraFastBertModel),
+    (AutoModelForMaskedLM, UltraFastBertForMaskedLM),
+    (AutoModelForSequenceClassification, UltraFastBertForSequenceClassification),
+    (AutoModelForTokenClassification, UltraFastBertForTokenClassification),
+    (AutoModelForQuestionAnswering, UltraFastBertForQuestionAnswering),
+)
+
+
+def _register_with_auto_classes() -> None:
+    # exist_ok: re-importing (e.g. importlib.reload in tests) must not fail.
+    AutoConfig.register(UltraFastBertConfig.model_type, UltraFastBertConfig, exist_ok=True)
+    AutoConfig.register(CrammedBertConfig.model_type, CrammedBertConfig, exist_ok=True)
+    for auto_class, model_class in _AUTO_CLASSES:
+        auto_class.register(UltraFastBertConfig, model_class, exist_ok=True)
+
+
+_register_with_auto_classes()
+
+__all__ = [
+    "UltraFastBertConfig",
+    "UltraFastBertModel",
+    "UltraFastBertForMaskedLM",
+    "UltraFastBertForSequenceClassification",
+    "UltraFastBertForTokenClassification",
+    "UltraFastBertForQuestionAnswering",
+    "UltraFastBertPreTrainedModel",
+    "FastFeedForward",
+    "fast_feedforward",
+    "available_backends",
+    "set_backend",
+    "use_backend",
+]

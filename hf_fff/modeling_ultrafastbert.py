@@ -1,0 +1,595 @@
+"""UltraFastBERT for transformers: a pre-norm BERT whose feedforward layers are fast feedforward trees.
+
+Reading order: FastFeedForward, embeddings, attention, layer, encoder, PreTrainedModel (+ loading of
+the published crammedBERT layout), base model, heads. What is computed is exactly the published model
+(shared docs, crammed_model.md); the only difference is that each FFF layer computes the depth + 1
+visited nodes per tree instead of all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_ultrafastbert import UltraFastBertConfig
+from .ops import fast_feedforward
+
+# The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
+# then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
+MASKED_SCORE = -10000.0
+
+
+class FastFeedForward(nn.Module):
+    """A fast feedforward layer: `trees` binary trees of depth `depth` over width `hidden_size`.
+
+    Maps (..., hidden_size) -> (..., hidden_size) for any leading shape (also 0 tokens). Each token
+    walks each tree from the root, going right when its node's logit is > 0, and sums
+    GELU(logit) * output-row over the depth + 1 visited nodes; only those rows are read.
+
+    Parameters (row t * N + n is node n of tree t, N = 2**(depth + 1) - 1):
+        weight_in (trees * N, hidden_size), bias_in (trees * N,): node logits.
+        weight_out (trees * N, hidden_size): node output directions (the transpose of the published
+            `linear_out.weight`, so that one node's row is contiguous for the kernels).
+    """
+
+    def __init__(self, hidden_size: int, depth: int, trees: int = 1):
+        super().__init__()
+        if hidden_size < 1 or trees < 1 or depth < 0:
+            raise ValueError(f"FastFeedForward needs hidden_size >= 1, trees >= 1, depth >= 0; got {hidden_size}, {trees}, {depth}")
+        self.hidden_size, self.depth, self.trees = hidden_size, depth, trees
+        rows = trees * (2 ** (depth + 1) - 1)
+        self.weight_in = nn.Parameter(torch.empty(rows, hidden_size))
+        self.bias_in = nn.Parameter(torch.empty(rows))
+        self.weight_out = nn.Parameter(torch.empty(rows, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight_in, std=std)
+        nn.init.zeros_(self.bias_in)
+        nn.init.normal_(self.weight_out, std=std)
+
+    def forward(self, x: torch.Tensor, return_leaves: bool = False):
+        """x (..., H) -> y (..., H); with return_leaves also the leaf reached per tree, (..., trees) int64."""
+        weights = (self.weight_in, self.bias_in, self.weight_out)
+        if x.dtype != self.weight_in.dtype:  # e.g. bf16 activations over fp32 weights: compute in x's dtype, like autocast
+            weights = tuple(w.to(x.dtype) for w in weights)
+        y, leaves = fast_feedforward(x, *weights, self.depth)
+        return (y, leaves) if return_leaves else y
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, depth={self.depth}, trees={self.trees}"
+
+
+def sinusoidal_positions(length: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The classic table PE[p, 2j] = sin(p / 10000^(2j/H)), PE[p, 2j+1] = cos(...), for any length.
+
+    Computed on the fly rather than stored: no buffer to come back as garbage from meta-device loading,
+    and no maximum length (the original allocates 128 positions and fails past them).
+    """
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / width))
+    angles = position * inv_freq  # (S, ceil(H/2))
+    table = torch.empty(length, width, device=device, dtype=torch.float32)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : width // 2])
+    return table.to(dtype)
+
+
+class UltraFastBertEmbeddings(nn.Module):
+    """word embedding + learned scale * sinusoidal positions, then LayerNorm and dropout."""
+
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_scale = nn.Parameter(torch.full((1,), config.hidden_size**-0.5))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.embedding_dropout_prob)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        seq_len, width = inputs_embeds.shape[-2:]
+        positions = sinusoidal_positions(seq_len, width, inputs_embeds.device, inputs_embeds.dtype)
+        return self.dropout(self.norm(inputs_embeds + self.position_scale * positions))
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention; returns the probabilities too (for output_attentions)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, S, S)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1)
+    context = torch.matmul(F.dropout(probs, p=dropout, training=module.training), value)
+    return context.transpose(1, 2).contiguous(), probs  # (B, S, nh, hd)
+
+
+class UltraFastBertSelfAttention(nn.Module):
+    """Bidirectional multi-head attention without biases; q/k/v come from one fused projection.
+
+    `qkv.weight` rows are [q of all heads; k of all heads; v of all heads] (the converter reorders the
+    published per-head grouping into this standard layout).
+    """
+
+    def __init__(self, config: UltraFastBertConfig, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.scaling = config.attention_scale if config.attention_scale is not None else self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], output_attentions: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batch, seq_len, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, S, hd)
+        attention_fn: Callable = eager_attention_forward
+        if not output_attentions:  # SDPA cannot return probabilities; everything else goes through the interface
+            attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        context, probs = attention_fn(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            is_causal=False,
+        )
+        context = context.reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self.out_proj(context), probs
+
+
+class UltraFastBertLayer(GradientCheckpointingLayer):
+    """Pre-norm block: h + Attn(LN(h)), then h + FFF(LN(h))."""
+
+    def __init__(self, config: UltraFastBertConfig, layer_idx: int = 0):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = UltraFastBertSelfAttention(config, layer_idx)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FastFeedForward(config.hidden_size, config.fff_depth, config.fff_trees)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], output_attentions: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        attended, probs = self.attention(self.attention_norm(hidden_states), attention_mask, output_attentions)
+        hidden_states = hidden_states + self.dropout(attended)
+        transformed, leaves = self.ffn(self.ffn_norm(hidden_states), return_leaves=True)
+        hidden_states = hidden_states + self.dropout(transformed)
+        return hidden_states, probs, leaves
+
+
+class UltraFastBertEncoder(nn.Module):
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(UltraFastBertLayer(config, i) for i in range(config.num_hidden_layers))
+
+
+@dataclass
+class UltraFastBertModelOutput(BaseModelOutput):
+    """BaseModelOutput plus `router_paths`: per layer, the leaf each token reached in each tree,
+    (batch, seq_len, fff_trees) int64, when called with output_router_paths=True."""
+
+    router_paths: Optional[tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class UltraFastBertMaskedLMOutput(MaskedLMOutput):
+    router_paths: Optional[tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class UltraFastBertSequenceClassifierOutput(SequenceClassifierOutput):
+    router_paths: Optional[tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class UltraFastBertTokenClassifierOutput(TokenClassifierOutput):
+    router_paths: Optional[tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class UltraFastBertQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    router_paths: Optional[tuple[torch.Tensor, ...]] = None
+
+
+class UltraFastBertPreTrainedModel(PreTrainedModel):
+    config: UltraFastBertConfig
+    config_class = UltraFastBertConfig
+    base_model_prefix = "ultrafastbert"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UltraFastBertEmbeddings", "UltraFastBertLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = False  # the additive -10000 mask needs eager or SDPA semantics
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, FastFeedForward):
+            init.normal_(module.weight_in, std=std)
+            init.zeros_(module.bias_in)
+            init.normal_(module.weight_out, std=std)
+        elif isinstance(module, UltraFastBertEmbeddings):
+            init.constant_(module.position_scale, self.config.hidden_size**-0.5)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained, plus the published crammedBERT layout (Hub id or local folder),
+        which is converted in memory, strictly (a missing or misshapen tensor raises, naming it)."""
+        from . import crammed
+
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None and not kwargs.get("gguf_file"):
+            hub_kwargs = {k: kwargs[k] for k in crammed.HUB_KWARG_NAMES if kwargs.get(k) is not None}
+            config_dict = crammed.read_config_dict(pretrained_model_name_or_path, hub_kwargs)
+            if config_dict is not None and crammed.is_crammed_config(config_dict):
+                config = kwargs.pop("config", None)
+                if not isinstance(config, UltraFastBertConfig):
+                    config, kwargs = UltraFastBertConfig.from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+                raw = crammed.load_crammed_state_dict(pretrained_model_name_or_path, hub_kwargs)
+                state_dict = crammed.native_state_dict_from_crammed(raw, config)
+                if "decoder.weight" not in (getattr(cls, "_tied_weights_keys", None) or {}):
+                    state_dict.pop("decoder.weight")  # only the masked-LM head has a decoder
+                config._name_or_path = str(pretrained_model_name_or_path)
+                # transformers takes either a name or a state dict; the files are already resolved above.
+                model = super().from_pretrained(None, *model_args, config=config, state_dict=state_dict, **kwargs)
+                (model[0] if isinstance(model, tuple) else model).name_or_path = str(pretrained_model_name_or_path)
+                return model
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Out-of-range ids would index past the embedding (a crash on CUDA): refuse them with a clear error."""
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no host sync is allowed while capturing a CUDA graph; ids were checked on the eager warm-up
+    low, high = torch.aminmax(input_ids)
+    if low.item() < 0 or high.item() >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (vocab_size), got values in [{low.item()}, {high.item()}]")
+
+
+def additive_attention_mask(attention_mask: Optional[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """(B, S) mask, 1/True = attend, of any bool/int/float dtype -> (B, 1, 1, S) additive mask in `dtype`."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask must have shape {shape} (batch, seq_len), got {tuple(attention_mask.shape)}")
+    if attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+    keep = attention_mask.to(device=device, dtype=dtype)
+    return ((1.0 - keep) * MASKED_SCORE)[:, None, None, :]
+
+
+class UltraFastBertModel(UltraFastBertPreTrainedModel):
+    """The encoder: embeddings, layers, final LayerNorm. `last_hidden_state` is after the final norm;
+    `hidden_states` holds the embedding output and each layer's output (before the final norm)."""
+
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__(config)
+        self.embeddings = UltraFastBertEmbeddings(config)
+        self.encoder = UltraFastBertEncoder(config)
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_paths: bool = False,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        """token_type_ids is accepted for tokenizer/pipeline compatibility and ignored: the model has no segment embedding."""
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            batch_seq = tuple(input_ids.shape)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}")
+            batch_seq = tuple(inputs_embeds.shape[:2])
+
+        hidden_states = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        mask = additive_attention_mask(attention_mask, batch_seq, hidden_states.dtype, hidden_states.device)
+        all_hidden, all_attentions, all_paths = [], [], []
+        for layer in self.encoder.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, probs, leaves = layer(hidden_states, mask, output_attentions)
+            if output_attentions:
+                all_attentions.append(probs)
+            if output_router_paths:
+                all_paths.append(leaves)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        output = UltraFastBertModelOutput(
+            last_hidden_state=self.final_norm(hidden_states),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            router_paths=tuple(all_paths) if output_router_paths else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _encode(model: UltraFastBertPreTrainedModel, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths):
+    return model.ultrafastbert(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        output_router_paths=output_router_paths,
+        return_dict=True,
+    )
+
+
+class UltraFastBertForMaskedLM(UltraFastBertPreTrainedModel):
+    """Masked LM: logits = last_hidden_state @ decoder.weight^T (tied to the word embedding, no bias,
+    no transform head: the published `skip_head_transform`). Logits keep their (batch, seq_len, vocab) shape."""
+
+    _tied_weights_keys = {"decoder.weight": "ultrafastbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__(config)
+        self.ultrafastbert = UltraFastBertModel(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels: Optional[torch.Tensor] = None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_router_paths: bool = False,
+        return_dict=None,
+        **kwargs,
+    ):
+        """labels (batch, seq_len): token ids to predict, -100 where no loss is taken."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        encoded = _encode(self, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths)
+        logits = self.decoder(encoded.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.config.vocab_size).float(), labels.to(logits.device).view(-1), ignore_index=-100)
+        output = UltraFastBertMaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions, router_paths=encoded.router_paths
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class UltraFastBertClassificationHead(nn.Module):
+    """Published head: Linear(H, head_dim) with bias, Tanh, dropout, Linear(head_dim, num_labels)."""
+
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.classifier_head_dim)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.classifier_head_dim, config.num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.tanh(self.dense(features))))
+
+
+def pool_sequence(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str) -> torch.Tensor:
+    """(B, S, H) -> (B, H). "avg" averages all positions, padding included, as the published head does."""
+    if pooling == "masked_avg" and attention_mask is not None:
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return hidden.mean(dim=1)
+
+
+def sequence_classification_loss(config: UltraFastBertConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BERT's convention: regression for 1 label, single-label for integer labels, multi-label otherwise."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float() if labels.dim() > 1 else labels.float())
+        return F.mse_loss(logits.float(), labels.float())
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class UltraFastBertForSequenceClassification(UltraFastBertPreTrainedModel):
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ultrafastbert = UltraFastBertModel(config)
+        self.head = UltraFastBertClassificationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels: Optional[torch.Tensor] = None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_router_paths: bool = False,
+        return_dict=None,
+        **kwargs,
+    ):
+        """labels (batch,) class ids, (batch,) floats for regression, or (batch, num_labels) multi-hot."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        encoded = _encode(self, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths)
+        logits = self.head(pool_sequence(encoded.last_hidden_state, attention_mask, self.config.classifier_pooling))
+        loss = sequence_classification_loss(self.config, logits, labels.to(logits.device)) if labels is not None else None
+        output = UltraFastBertSequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions, router_paths=encoded.router_paths
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class UltraFastBertForTokenClassification(UltraFastBertPreTrainedModel):
+    """Per-position classification through the published head shape (dense, Tanh, dropout, classifier)."""
+
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ultrafastbert = UltraFastBertModel(config)
+        self.head = UltraFastBertClassificationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels: Optional[torch.Tensor] = None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_router_paths: bool = False,
+        return_dict=None,
+        **kwargs,
+    ):
+        """labels (batch, seq_len) class ids, -100 where no loss is taken."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        encoded = _encode(self, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths)
+        logits = self.head(encoded.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.to(logits.device).view(-1), ignore_index=-100)
+        output = UltraFastBertTokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions, router_paths=encoded.router_paths
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class UltraFastBertForQuestionAnswering(UltraFastBertPreTrainedModel):
+    """Extractive QA: a Linear(H, 2) gives start and end logits per position, as in BERT."""
+
+    def __init__(self, config: UltraFastBertConfig):
+        super().__init__(config)
+        self.ultrafastbert = UltraFastBertModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        start_positions: Optional[torch.Tensor] = None,
+        end_positions: Optional[torch.Tensor] = None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_router_paths: bool = False,
+        return_dict=None,
+        **kwargs,
+    ):
+        """start_positions / end_positions (batch,): answer span; positions outside the sequence are ignored."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        encoded = _encode(self, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths)
+        start_logits, end_logits = self.qa_outputs(encoded.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.size(1)  # BERT's convention: clamp out-of-range targets to S, then ignore them
+            start = start_positions.to(start_logits.device).view(-1).clamp(0, ignored)
+            end = end_positions.to(end_logits.device).view(-1).clamp(0, ignored)
+            loss = (
+                F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
+                + F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
+            ) / 2
+        output = UltraFastBertQuestionAnsweringOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+            router_paths=encoded.router_paths,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "FastFeedForward",
+    "UltraFastBertPreTrainedModel",
+    "UltraFastBertModel",
+    "UltraFastBertForMaskedLM",
+    "UltraFastBertForSequenceClassification",
+    "UltraFastBertForTokenClassification",
+    "UltraFastBertForQuestionAnswering",
+]
