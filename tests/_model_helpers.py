@@ -1,0 +1,134 @@
+"""Shared by the model tests: fixture paths, tiny configs, a tokenizer trained on the spot, and an
+independent functional implementation of the published crammedBERT forward pass (crammed_model.md),
+written from the spec on the raw crammed state dict, to check the full-size conversion against."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HF_FFF_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+TINY_FIXTURES = ("crammed-tiny-1x3", "crammed-tiny-4x2")
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "paris is the capital of france and berlin is the capital of germany",
+    "fast feedforward networks route each token down a binary tree",
+    "a tree of depth eleven has four thousand and ninety five nodes",
+    "transformers load models with from pretrained and pipelines run them",
+    "the cat sat on the mat while the dog slept by the door",
+    "what is the capital of france ? the capital of france is paris .",
+]
+
+
+def tiny_config(**overrides):
+    from hf_fff import UltraFastBertConfig
+
+    settings = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fff_depth=3, fff_trees=2, classifier_head_dim=16)
+    settings.update(overrides)
+    return UltraFastBertConfig(**settings)
+
+
+def train_tokenizer(vocab_size: int = 128):
+    """A WordPiece BertTokenizerFast trained on CORPUS (the real tokenizer cannot be downloaded here)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+
+
+def random_crammed_checkpoint(folder: Path, layout: dict, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Write config.json + model.safetensors in the published layout with random, non-trivial weights."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    arch = layout["arch"]
+    hidden = arch["hidden_size"]
+    state = {}
+    for key, shape in layout["keys"].items():
+        if key.endswith("norm_factor"):
+            heads = arch["attention"]["num_attention_heads"]
+            state[key] = torch.tensor((hidden // heads) ** -0.5)
+        elif key.endswith("scale_factor"):
+            state[key] = torch.tensor([0.11])
+        elif "norm" in key and key.endswith("weight"):
+            state[key] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif key.endswith("bias"):
+            state[key] = 0.05 * torch.randn(shape, generator=generator)
+        elif key == "decoder.weight":
+            continue
+        else:
+            state[key] = std * torch.randn(shape, generator=generator)
+    state["decoder.weight"] = state["encoder.embedding.word_embedding.weight"].clone()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {"arch": arch, "architectures": ["ScriptableLMForPreTraining"], "model_type": "crammedBERT", "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return state
+
+
+def full_size_layout() -> dict:
+    """{"arch": ..., "keys": {name: shape}} of UltraFastBERT-1x11-long, from the shared layout file."""
+    raw = json.loads((FIXTURES / "ultrafastbert-1x11-long_layout.json").read_text())
+    return {"arch": raw["config_arch"], "keys": {k: tuple(v) for k, v in raw["keys"].items()}}
+
+
+def crammed_forward(state: dict[str, torch.Tensor], arch: dict, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """The published eval-mode forward pass, straight from crammed_model.md, with the dense masked FFF.
+
+    Deliberately shares no code with hf_fff: it reads the crammed keys and layouts directly.
+    Returns last_hidden_state (B, S, H) in float64.
+    """
+    sd = {k: v.double() for k, v in state.items()}
+    hidden, heads = arch["hidden_size"], arch["attention"]["num_attention_heads"]
+    depth, trees, eps = arch["intermed_depth"], arch["intermed_size"], arch.get("norm_eps", 1e-12)
+    hd, n_nodes = hidden // heads, 2 ** (arch["intermed_depth"] + 1) - 1
+    batch, seq = input_ids.shape
+
+    def norm(x, name):
+        return F.layer_norm(x, (hidden,), sd[name + ".weight"], sd[name + ".bias"], eps)
+
+    pos = torch.arange(seq, dtype=torch.float64)[:, None]
+    pe = torch.zeros(seq, hidden, dtype=torch.float64)
+    div = torch.pow(10000.0, torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos / div), torch.cos(pos / div)
+    h = sd["encoder.embedding.word_embedding.weight"][input_ids] + sd["encoder.embedding.pos_embedding.scale_factor"] * pe
+    h = norm(h, "encoder.embedding.norm")
+    additive = 0.0 if attention_mask is None else ((1.0 - attention_mask.double()) * -10000.0)[:, None, None, :]
+    for i in range(arch["num_transformer_layers"]):
+        p = f"encoder.layers.{i}."
+        x = norm(h, p + "norm1")
+        qkv = (x @ sd[p + "attn.self_attention.query_key_value.weight"].t()).view(batch, seq, heads, 3, hd)
+        q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))  # (B, heads, S, hd)
+        scores = q @ k.transpose(-1, -2) * sd[p + "attn.self_attention.norm_factor"] + additive
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, hidden)
+        h = h + context @ sd[p + "attn.dense.weight"].t()
+        x = norm(h, p + "norm2")
+        logits = (x @ sd[p + "ffn.linear_in.weight"].t() + sd[p + "ffn.linear_in.bias"]).view(batch, seq, trees, n_nodes)
+        mask = torch.zeros_like(logits)
+        node = torch.zeros(batch, seq, trees, 1, dtype=torch.long)
+        for _ in range(depth + 1):
+            mask.scatter_(-1, node, 1.0)
+            node = 2 * node + 1 + (logits.gather(-1, node) > 0).long()
+        act = (0.5 * logits * (1 + torch.erf(logits / math.sqrt(2))) * mask).view(batch, seq, trees * n_nodes)
+        h = h + act @ sd[p + "ffn.linear_out.weight"].t()
+    return norm(h, "encoder.final_norm")
