@@ -152,7 +152,9 @@ class UltraFastBertSelfAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, S, hd)
         attention_fn: Callable = eager_attention_forward
-        if not output_attentions:  # SDPA cannot return probabilities; everything else goes through the interface
+        # SDPA cannot return probabilities, and transformers' SDPA wrapper cannot reshape an empty batch;
+        # everything else goes through the attention interface.
+        if not output_attentions and hidden_states.numel() > 0:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         context, probs = attention_fn(
             self,

@@ -1,0 +1,131 @@
+"""Fine-tuning: Trainer lowers the loss; FFF gradients are exactly the masked layer's; round-trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+import hf_fff
+from hf_fff.backends.reference import nodes_per_tree
+
+from _model_helpers import tiny_config
+
+
+def masked_dense_fff(x, weight_in, bias_in, weight_out, depth):
+    """The original layer as autograd sees it: every logit, a 0/1 mask of the visited nodes, dense products."""
+    trees = weight_in.shape[0] // nodes_per_tree(depth)
+    logits = (x @ weight_in.t() + bias_in).view(x.shape[0], trees, -1)
+    mask = torch.zeros_like(logits)
+    node = torch.zeros(x.shape[0], trees, 1, dtype=torch.long)
+    for _ in range(depth + 1):
+        mask.scatter_(2, node, 1.0)
+        node = 2 * node + 1 + (logits.gather(2, node) > 0).long()
+    return (F.gelu(logits) * mask).view(x.shape[0], -1) @ weight_out
+
+
+@pytest.mark.parametrize("trees, depth, hidden", [(1, 0, 5), (1, 4, 16), (3, 3, 13), (2, 6, 24)])
+def test_fff_gradients_equal_the_masked_layer_and_touch_only_visited_rows(trees, depth, hidden):
+    generator = torch.Generator().manual_seed(trees * 100 + depth)
+    rows = trees * nodes_per_tree(depth)
+    layer = hf_fff.FastFeedForward(hidden, depth, trees).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64))
+    x = torch.randn(2, 9, hidden, generator=generator, dtype=torch.float64, requires_grad=True)
+    y, leaves = layer(x, return_leaves=True)
+    upstream = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    (y * upstream).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    params_ref = [p.detach().clone().requires_grad_(True) for p in (layer.weight_in, layer.bias_in, layer.weight_out)]
+    y_ref = masked_dense_fff(x_ref.view(-1, hidden), *params_ref, depth).view_as(x_ref)
+    (y_ref * upstream).sum().backward()
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    for p, ref in zip((layer.weight_in, layer.bias_in, layer.weight_out), params_ref):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+    visited = torch.zeros(rows, dtype=torch.bool)
+    levels = torch.arange(depth + 1)
+    in_tree = (1 << levels) - 1 + (leaves.reshape(-1, trees, 1) >> (depth - levels))
+    visited[(in_tree + torch.arange(trees).view(1, trees, 1) * nodes_per_tree(depth)).reshape(-1)] = True
+    assert (layer.weight_in.grad[~visited] == 0).all() and (layer.weight_out.grad[~visited] == 0).all()
+    assert (layer.weight_in.grad[visited].abs().sum(-1) > 0).all()
+
+
+class TinySentimentData(torch.utils.data.Dataset):
+    """Label = whether token 5 appears: learnable in a few steps, so a falling loss means training works."""
+
+    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 64):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(6, vocab, (n, seq_len), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+        self.ids[self.labels == 1, 3] = 5
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def test_trainer_fine_tunes_sequence_classification(tmp_path):
+    torch.manual_seed(0)
+    model = hf_fff.UltraFastBertForSequenceClassification(tiny_config(vocab_size=64, num_labels=2, classifier_dropout=0.0))
+    data = TinySentimentData()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=15,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) >= 20
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = hf_fff.UltraFastBertForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    model.eval()
+    batch = data[0:8]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=batch["input_ids"]).logits, model(input_ids=batch["input_ids"]).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_class", [hf_fff.UltraFastBertForMaskedLM, hf_fff.UltraFastBertForTokenClassification])
+def test_save_and_load_round_trip(tmp_path, dtype, model_class):
+    torch.manual_seed(1)
+    model = model_class(tiny_config(num_labels=3)).to(dtype).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    reloaded = model_class.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert reloaded.dtype == dtype and reloaded.config.model_type == "ultrafastbert"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(2)
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0)
+    model = hf_fff.UltraFastBertForMaskedLM(config).train()
+    ids = torch.randint(0, 128, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], msg=name)
