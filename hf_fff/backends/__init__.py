@@ -111,3 +111,4 @@ def _reset_for_tests() -> None:
     """Forget loaded native backends so that a test can exercise loading again."""
     for backend in _NATIVE.values():
         backend._forward, backend._tried = None, False
+from . import cpu  # noqa: E402,F401  (registers the C++ CPU backend)
