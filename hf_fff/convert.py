@@ -389,10 +389,14 @@ def convert(
 
         carried = _source_card(folder)
         card_base = base_model or hub_id or carried.get("base_model")
+        origin = (
+            f"[`{hub_id}`](https://huggingface.co/{hub_id})" + (f" (revision `{revision}`)" if revision else "")
+            if hub_id
+            else "a local folder"
+        )
+        action = "Converted from the published crammedBERT layout of" if layout == "crammedBERT" else "Re-exported from the native checkpoint"
         provenance = (
-            f"Converted from the {layout} checkpoint "
-            + (f"[`{hub_id}`](https://huggingface.co/{hub_id})" + (f" (revision `{revision}`)" if revision else "") if hub_id else "a local folder")
-            + f" with `hf-fff convert` (hf_fff), weights in {_dtype_name(target_dtype)}. The converted folder was reloaded "
+            f"{action} {origin} with `hf-fff convert` (hf_fff), weights in {_dtype_name(target_dtype)}. The converted folder was reloaded "
             f"and compared with the source on random token ids: max relative error {max_rel:.2e}"
             + (f" (in {_dtype_name(target_dtype)}; {vs_fp32:.2e} against the float32 source)" if vs_fp32 is not None else "")
             + "."
