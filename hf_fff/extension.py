@@ -154,15 +154,33 @@ def check_toolchain(with_cuda: bool) -> None:
             raise BuildUnavailable("the CUDA compiler nvcc was not found (set CUDA_HOME to the CUDA toolkit)")
 
 
-def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags) -> types.ModuleType:
-    check_toolchain(with_cuda)
+def build_directory(
+    name: str,
+    sources: Sequence[str],
+    *,
+    with_cuda: bool = False,
+    extra_cflags: Iterable[str] = (),
+    extra_cuda_cflags: Iterable[str] = (),
+    extra_ldflags: Iterable[str] = (),
+) -> Path:
+    """The cache folder that `load_extension` with the same arguments builds into (BuildUnavailable if none)."""
+    return _plan(name, sources, with_cuda, list(extra_cflags), list(extra_cuda_cflags), list(extra_ldflags))[2]
+
+
+def _plan(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags) -> tuple[list[Path], list[str], Path]:
+    """(source paths, nvcc flags including the arch flags, cache folder) of one build."""
     paths = [resolve_source(source) for source in sources]
     if with_cuda:
         extra_cuda_cflags = extra_cuda_cflags + cuda_arch_flags(extra_cuda_cflags)
     key = build_key(name, paths, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
-    build_dir = cache_root() / key
+    return paths, extra_cuda_cflags, cache_root() / key
+
+
+def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags) -> types.ModuleType:
+    check_toolchain(with_cuda)
+    paths, extra_cuda_cflags, build_dir = _plan(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
     build_dir.mkdir(parents=True, exist_ok=True)
-    module_name = key.replace("-", "_")  # one module name per build, so two builds can live in one process
+    module_name = build_dir.name.replace("-", "_")  # one module name per build, so two builds can live in one process
     with _exclusive(build_dir / "hf_fff.lock"):
         if (build_dir / _DONE_MARKER).exists():
             return _import_built(module_name, build_dir)
