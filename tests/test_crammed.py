@@ -172,3 +172,36 @@ def test_full_size_checkpoint_loads_exactly(full_size_checkpoint):
     assert rel_err(hidden64, expected) < 1e-6
     per_token = (hidden32.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
     assert (per_token < 1e-4).float().mean() >= 0.9  # fp32 may flip a route whose logit is within rounding of 0
+
+
+def test_published_repo_id_loads_from_a_hub_endpoint(lfs_hub, hub_token, fresh_hf_cache, tmp_path):
+    """The real Hub code path: `from_pretrained("pbelcak/UltraFastBERT-1x11-long")` against an HTTP endpoint
+    serving the published layout, into an empty cache; then again offline from that cache."""
+    from huggingface_hub import HfApi
+
+    repo_id = "pbelcak/UltraFastBERT-1x11-long"
+    lfs_hub.tokens["hf_fake_token_of_the_authors"] = "pbelcak"  # publish under the authors' namespace
+    folder = copy_fixture(tmp_path, "crammed-tiny-4x2")
+    api = HfApi(endpoint=lfs_hub.url, token="hf_fake_token_of_the_authors")
+    api.create_repo(repo_id, exist_ok=True)
+    first = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=["config.json", "model.safetensors"])
+    ref = load_file(str(folder / "reference_outputs.safetensors"))
+
+    model = AutoModelForMaskedLM.from_pretrained(repo_id).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).logits
+    assert rel_err(logits, ref["mlm_logits"]) < RTOL
+    assert model.name_or_path == repo_id
+
+    state = load_file(str(folder / "model.safetensors"))  # a later commit with other weights: revision pins the old one
+    state["encoder.final_norm.bias"] = state["encoder.final_norm.bias"] + 1.0
+    save_file(state, str(folder / "model.safetensors"))
+    api.upload_file(path_or_fileobj=str(folder / "model.safetensors"), path_in_repo="model.safetensors", repo_id=repo_id)
+    pinned = AutoModel.from_pretrained(repo_id, revision=first.oid).eval()
+    latest = AutoModel.from_pretrained(repo_id).eval()
+    torch.testing.assert_close(pinned.final_norm.bias, model.ultrafastbert.final_norm.bias, rtol=0, atol=0)
+    torch.testing.assert_close(latest.final_norm.bias, model.ultrafastbert.final_norm.bias + 1.0, rtol=0, atol=0)
+
+    lfs_hub.stop()  # the server is gone: the cache alone must serve an offline load
+    offline = AutoModel.from_pretrained(repo_id, local_files_only=True).eval()
+    torch.testing.assert_close(offline.final_norm.bias, latest.final_norm.bias, rtol=0, atol=0)
