@@ -112,3 +112,4 @@ def _reset_for_tests() -> None:
     for backend in _NATIVE.values():
         backend._forward, backend._tried = None, False
 from . import cpu  # noqa: E402,F401  (registers the C++ CPU backend)
+from . import cuda  # noqa: E402,F401  (registers the CUDA backend)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device run for the CUDA backend: environment, build, CUDA tests, compute-sanitizer, benchmarks.
+#
+#   bash benchmarks/gpu_run.sh [env] [build] [tests] [sanitize] [bench] [bench-quick]   (default: all but bench-quick)
+#
+# Logs go to $OUT (the device tool's return folder) or ./gpu_logs. The table of targets prints last.
+# NAIVE_DIR: a folder holding the authors' fff_cuda.cpp + fff_cuda_kernel.cu to time side by side.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export HF_FFF_CACHE=${HF_FFF_CACHE:-/tmp/hf_fff_cache}
+PY=${PYTHON:-python3}
+steps=${*:-env build tests sanitize bench}
+status=0
+
+for step in $steps; do
+  case $step in
+    env)
+      { date -u; nvidia-smi; $PY -c "import torch, transformers, triton; p = torch.cuda.get_device_properties(0); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__); print(p.name, p.multi_processor_count, 'SMs', round(p.L2_cache_size / 2**20), 'MB L2')"; nvcc --version | tail -2; } 2>&1 | tee "$OUT/env.log" ;;
+    build)
+      $PY -c "
+import time, torch
+from hf_fff.backends import cuda
+t = time.time(); m = cuda.load_module(); print('extension', 'built' if m else 'FAILED', f'in {time.time() - t:.0f} s')
+raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
+    tests)
+      $PY -m pytest tests/test_cuda_backend.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1 ;;
+    sanitize)
+      { echo "== memcheck"; compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitize_cuda.py 2>&1 | tail -6;
+        echo "== racecheck"; compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/sanitize_cuda.py 2>&1 | tail -6; } | tee "$OUT/sanitize.log" || status=1 ;;
+    bench)
+      $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    bench-quick)
+      $PY benchmarks/bench_cuda.py --quick --no-compile ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,215 @@
+// Python binding of the CUDA FFF kernels: checks, output allocation, strategy choice, launch on the
+// current stream (so that CUDA-graph capture and torch.compile see an ordinary stream-ordered op).
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
+#include <optional>
+
+#include <limits>
+#include <tuple>
+
+#include "fff_cuda.h"
+
+namespace hf_fff_cuda {
+namespace {
+
+constexpr int kMaxDepth = 30;        // node indices are int32 heap indices; lane l records level l (<= 31)
+constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 16-byte vectors per lane
+constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
+constexpr int64_t kBucketMinTokens = 4096;  // below this a walk's deep rows are few enough to read from L2
+constexpr int kBucketMinDepth = 6;
+
+int vectors_for(int64_t hidden, int64_t element_size) {
+  const int64_t per_vector = 16 / element_size;
+  const int64_t per_lane = (hidden / per_vector + 31) / 32;
+  for (int nv : {1, 2, 3, 4, 6, 8})
+    if (per_lane <= nv) return nv;
+  return 0;
+}
+
+int sm_count(int device) {
+  static std::atomic<int> cache[64] = {};  // multiprocessor count per device index, read once
+  if (device < 0 || device >= 64) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Level whose nodes become the buckets: deep enough that each bucket's subtree (both weight matrices)
+// fits an SM's L1 next to everything else (about 100 KB), shallow enough that the top levels, which every
+// token reads, stay few.
+int auto_split(int depth, int64_t hidden, int64_t element_size) {
+  const int64_t budget = 100 * 1024;
+  int split = 1;
+  while (split < depth && ((int64_t{2} << (depth - split)) - 2) * 2 * hidden * element_size > budget) ++split;
+  return std::min(split, kMaxSplit);
+}
+
+int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, int64_t element_size, bool fast,
+                    int num_sms) {
+  if (!fast) return kGeneral;
+  if (trees == 1 && depth >= kBucketMinDepth && tokens >= kBucketMinTokens) return kBucketed;
+  if (tokens * trees <= 2 * static_cast<int64_t>(num_sms)) return kSpeculative;
+  return kSingle;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
+                  int64_t depth) {
+  TORCH_CHECK(depth >= 0 && depth <= kMaxDepth, "hf_fff CUDA: depth must be in [0, ", kMaxDepth, "], got ", depth);
+  TORCH_CHECK(x.is_cuda() && w_in.is_cuda() && b_in.is_cuda() && w_out.is_cuda(),
+              "hf_fff CUDA: x and the weights must be CUDA tensors");
+  TORCH_CHECK(x.device() == w_in.device() && x.device() == b_in.device() && x.device() == w_out.device(),
+              "hf_fff CUDA: x and the weights must be on one device");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "hf_fff CUDA: dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(w_in.scalar_type() == dtype && b_in.scalar_type() == dtype && w_out.scalar_type() == dtype,
+              "hf_fff CUDA: x and the weights must share one dtype");
+  TORCH_CHECK(x.dim() == 2, "hf_fff CUDA: x must be (tokens, hidden), got ", x.sizes());
+  const int64_t n_nodes = (int64_t{2} << depth) - 1;
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x.size(1) && w_in.size(0) > 0 && w_in.size(0) % n_nodes == 0,
+              "hf_fff CUDA: weight_in must be (trees * ", n_nodes, ", ", x.size(1), "), got ", w_in.sizes());
+  TORCH_CHECK(w_out.sizes() == w_in.sizes(), "hf_fff CUDA: weight_out must have the shape of weight_in ",
+              w_in.sizes(), ", got ", w_out.sizes());
+  TORCH_CHECK(b_in.dim() == 1 && b_in.size(0) == w_in.size(0), "hf_fff CUDA: bias_in must be (", w_in.size(0),
+              ",), got ", b_in.sizes());
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) <= std::numeric_limits<int>::max(), "hf_fff CUDA: bad hidden size ",
+              x.size(1));
+  TORCH_CHECK(x.size(0) < std::numeric_limits<int>::max(), "hf_fff CUDA: at most 2^31 - 2 tokens per call");
+  TORCH_CHECK(w_in.size(0) < std::numeric_limits<int>::max(), "hf_fff CUDA: at most 2^31 - 1 weight rows");
+}
+
+}  // namespace
+
+// strategy: kAuto or a forced Strategy; split: bucket level for kBucketed (0: automatic). out /
+// leaves_out: optional preallocated outputs (contiguous, right shape and dtype), e.g. poisoned by tests.
+std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at::Tensor& w_in_arg,
+                                               const at::Tensor& b_in_arg, const at::Tensor& w_out_arg, int64_t depth,
+                                               int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
+                                               const std::optional<at::Tensor>& leaves_out) {
+  check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
+  TORCH_CHECK(strategy >= kAuto && strategy <= kGeneral, "hf_fff CUDA: unknown strategy ", strategy);
+  const c10::cuda::CUDAGuard device_guard(x_arg.device());
+  // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
+  const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
+  const at::Tensor w_in = w_in_arg.contiguous();
+  const at::Tensor b_in = b_in_arg.contiguous();
+  const at::Tensor w_out = w_out_arg.contiguous();
+
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  const int64_t n_nodes = (int64_t{2} << depth) - 1;
+  const int64_t trees = w_in.size(0) / n_nodes;
+  at::Tensor y, leaves;
+  if (out.has_value()) {
+    y = *out;
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.device() == x.device() &&
+                    y.is_contiguous(),
+                "hf_fff CUDA: out must be a contiguous ", x.scalar_type(), " tensor of shape ", x.sizes(), " on ", x.device());
+  } else {
+    y = at::empty({tokens, hidden}, x.options());
+  }
+  if (leaves_out.has_value()) {
+    leaves = *leaves_out;
+    TORCH_CHECK(leaves.dim() == 2 && leaves.size(0) == tokens && leaves.size(1) == trees &&
+                    leaves.scalar_type() == at::kLong && leaves.device() == x.device() && leaves.is_contiguous(),
+                "hf_fff CUDA: leaves_out must be a contiguous int64 tensor of shape (", tokens, ", ", trees, ")");
+  } else {
+    leaves = at::empty({tokens, trees}, x.options().dtype(at::kLong));
+  }
+  if (tokens == 0) return {y, leaves};
+
+  const int64_t element_size = x.element_size();
+  const int64_t per_vector = 16 / element_size;
+  const int64_t ldx = tokens == 1 ? hidden : x.stride(0);
+  const int vectors = vectors_for(hidden, element_size);
+  const bool fast = vectors > 0 && hidden % per_vector == 0 && ldx % per_vector == 0 && aligned16(x.data_ptr()) &&
+                    aligned16(w_in.data_ptr()) && aligned16(w_out.data_ptr()) && aligned16(y.data_ptr());
+  const int num_sms = sm_count(x.get_device());
+
+  Params p{};
+  p.x = x.data_ptr();
+  p.ldx = ldx;
+  p.w_in = w_in.data_ptr();
+  p.b_in = b_in.data_ptr();
+  p.w_out = w_out.data_ptr();
+  p.y = y.data_ptr();
+  p.leaves = leaves.data_ptr<int64_t>();
+  p.tokens = tokens;
+  p.hidden = static_cast<int>(hidden);
+  p.depth = static_cast<int>(depth);
+  p.trees = static_cast<int>(trees);
+  p.vectors = vectors;
+  p.num_sms = num_sms;
+  p.strategy = strategy == kAuto
+                   ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, element_size, fast, num_sms)
+                   : static_cast<int>(strategy);
+  if (p.strategy != kGeneral)
+    TORCH_CHECK(fast, "hf_fff CUDA: strategy ", p.strategy,
+                " needs hidden % ", per_vector, " == 0, 16-byte aligned rows and hidden <= ", kMaxVectors * 32 * per_vector,
+                "; use strategy ", int(kGeneral));
+
+  at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
+  if (p.strategy == kBucketed) {
+    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategy takes one tree, got ", trees);
+    TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategy needs depth >= 1");
+    p.split = split > 0 ? static_cast<int>(split) : auto_split(static_cast<int>(depth), hidden, element_size);
+    TORCH_CHECK(p.split >= 1 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [1, min(depth, ",
+                kMaxSplit, ")], got ", p.split);
+    const int64_t n_buckets = int64_t{1} << p.split;
+    scratch_int = at::empty({2 * tokens + 2 * n_buckets}, x.options().dtype(at::kInt));
+    scratch_float = at::empty({tokens * p.split}, x.options().dtype(at::kFloat));
+    p.bucket = scratch_int.data_ptr<int>();
+    p.order = p.bucket + tokens;
+    p.counts = p.order + tokens;
+    p.g_top = scratch_float.data_ptr<float>();
+  } else if (p.strategy == kGeneral) {
+    const int64_t records = tokens * trees * (depth + 1);
+    scratch_int = at::empty({records}, x.options().dtype(at::kInt));
+    scratch_float = at::empty({records}, x.options().dtype(at::kFloat));
+    p.rec_row = scratch_int.data_ptr<int>();
+    p.rec_g = scratch_float.data_ptr<float>();
+  }
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  switch (x.scalar_type()) {
+    case at::kFloat: launch_f32(p, stream); break;
+    case at::kHalf: launch_f16(p, stream); break;
+    default: launch_bf16(p, stream); break;
+  }
+  return {y, leaves};
+}
+
+// What fff_forward(strategy=0) would run for this problem: (strategy, split), for benchmarks and tests.
+std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, int64_t element_size,
+                                  int64_t num_sms) {
+  const int vectors = vectors_for(hidden, element_size);
+  const bool fast = vectors > 0 && hidden % (16 / element_size) == 0;
+  const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, element_size, fast, static_cast<int>(num_sms));
+  return {s, s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size) : 0};
+}
+
+}  // namespace hf_fff_cuda
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.def("fff_forward", &hf_fff_cuda::fff_forward,
+        "FFF forward (CUDA): x (M, H), weight_in (T*N, H), bias_in (T*N,), weight_out (T*N, H) -> (y, leaves)",
+        py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"),
+        py::arg("strategy") = 0, py::arg("split") = 0, py::arg("out") = py::none(), py::arg("leaves_out") = py::none());
+  m.def("plan", &hf_fff_cuda::plan, "(strategy, split) that fff_forward picks for a problem", py::arg("tokens"),
+        py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("element_size"), py::arg("num_sms"));
+  m.attr("AUTO") = int(hf_fff_cuda::kAuto);
+  m.attr("SINGLE") = int(hf_fff_cuda::kSingle);
+  m.attr("SPECULATIVE") = int(hf_fff_cuda::kSpeculative);
+  m.attr("BUCKETED") = int(hf_fff_cuda::kBucketed);
+  m.attr("GENERAL") = int(hf_fff_cuda::kGeneral);
+}

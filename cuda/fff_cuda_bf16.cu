@@ -1,0 +1,6 @@
+// The FFF kernels of fff_cuda.cuh for one dtype; one file per dtype so that ninja compiles them in parallel.
+#include "fff_cuda.cuh"
+
+namespace hf_fff_cuda {
+void launch_bf16(const Params& p, cudaStream_t stream) { launch<__nv_bfloat16>(p, stream); }
+}  // namespace hf_fff_cuda

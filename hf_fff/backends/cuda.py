@@ -1,0 +1,89 @@
+"""The "cuda" backend: the CUDA kernels in cuda/fff_cuda*.cu for CUDA tensors, JIT-built on first use.
+
+Nothing is compiled at import (this module imports on CPU-only machines too): the build happens when the
+first CUDA tensor reaches the FFF op. When it cannot happen (no nvcc, no ninja, a failed build),
+`hf_fff.extension` warns once and the loader returns None, so the registry falls back to the plain torch
+reference on the GPU.
+
+The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
+environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general) and
+HF_FFF_CUDA_SPLIT (bucket level) force one, read once when the backend loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .. import extension
+from . import ForwardFn, reference, register_native_backend
+
+EXTENSION_NAME = "fff_cuda"
+SOURCES = ["fff_cuda.cpp", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu"]
+# The .cu files include these; listed so that the build cache key changes when they do.
+HEADERS = ["fff_cuda.h", "fff_cuda.cuh"]
+# -lineinfo: compute-sanitizer and profilers can name source lines; it costs nothing at run time.
+# No --use_fast_math: erff and the fp32 accumulation must match the torch reference.
+CUDA_CFLAGS = ["-O3", "-lineinfo"]
+CFLAGS = ["-O3"]
+
+STRATEGIES = {"auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4}
+STRATEGY_ENV = "HF_FFF_CUDA_STRATEGY"
+SPLIT_ENV = "HF_FFF_CUDA_SPLIT"
+
+
+def _header_digest_flags() -> list[str]:
+    """A define that carries the headers' content hash into the cache key (the builder hashes sources only)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for header in HEADERS:
+        try:
+            digest.update(extension.resolve_source(header).read_bytes())
+        except extension.BuildUnavailable:
+            digest.update(header.encode())
+    return [f"-DHF_FFF_HEADERS={digest.hexdigest()[:16]}"]
+
+
+def load_module():
+    """The compiled extension module, or None (after one warning) when it cannot be built."""
+    return extension.load_extension(
+        EXTENSION_NAME,
+        SOURCES,
+        with_cuda=True,
+        extra_cflags=CFLAGS,
+        extra_cuda_cflags=CUDA_CFLAGS + _header_digest_flags(),
+    )
+
+
+def forced_strategy() -> tuple[int, int]:
+    """(strategy, split) from the environment; (0, 0) means automatic."""
+    name = os.environ.get(STRATEGY_ENV, "auto").strip().lower() or "auto"
+    if name not in STRATEGIES:
+        raise ValueError(f"{STRATEGY_ENV}={name!r}: choose one of {sorted(STRATEGIES)}")
+    split = int(os.environ.get(SPLIT_ENV, "0") or 0)
+    return STRATEGIES[name], split
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load_forward() -> Optional[ForwardFn]:
+    module = load_module()
+    if module is None:
+        return None
+    strategy, split = forced_strategy()
+    kernel = module.fff_forward if strategy == 0 and split == 0 else functools.partial(module.fff_forward, strategy=strategy, split=split)
+
+    def forward(x, weight_in, bias_in, weight_out, depth):
+        if x.dtype not in KERNEL_DTYPES:  # float64 (gradcheck, references): the torch path, on the GPU
+            return reference.fff_forward(x, weight_in, bias_in, weight_out, depth)
+        return kernel(x, weight_in, bias_in, weight_out, depth)
+
+    return forward
+
+
+register_native_backend("cuda", "cuda", load_forward)

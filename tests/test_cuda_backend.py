@@ -1,0 +1,413 @@
+"""The CUDA backend (cuda/fff_cuda*.cu) against the float64 torch reference.
+
+Every check draws fresh random inputs and hands the kernel poisoned output buffers (NaN / -7), so an
+element the kernel forgets to write shows. Routing is compared per token: the kernel's path must take
+every branch the float64 logits take, except at a node whose float64 logit lies within fp32 rounding
+of 0 (a near-tie, where either branch is right); y is then compared with the float64 computation along
+the kernel's own path, so near-ties never excuse an output error.
+
+Tests that need a GPU skip cleanly without one; the last few (import, fallback) also run on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_fff
+from hf_fff import backends
+from hf_fff.backends import cuda as cuda_backend
+from hf_fff.backends import reference
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+SINGLE, SPECULATIVE, BUCKETED, GENERAL = 1, 2, 3, 4
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# |y - y64| <= RTOL |y64| + 1e-5 * sum |g w|: the first term is the final rounding to the output dtype
+# (half an ulp, doubled for margin), the second the fp32 accumulation error, relative to the magnitudes summed.
+RTOL = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+ROUTE_TOL = 1e-5  # a logit within this fraction of sum |x_i w_i| + |b| of zero is a near-tie
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cuda_backend.load_module()
+    assert module is not None, "the CUDA extension failed to build on a machine with a GPU (see the warning)"
+    return module
+
+
+def make_problem(tokens, hidden, depth, trees, dtype, generator, weight_scale=None):
+    """Random x and weights with logits of order 1 (so routing is not decided by the bias alone)."""
+    n_nodes = trees * (2 ** (depth + 1) - 1)
+    scale = weight_scale if weight_scale is not None else hidden**-0.5
+    kw = dict(device="cuda", generator=generator)
+    x = torch.randn(tokens, hidden, **kw).to(dtype)
+    w_in = (torch.randn(n_nodes, hidden, **kw) * scale).to(dtype)
+    b_in = (torch.randn(n_nodes, **kw) * 0.1).to(dtype)
+    w_out = (torch.randn(n_nodes, hidden, **kw) * scale).to(dtype)
+    return x, w_in, b_in, w_out
+
+
+def check_against_float64(x, w_in, b_in, w_out, depth, y, leaves):
+    """Assert the kernel's (y, leaves) for inputs (x, ...) are right, per token and tree."""
+    tokens, hidden = x.shape
+    trees = w_in.shape[0] // reference.nodes_per_tree(depth)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert leaves.shape == (tokens, trees) and leaves.dtype == torch.long
+    if tokens == 0:
+        return
+    assert not torch.isnan(y).any(), "unwritten (poisoned) or NaN output elements"
+    assert ((leaves >= 0) & (leaves < 2**depth)).all(), "leaf out of range (unwritten?)"
+    x64, wi64, bi64, wo64 = (t.double() for t in (x, w_in, b_in, w_out))
+    rows = reference.path_rows(leaves, depth)  # (M, T, L): the kernel's path
+    w_rows = wi64[rows]  # (M, T, L, H)
+    logits = torch.einsum("mh,mtlh->mtl", x64, w_rows) + bi64[rows]
+    magnitude = torch.einsum("mh,mtlh->mtl", x64.abs(), w_rows.abs()) + bi64[rows].abs()
+    # routing: the kernel went right at level l < depth iff bit (depth - 1 - l) of its leaf is set
+    levels = torch.arange(depth, device=x.device)
+    went_right = ((leaves.unsqueeze(-1) >> (depth - 1 - levels)) & 1).bool()  # (M, T, depth)
+    should_right = logits[..., :depth] > 0
+    wrong = (went_right != should_right) & (logits[..., :depth].abs() > ROUTE_TOL * magnitude[..., :depth])
+    assert not wrong.any(), f"{int(wrong.any(-1).any(-1).sum())} tokens took a branch that float64 contradicts"
+    # output along the kernel's path
+    g = F.gelu(logits)  # (M, T, L)
+    out_rows = wo64[rows]
+    y64 = torch.einsum("mtl,mtlh->mh", g, out_rows)
+    scale = torch.einsum("mtl,mtlh->mh", g.abs(), out_rows.abs())
+    err = (y.double() - y64).abs()
+    bound = RTOL[x.dtype] * y64.abs() + 1e-5 * scale + 1e-30
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"y off by {worst:.3g}x the bound (max abs err {err.max().item():.3g})"
+
+
+def run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=0, split=0):
+    trees = w_in.shape[0] // reference.nodes_per_tree(depth)
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    leaves_out = torch.full((x.shape[0], trees), -7, dtype=torch.long, device=x.device)
+    y, leaves = ext.fff_forward(x, w_in, b_in, w_out, depth, strategy=strategy, split=split, out=out, leaves_out=leaves_out)
+    assert y.data_ptr() == out.data_ptr() and leaves.data_ptr() == leaves_out.data_ptr()
+    torch.cuda.synchronize()
+    return y, leaves
+
+
+# ------------------------------------------------------------------------------------------------------
+# correctness per dtype and shape class
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL], ids=["auto", "single", "speculative", "bucketed", "general"])
+@pytest.mark.parametrize("tokens", [1, 37, 5000])
+def test_bert_geometry(ext, dtype, strategy, tokens):
+    """Width 768, depth 11, one tree: the UltraFastBERT layer, every strategy, few to many tokens."""
+    gen = torch.Generator(device="cuda").manual_seed(1000 + tokens + 7 * strategy)
+    args = make_problem(tokens, 768, 11, 1, dtype, gen)
+    check_against_float64(*args[:4], 11, *run_poisoned(ext, *args, 11, strategy=strategy))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("trees", [1, 2, 3, 8])
+@pytest.mark.parametrize("depth", [0, 1, 2, 5, 8])
+def test_trees_and_depths(ext, dtype, trees, depth):
+    gen = torch.Generator(device="cuda").manual_seed(trees * 100 + depth)
+    args = make_problem(300, 256, depth, trees, dtype, gen)
+    for strategy in (0, SINGLE, GENERAL):
+        check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("depth", [12, 15])
+def test_deep_trees(ext, dtype, depth):
+    gen = torch.Generator(device="cuda").manual_seed(depth)
+    args = make_problem(700, 64, depth, 1, dtype, gen)
+    for strategy in (0, SINGLE, SPECULATIVE, BUCKETED, GENERAL):
+        check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy))
+    args = make_problem(65, 36, depth, 2, dtype, gen)  # two trees; width 36 is off the 16-bit fast path
+    check_against_float64(*args, depth, *run_poisoned(ext, *args, depth))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [1, 3, 7, 8, 12, 100, 255, 256, 264, 520, 769, 1024, 2048, 2056, 3001])
+def test_hidden_sizes(ext, dtype, hidden):
+    """Fast path (multiples of the 16-byte vector, up to 8 vectors per lane) and the general path."""
+    gen = torch.Generator(device="cuda").manual_seed(hidden)
+    args = make_problem(133, hidden, 4, 2, dtype, gen)
+    check_against_float64(*args, 4, *run_poisoned(ext, *args, 4))
+    check_against_float64(*args, 4, *run_poisoned(ext, *args, 4, strategy=GENERAL))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split", [1, 3, 6, 10])
+def test_bucket_splits(ext, dtype, split):
+    gen = torch.Generator(device="cuda").manual_seed(split)
+    args = make_problem(4500, 128, 10, 1, dtype, gen)
+    check_against_float64(*args, 10, *run_poisoned(ext, *args, 10, strategy=BUCKETED, split=split))
+
+
+@needs_cuda
+def test_skewed_routing(ext):
+    """All tokens in one bucket (a large bias at the top): the counting sort's worst case."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x, w_in, b_in, w_out = make_problem(6000, 256, 11, 1, torch.bfloat16, gen)
+    b_in[:127] = 30.0  # every token goes right through the first 6 levels
+    for strategy in (0, BUCKETED, SINGLE):
+        check_against_float64(x, w_in, b_in, w_out, 11, *run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy))
+
+
+@needs_cuda
+def test_zero_tokens(ext):
+    for dtype in DTYPES:
+        x, w_in, b_in, w_out = make_problem(0, 768, 11, 2, dtype, None)
+        y, leaves = ext.fff_forward(x, w_in, b_in, w_out, 11)
+        assert y.shape == (0, 768) and leaves.shape == (0, 2) and leaves.dtype == torch.long
+        y, leaves = hf_fff.fast_feedforward(torch.empty(3, 0, 768, device="cuda", dtype=dtype), w_in, b_in, w_out, 11)
+        assert y.shape == (3, 0, 768) and leaves.shape == (3, 0, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(ext, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    _, w_in, b_in, w_out = make_problem(1, 768, 7, 1, dtype, gen)
+    wide = torch.randn(500, 2 * 768, device="cuda", generator=gen).to(dtype)
+    cases = {  # name: (x, strategies besides auto that apply)
+        "row slice (row stride 1536)": (wide[:, 768:], (SINGLE, BUCKETED, GENERAL)),
+        "column stride 2 (copied first)": (wide[:, ::2], (SINGLE, BUCKETED, GENERAL)),
+        "transposed (copied first)": (torch.randn(768, 500, device="cuda", generator=gen).to(dtype).t(), (SINGLE, GENERAL)),
+        "rows not 16-byte aligned": (wide[:, 1:769], (GENERAL,)),  # auto picks the general path here
+    }
+    for name, (x, strategies) in cases.items():
+        assert not x.is_contiguous(), name
+        for strategy in (0, *strategies):
+            check_against_float64(x, w_in, b_in, w_out, 7, *ext.fff_forward(x, w_in, b_in, w_out, 7, strategy=strategy))
+    # the public function over a 3-D non-contiguous view, through the op and the registry
+    x3 = torch.randn(4, 768, 50, device="cuda", generator=gen).to(dtype).transpose(1, 2)
+    y3, leaves3 = hf_fff.fast_feedforward(x3, w_in, b_in, w_out, 7)
+    assert y3.shape == (4, 50, 768) and leaves3.shape == (4, 50, 1)
+    check_against_float64(x3.reshape(-1, 768), w_in, b_in, w_out, 7, y3.reshape(-1, 768), leaves3.reshape(-1, 1))
+
+
+@needs_cuda
+def test_rejects_bad_arguments(ext):
+    x, w_in, b_in, w_out = make_problem(4, 64, 3, 1, torch.float32, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.fff_forward(x.double(), w_in.double(), b_in.double(), w_out.double(), 3)
+    with pytest.raises(RuntimeError, match="weight_in"):
+        ext.fff_forward(x, w_in, b_in, w_out, 4)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ext.fff_forward(x.cpu(), w_in, b_in, w_out, 3)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ext.fff_forward(x.half(), w_in, b_in, w_out, 3)
+    with pytest.raises(RuntimeError, match="one tree"):
+        two = make_problem(4, 64, 3, 2, torch.float32, None)
+        ext.fff_forward(*two, 3, strategy=BUCKETED)
+    with pytest.raises(RuntimeError, match="hidden"):
+        odd = make_problem(4, 63, 3, 1, torch.float32, None)
+        ext.fff_forward(*odd, 3, strategy=SINGLE)
+
+
+@needs_cuda
+def test_float64_goes_to_the_torch_path():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    args = make_problem(20, 48, 3, 2, torch.float64, gen)
+    with hf_fff.use_backend("cuda"):
+        y, leaves = hf_fff.fast_feedforward(*args, 3)
+    y_ref, leaves_ref = reference.fff_forward(*args, 3)
+    torch.testing.assert_close(y, y_ref)
+    assert torch.equal(leaves, leaves_ref)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 64-bit indexing: more than 2^31 elements in x and y
+
+
+def _free_gpu_bytes() -> int:
+    return torch.cuda.mem_get_info()[0] if HAS_CUDA else 0
+
+
+@needs_cuda
+@pytest.mark.skipif(_free_gpu_bytes() < 24 * 2**30, reason="needs 24 GiB of free GPU memory")
+def test_past_2_pow_31_elements(ext):
+    hidden = 768
+    tokens = 2**31 // hidden + 4097  # x and y each hold more than 2^31 elements (4.3 GB at bf16)
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    _, w_in, b_in, w_out = make_problem(1, hidden, 11, 1, torch.bfloat16, gen)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
+    # the tokens checked: the very last ones (offsets past 2^31) and a random sample
+    check = torch.cat([torch.arange(tokens - 3000, tokens, device="cuda"), torch.randint(0, tokens, (3000,), device="cuda", generator=gen)])
+    for strategy in (0, SINGLE, GENERAL):
+        y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy)
+        assert not torch.isnan(y[-4096:]).any()
+        check_against_float64(x[check], w_in, b_in, w_out, 11, y[check], leaves[check])
+        del y, leaves
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the op, the module, torch.compile, CUDA graphs
+
+
+def make_layer(dtype, depth=11, trees=1, hidden=768):
+    torch.manual_seed(0)
+    layer = hf_fff.FastFeedForward(hidden, depth, trees).to(device="cuda", dtype=dtype)
+    with torch.no_grad():  # logits of order 1, as in a trained model
+        layer.weight_in.normal_(0, hidden**-0.5)
+        layer.weight_out.normal_(0, hidden**-0.5)
+        layer.bias_in.normal_(0, 0.1)
+    return layer
+
+
+@needs_cuda
+def test_module_dispatches_cuda_tensors_to_the_kernel(ext):
+    assert backends.resolve("cuda")[0] == "cuda"
+    layer = make_layer(torch.bfloat16)
+    x = torch.randn(2, 128, 768, device="cuda", dtype=torch.bfloat16)
+    y, leaves = layer(x, return_leaves=True)
+    y_kernel, leaves_kernel = ext.fff_forward(x.view(-1, 768), layer.weight_in, layer.bias_in, layer.weight_out, 11)
+    assert torch.equal(y.view(-1, 768), y_kernel) and torch.equal(leaves.view(-1, 1), leaves_kernel)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_compile_fullgraph(dtype):
+    torch._dynamo.reset()
+    layer = make_layer(dtype)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    for tokens in (1, 300, 5000):
+        x = torch.randn(tokens, 768, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_torch_compile_dynamic_and_reduce_overhead():
+    torch._dynamo.reset()
+    layer = make_layer(torch.bfloat16)
+    dynamic = torch.compile(layer, fullgraph=True, dynamic=True)
+    graphed = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for tokens in (7, 4096, 6000):
+            x = torch.randn(2, tokens, 768, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(dynamic(x), layer(x), rtol=0, atol=0)
+        x = torch.randn(4, 128, 768, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):  # record, then replay
+            torch.testing.assert_close(graphed(x).clone(), layer(x), rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [3, 5000])  # speculative single launch; bucketed (memset + 3 launches)
+def test_cuda_graph_capture(tokens):
+    layer = make_layer(torch.bfloat16)
+    static_x = torch.randn(tokens, 768, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = layer(static_x)
+    for _ in range(3):
+        x = torch.randn(tokens, 768, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            torch.testing.assert_close(static_y, layer(x), rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    x, w_in, b_in, w_out = make_problem(40, 64, 5, 2, dtype, gen)
+    for t in (x, w_in, b_in, w_out):
+        t.requires_grad_(dtype == torch.float32)
+    torch.library.opcheck(torch.ops.hf_fff.fff_forward.default, (x, w_in, b_in, w_out, 5))
+
+
+@needs_cuda
+def test_gradients_match_reference_backend():
+    """Backward is the shared torch formula on the kernel's leaves: same gradients as the reference."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    args = make_problem(64, 96, 6, 2, torch.float32, gen)
+    grads = {}
+    for name in ("cuda", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in args]
+        with hf_fff.use_backend(name):
+            y, _ = hf_fff.fast_feedforward(*leaves, 6)
+        (y * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    for got, want in zip(grads["cuda"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# loading: no build on import or for CPU tensors; a failed build warns once and falls back to torch
+
+
+def test_import_builds_nothing():
+    """Importing hf_fff and running CPU tensors never loads (or builds) the CUDA extension."""
+    script = textwrap.dedent(
+        """
+        import torch, hf_fff
+        from hf_fff import backends
+        y, _ = hf_fff.fast_feedforward(torch.randn(3, 8), torch.randn(7, 8), torch.randn(7), torch.randn(7, 8), 2)
+        print("cuda" in backends.available_backends(), backends._NATIVE["cuda"]._tried)
+        """
+    )
+    env = dict(os.environ, HF_FFF_BACKEND="reference", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"], result.stdout + result.stderr
+
+
+def test_strategy_environment(monkeypatch):
+    monkeypatch.setenv(cuda_backend.STRATEGY_ENV, "bucketed")
+    monkeypatch.setenv(cuda_backend.SPLIT_ENV, "5")
+    assert cuda_backend.forced_strategy() == (BUCKETED, 5)
+    monkeypatch.setenv(cuda_backend.STRATEGY_ENV, "fastest")
+    with pytest.raises(ValueError, match="HF_FFF_CUDA_STRATEGY"):
+        cuda_backend.forced_strategy()
+
+
+@needs_cuda
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import hf_fff
+        from hf_fff import backends
+        from hf_fff.backends import reference
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            x = torch.randn(50, 64, device="cuda")
+            w_in, w_out = torch.randn(15, 64, device="cuda"), torch.randn(15, 64, device="cuda")
+            b_in = torch.randn(15, device="cuda")
+            for _ in range(3):
+                y, leaves = hf_fff.fast_feedforward(x, w_in, b_in, w_out, 3)
+            name = backends.resolve("cuda")[0]
+        y_ref, leaves_ref = reference.fff_forward(x, w_in, b_in, w_out, 3)
+        ours = [w for w in caught if "fff_cuda" in str(w.message)]
+        print("backend", name, "warnings", len(ours), "equal", bool(torch.equal(y, y_ref) and torch.equal(leaves, leaves_ref)))
+        print(ours[0].message if ours else "")
+        """
+    )
+    env = dict(os.environ, HF_FFF_FORCE_BUILD_FAILURE="1", HF_FFF_CACHE=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first == "backend reference warnings 1 equal True", result.stdout + result.stderr
+    assert "plain torch" in result.stdout
