@@ -1,0 +1,385 @@
+"""`hf-fff bench`: the FFF layer and the whole UltraFastBERT encoder against dense baselines.
+
+Layer: FastFeedForward at hidden 768, depth 11 (UltraFastBERT-1x11's) with the automatic backend, the
+plain torch reference and the published masking computation, against torch dense feedforwards
+768-3072-768 (BERT-base's) and 768-4095-768 (the same neuron count as one depth-11 tree).
+Encoder: UltraFastBERT-1x11 (random weights) against transformers' BertModel with the bert-base config
+and SDPA attention, on the same batch.
+
+Every group of implementations is timed side by side in one process, round-robin (one call of each
+in turn), so that machine noise hits all of them alike; reported times are medians. Device-generic:
+on CUDA each call is timed with CUDA events, on the CPU with a monotonic clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import backends
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_SECONDS_PER_ROW = 0.3  # cheap calls are repeated until each row has this much timing in it
+MAX_SAMPLES = 2000
+
+
+@dataclass
+class Row:
+    """One implementation timed in one setting."""
+
+    group: str  # "layer" or "encoder"
+    tokens: int  # tokens per call
+    name: str
+    median_s: float
+    min_s: float
+    samples: int
+    speedup: dict[str, float] = field(default_factory=dict)  # baseline name -> baseline time / this time
+
+    @property
+    def ns_per_token(self) -> float:
+        return self.median_s * 1e9 / max(self.tokens, 1)
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A function that runs `fn` once and returns its duration in seconds."""
+    if device.type == "cuda":
+
+        def timed(fn):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            return start.elapsed_time(stop) / 1e3
+
+        return timed
+
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return timed
+
+
+def time_side_by_side(candidates: dict[str, tuple[Optional[str], Callable[[], object]]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, measured round-robin; a candidate is (FFF backend or None, fn).
+
+    The backend is switched outside the timed region. Cheap candidates get more rounds (up to
+    MIN_SECONDS_PER_ROW of timing for the slowest one, MAX_SAMPLES at most) so that medians are stable.
+    """
+    timed = _clock(device)
+
+    def run_one(backend, fn):
+        with backends.use_backend(backend or backends.AUTO):
+            return timed(fn)
+
+    with torch.inference_mode():
+        first = {name: [run_one(*candidate) for _ in range(max(warmup, 1))][-1] for name, candidate in candidates.items()}
+        slowest = max(first.values())
+        rounds = max(repeats, min(MAX_SAMPLES, math.ceil(MIN_SECONDS_PER_ROW / max(slowest, 1e-9))))
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        for _ in range(rounds):
+            for name, candidate in candidates.items():
+                samples[name].append(run_one(*candidate))
+    return samples
+
+
+def _rows(group: str, tokens: int, samples: dict[str, list[float]], baselines: Sequence[str]) -> list[Row]:
+    rows = [Row(group, tokens, name, statistics.median(times), min(times), len(times)) for name, times in samples.items()]
+    by_name = {row.name: row for row in rows}
+    for row in rows:
+        if row.name not in baselines:
+            row.speedup = {base: by_name[base].median_s / row.median_s for base in baselines}
+    return rows
+
+
+# ------------------------------------------------------------------------------------ the layer
+
+
+def dense_feedforward(hidden: int, intermediate: int) -> nn.Module:
+    """A transformer's dense feedforward: Linear, exact GELU, Linear."""
+    return nn.Sequential(nn.Linear(hidden, intermediate), nn.GELU(), nn.Linear(intermediate, hidden))
+
+
+def dense_name(hidden: int, intermediate: int) -> str:
+    return f"dense {hidden}-{intermediate}-{hidden}"
+
+
+def bench_layer(device, dtype, tokens: Sequence[int], repeats: int, hidden: int, depth: int) -> list[Row]:
+    from .modeling_ultrafastbert import FastFeedForward
+
+    generator = torch.Generator().manual_seed(0)
+    fff = FastFeedForward(hidden, depth).to(device=device, dtype=dtype).eval()
+    neurons = 2 ** (depth + 1) - 1
+    dense = {dense_name(hidden, width): dense_feedforward(hidden, width).to(device=device, dtype=dtype).eval() for width in (4 * hidden, neurons)}
+    auto_backend = backends.resolve(device.type)[0]  # builds the native kernel now, not inside a timing
+    rows = []
+    for count in tokens:
+        x = torch.randn(count, hidden, generator=generator).to(device=device, dtype=dtype)
+        candidates = {
+            f"FFF ({auto_backend}, auto)": (backends.AUTO, lambda: fff(x)),
+            "FFF (reference torch)": (backends.REFERENCE, lambda: fff(x)),
+            "FFF (masked, published)": (backends.MASKED, lambda: fff(x)),
+            **{name: (None, lambda module=module: module(x)) for name, module in dense.items()},
+        }
+        rows += _rows("layer", count, time_side_by_side(candidates, device, repeats), baselines=list(dense))
+    return rows
+
+
+# ---------------------------------------------------------------------------------- the encoder
+
+
+def build_encoders(device, dtype, model_overrides: Optional[dict] = None):
+    """(UltraFastBERT-1x11 encoder, BertModel bert-base with SDPA), random weights, eval mode.
+
+    `model_overrides` (hidden_size, num_hidden_layers, num_attention_heads, vocab_size) shrink both
+    alike for tests; BERT's intermediate size stays 4 * hidden_size as in bert-base.
+    """
+    from transformers import BertConfig, BertModel
+
+    from . import UltraFastBertConfig, UltraFastBertModel
+
+    overrides = dict(model_overrides or {})
+    torch.manual_seed(0)
+    ultrafast = UltraFastBertModel(UltraFastBertConfig(**overrides, attn_implementation="sdpa"))
+    if "hidden_size" in overrides:
+        overrides["intermediate_size"] = 4 * overrides["hidden_size"]
+    overrides.pop("fff_depth", None)
+    overrides.pop("fff_trees", None)
+    bert = BertModel(BertConfig(**overrides, attn_implementation="sdpa"))
+    return ultrafast.to(device=device, dtype=dtype).eval(), bert.to(device=device, dtype=dtype).eval()
+
+
+def bench_encoder(device, dtype, batch: int, seq: int, repeats: int, model_overrides: Optional[dict] = None) -> tuple[list[Row], dict]:
+    ultrafast, bert = build_encoders(device, dtype, model_overrides)
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(ultrafast.config.vocab_size, bert.config.vocab_size)
+    input_ids = torch.randint(1, vocab, (batch, seq), generator=generator).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    bert_name = f"BertModel bert-base ({bert.config.num_hidden_layers} layers, sdpa)"
+    layers = ultrafast.config.num_hidden_layers
+    candidates = {
+        f"UltraFastBERT-1x{ultrafast.config.fff_depth} ({layers} layers, {backends.resolve(device.type)[0]})": (
+            backends.AUTO,
+            lambda: ultrafast(input_ids=input_ids, attention_mask=attention_mask),
+        ),
+        f"UltraFastBERT-1x{ultrafast.config.fff_depth} ({layers} layers, masked)": (
+            backends.MASKED,
+            lambda: ultrafast(input_ids=input_ids, attention_mask=attention_mask),
+        ),
+        bert_name: (None, lambda: bert(input_ids=input_ids, attention_mask=attention_mask)),
+    }
+    rows = _rows("encoder", batch * seq, time_side_by_side(candidates, device, repeats, warmup=1), baselines=[bert_name])
+    geometry = {
+        "batch": batch,
+        "seq": seq,
+        "ultrafastbert": {k: getattr(ultrafast.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "fff_depth", "fff_trees")},
+        "bert": {k: getattr(bert.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+    }
+    return rows, geometry
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+
+def machine_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = _cpu_model() or platform.processor() or platform.machine()
+    return {
+        "device": str(device),
+        "device_name": device_name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        "fff_backend": backends.resolve(device.type)[0],
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _format_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def format_table(rows: Sequence[Row], baselines: Sequence[str], first_column: str) -> str:
+    header = [first_column, "implementation", "median", "ns/token", *(f"vs {b}" for b in baselines)]
+    lines = [header]
+    for row in rows:
+        ratios = [f"{row.speedup[b]:.2f}x" if b in row.speedup else "1x (baseline)" if row.name == b else "" for b in baselines]
+        lines.append([str(row.tokens), row.name, _format_time(row.median_s), f"{row.ns_per_token:,.0f}", *ratios])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.rjust(w) if i != 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
+def plot_results(results: dict, path: str) -> None:
+    """Two panels: the layer's speed-up over the dense baseline of equal neuron count (per token
+    count, log scale), and the encoders' time per batch with their speed-up over BertModel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encoder = results.get("encoder")
+    figure, axes = plt.subplots(1, 2 if encoder else 1, figsize=(14 if encoder else 7, 4.8), squeeze=False)
+    _plot_layer_speedups(axes[0][0], results["layer"])
+    if encoder:
+        _plot_encoder_times(axes[0][1], encoder)
+    meta = results["meta"]
+    figure.suptitle(
+        f"hf-fff bench: {meta['device_name']} ({meta['device']}, {meta['cpu_threads']} threads), {meta['dtype']}, "
+        f"torch {meta['torch']}, {meta['date']}",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_layer_speedups(ax, layer: dict) -> None:
+    baseline = layer["baselines"][-1]
+    rows = [row for row in layer["rows"] if row["speedup"]]  # the FFF implementations
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    token_counts = list(dict.fromkeys(row["tokens"] for row in rows))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        values = [next(r["speedup"][baseline] for r in rows if r["name"] == name and r["tokens"] == t) for t in token_counts]
+        positions = [k + (i - (len(names) - 1) / 2) * width for k in range(len(token_counts))]
+        bars = ax.bar(positions, values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.1f}x" for v in values], fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(token_counts)), [f"{t} token{'' if t == 1 else 's'}" for t in token_counts])
+    ax.set_ylabel(f"speed-up over {baseline} (log scale)")
+    ax.set_title(f"FFF layer {layer['hidden']} x depth {layer['depth']}: higher is better", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _plot_encoder_times(ax, encoder: dict) -> None:
+    baseline = encoder["baselines"][0]
+    rows = encoder["rows"]
+    millis = [row["median_s"] * 1e3 for row in rows]
+    colors = ["tab:gray" if not row["speedup"] else "tab:green" if row["speedup"][baseline] >= 1 else "tab:orange" for row in rows]
+    bars = ax.barh(range(len(rows)), millis, color=colors)
+    labels = [f"{ms:.0f} ms (speed-up {row['speedup'][baseline]:.2f}x)" if row["speedup"] else f"{ms:.0f} ms (baseline)" for ms, row in zip(millis, rows)]
+    ax.bar_label(bars, labels=labels, fontsize=8, padding=3)
+    ax.set_yticks(range(len(rows)), [row["name"] for row in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(millis) * 1.45)
+    ax.set_xlabel("time per batch (ms): lower is better")
+    ax.set_title(f"Whole encoder, batch {encoder['batch']} x {encoder['seq']} tokens", fontsize=10)
+
+
+def run_bench(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tokens: Sequence[int] = (1, 128, 4096),
+    repeats: int = 10,
+    encoder: bool = True,
+    encoder_batch: int = 8,
+    encoder_seq: int = 128,
+    json_path: Optional[str] = None,
+    plot_path: Optional[str] = None,
+    *,
+    hidden: int = 768,
+    depth: int = 11,
+    model_overrides: Optional[dict] = None,
+) -> dict:
+    """Time everything, print the tables, optionally write JSON and a PNG; return the results dict."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is visible")
+    meta = {**machine_info(device), "dtype": str(dtype).replace("torch.", "")}
+    print(f"hf-fff bench on {meta['device_name']} ({meta['device']}, {meta['cpu_threads']} CPU threads), "
+          f"{meta['dtype']}, torch {meta['torch']}, {meta['date']}; FFF backend: {meta['fff_backend']}")
+
+    layer_rows = bench_layer(device, dtype, tokens, repeats, hidden, depth)
+    layer_baselines = [dense_name(hidden, 4 * hidden), dense_name(hidden, 2 ** (depth + 1) - 1)]
+    print(f"\nFFF layer, hidden {hidden}, depth {depth}, 1 tree (median of >= {repeats} side-by-side calls)")
+    print(format_table(layer_rows, layer_baselines, "tokens"))
+    results = {
+        "meta": meta,
+        "layer": {"hidden": hidden, "depth": depth, "baselines": layer_baselines, "rows": [_row_dict(r) for r in layer_rows]},
+    }
+
+    if encoder:
+        encoder_rows, geometry = bench_encoder(device, dtype, encoder_batch, encoder_seq, max(3, repeats // 2), model_overrides)
+        bert_name = next(r.name for r in encoder_rows if not r.speedup)
+        print(f"\nWhole encoder, batch {encoder_batch} x {encoder_seq} tokens, random weights (median of side-by-side calls)")
+        print(format_table(encoder_rows, [bert_name], "tokens"))
+        results["encoder"] = {**geometry, "baselines": [bert_name], "rows": [_row_dict(r) for r in encoder_rows]}
+
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {json_path}")
+    if plot_path:
+        plot_results(results, plot_path)
+        print(f"wrote {plot_path}")
+    return results
+
+
+def _row_dict(row: Row) -> dict:
+    return {**asdict(row), "ns_per_token": row.ns_per_token}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and activation dtype (default: float32)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096], help="token counts for the layer benchmark (default: 1 128 4096)")
+    parser.add_argument("--repeats", type=int, default=10, help="minimum side-by-side calls per implementation (default: 10)")
+    parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    parser.add_argument("--no-encoder", dest="encoder", action="store_false", help="skip the whole-encoder comparison")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    if any(t < 0 for t in args.tokens) or args.repeats < 1:
+        print("hf-fff bench: --tokens must be >= 0 and --repeats >= 1")
+        return 2
+    try:
+        run_bench(
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+            tokens=tuple(args.tokens),
+            repeats=args.repeats,
+            encoder=args.encoder,
+            json_path=args.json_path,
+            plot_path=args.plot_path,
+        )
+    except (RuntimeError, ImportError) as error:
+        print(f"hf-fff bench: {error}")
+        return 2
+    return 0
