@@ -458,6 +458,44 @@ def render_model_card(
     return card
 
 
+PUBLISHED_SOURCE = "pbelcak/UltraFastBERT-1x11-long"
+# Where the native conversion of PUBLISHED_SOURCE is meant to be published (used by the ready card only;
+# `hf-fff push` always renders the card for the repo it pushes to).
+PUBLISHED_NATIVE_REPO = "hf-fff/UltraFastBERT-1x11-long"
+PUBLISHED_LICENSE = "mit"  # the license of the source repository, carried over
+
+
+def reference_card_for_published_model(bench=None, repo_id: str = PUBLISHED_NATIVE_REPO) -> str:
+    """The ready model card (model_cards/UltraFastBERT-1x11-long.md) of UltraFastBERT-1x11-long in the
+    native format: UltraFastBertConfig's defaults are the published model."""
+    import torch
+
+    from .configuration_ultrafastbert import UltraFastBertConfig
+    from .modeling_ultrafastbert import UltraFastBertForMaskedLM
+
+    config = UltraFastBertConfig(architectures=["UltraFastBertForMaskedLM"])
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in UltraFastBertForMaskedLM(config).parameters())
+    config_dict = {**config.to_dict(), "dtype": "float32"}
+    return render_model_card(
+        config_dict,
+        repo_id=repo_id,
+        base_model=PUBLISHED_SOURCE,
+        license=PUBLISHED_LICENSE,
+        remote_code=True,
+        parameters=parameters,
+        bench=bench,
+        provenance=(
+            f"Converted from the published crammedBERT layout of [`{PUBLISHED_SOURCE}`](https://huggingface.co/{PUBLISHED_SOURCE}) "
+            f"with `hf-fff convert {PUBLISHED_SOURCE} UltraFastBERT-1x11-long` (weights in float32). The conversion renames "
+            "the tensors, regroups the per-head q/k/v rows and transposes the FFF output weights; it computes exactly what "
+            "the original code computes, and `hf-fff convert` reloads the result and compares it with the source on random "
+            "token ids before writing it. The decoder is tied to the word embedding, so the file stores one copy of it "
+            "(the original stored two)."
+        ),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # trust_remote_code export
 # ----------------------------------------------------------------------------------------------------
@@ -494,9 +532,11 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def remote_code_sources() -> dict[str, str]:
-    """file name -> source text of the flat, torch-only modeling code a remote-code repo carries."""
-    package = _package_dir()
+def remote_code_sources(package_dir: Optional[PathLike] = None) -> dict[str, str]:
+    """file name -> source text of the flat, torch-only modeling code a remote-code repo carries.
+
+    package_dir: where to read the hf_fff sources (default: this installed package)."""
+    package = Path(package_dir) if package_dir is not None else _package_dir()
     sources = {name: (package / name).read_text(encoding="utf-8") for name in REMOTE_CODE_FILES}
     reference = (package / "backends" / "reference.py").read_text(encoding="utf-8")
     header = (

@@ -51,7 +51,11 @@ def _hf_home_is_sandboxed():
 
 
 def _point_hub_at(monkeypatch, url: str, cache: Path) -> None:
+    import transformers.utils.hub as transformers_hub
     from huggingface_hub import constants
+
+    # transformers keeps one HfApi per process, built with the endpoint of its first use.
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
 
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

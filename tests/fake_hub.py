@@ -36,6 +36,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.lock = threading.RLock()
         self._counter = itertools.count()
+        self._connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
         self._server = ThreadingHTTPServer((host, 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
@@ -152,6 +154,15 @@ class FakeHub:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        # Handler threads keep serving keep-alive connections after the listening socket is closed; a
+        # client's pooled connection would then still reach this (stopped) hub's state. Cut them.
+        with self.lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -217,6 +228,16 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # keep test output clean
         pass
+
+    def setup(self):
+        super().setup()
+        with self.hub.lock:
+            self.hub._connections.add(self.connection)
+
+    def finish(self):
+        with self.hub.lock:
+            self.hub._connections.discard(self.connection)
+        super().finish()
 
     def do_GET(self):
         self._dispatch("GET")

@@ -1,0 +1,336 @@
+"""Model cards and publishing (hf_fff.hub), against the fake Hub of tests/fake_hub.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import hf_fff  # noqa: F401 - registers the model type with the Auto classes
+from conftest import HUB_TOKEN, HUB_USER
+from hf_fff import hub
+from hf_fff.hub import HubTokenError, PublishError, push_to_hub, render_bench, render_metrics, render_model_card, split_front_matter
+
+IDS = torch.tensor([[2, 17, 45, 9, 88, 3, 0, 0], [2, 5, 101, 64, 7, 19, 23, 3]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+
+BENCH = {
+    "device": "cpu (test)",
+    "torch": "2.13.0",
+    "date": "2026-11-23",
+    "results": [
+        {"layer": "FFF 1x11", "batch": 1, "seq": 128, "ms": 0.75, "speedup_vs_dense": 31.2},
+        {"layer": "dense 3072", "batch": 1, "seq": 128, "ms": 23.4, "speedup_vs_dense": 1.0},
+    ],
+}
+
+
+def outputs(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK).logits
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    metadata, _ = split_front_matter(text)
+    # The card's YAML must also be what a plain YAML parser reads between the fences.
+    raw = text.split("---\n", 2)[1]
+    assert yaml.safe_load(raw) == metadata
+    return metadata
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cards
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "architecture, pipeline_tag, auto_class",
+    [
+        ("UltraFastBertForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
+        ("UltraFastBertForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+        ("UltraFastBertForTokenClassification", "token-classification", "AutoModelForTokenClassification"),
+        ("UltraFastBertForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
+        ("UltraFastBertModel", "feature-extraction", "AutoModel"),
+    ],
+)
+def test_card_metadata_and_usage_per_head(architecture, pipeline_tag, auto_class):
+    from hf_fff import UltraFastBertConfig
+
+    config = UltraFastBertConfig(architectures=[architecture], fff_depth=11, num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
+    card = render_model_card(
+        config, repo_id="someone/ufb", base_model="pbelcak/UltraFastBERT-1x11-long", license="mit", tags=["glue"], remote_code=True
+    )
+    metadata = front_matter(card)
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == pipeline_tag
+    assert metadata["base_model"] == "pbelcak/UltraFastBERT-1x11-long"
+    assert metadata["license"] == "mit"
+    assert {"ultrafastbert", "glue", "custom_code"} <= set(metadata["tags"])
+    assert "{{" not in card and "}}" not in card
+    assert f"from transformers import {auto_class}, AutoTokenizer" in card
+    assert f'{auto_class}.from_pretrained("someone/ufb").eval()' in card
+    assert "import hf_fff" in card
+    assert 'trust_remote_code=True' in card
+    assert "12 of 4095" in card  # neurons evaluated per token: depth + 1 of 2^(depth+1) - 1
+    assert "arxiv.org/abs/2311.10770" in card
+    if "Classification" in architecture:
+        assert "a, b, c" in card
+
+
+def test_card_usage_snippet_runs(converted_tiny: Path, tmp_path: Path):
+    """The card's loading code is real code: run it against the local folder."""
+    import re
+
+    config = json.loads((converted_tiny / "config.json").read_text())
+    card = render_model_card(config, repo_id=str(converted_tiny))
+    snippet = re.search(r"```python\n(.*?)```", card, flags=re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), namespace)  # noqa: S102 - our own generated snippet
+    assert namespace["logits"].shape[-1] == config["vocab_size"]
+
+
+def test_metrics_tables(tmp_path: Path):
+    flat = render_metrics({"accuracy": 0.91234, "f1": 0.88, "samples": 872})
+    assert "| Metric | Value |" in flat and "| accuracy | 0.9123 |" in flat and "| samples | 872 |" in flat
+    grouped = render_metrics({"glue/sst2": {"accuracy": 0.9}, "glue/mrpc": {"f1": 0.85, "accuracy": 0.8}})
+    assert "| Task | Metric | Value |" in grouped and "| glue/mrpc | f1 | 0.85 |" in grouped
+    trainer_style = tmp_path / "eval_results.json"
+    trainer_style.write_text(json.dumps({"eval_accuracy": 0.75, "eval_loss": 0.61, "epoch": 3.0}))
+    assert "| eval_accuracy | 0.75 |" in render_metrics(trainer_style)
+    assert "No evaluation results" in render_metrics(None)
+    with pytest.raises(PublishError, match="not valid JSON"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{accuracy: }")
+        render_metrics(bad)
+    with pytest.raises(PublishError, match="does not exist"):
+        render_metrics(tmp_path / "missing.json")
+    with pytest.raises(PublishError, match="list"):
+        render_metrics({"accuracy": [1, 2]})
+
+
+def test_bench_table(tmp_path: Path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(BENCH))
+    table = render_bench(path)
+    assert "device: cpu (test)" in table and "torch: 2.13.0" in table
+    assert "| layer | batch | seq | ms | speedup_vs_dense |" in table
+    assert "| FFF 1x11 | 1 | 128 | 0.75 | 31.2 |" in table
+    assert render_bench(BENCH["results"]).count("\n| ") == 3  # header + 2 rows, no environment line
+    with pytest.raises(PublishError, match="list of rows"):
+        render_bench({"device": "cpu"})
+    assert "hf-fff bench" in render_bench(None)
+
+
+def test_ready_card_for_the_published_model_is_current():
+    """model_cards/UltraFastBERT-1x11-long.md is what render_model_card produces for the full-size model."""
+    from hf_fff.hub import reference_card_for_published_model
+
+    committed = hub.load_template("UltraFastBERT-1x11-long.md")
+    assert committed == reference_card_for_published_model()
+    metadata = front_matter(committed)
+    assert metadata["base_model"] == "pbelcak/UltraFastBERT-1x11-long"
+    assert metadata["pipeline_tag"] == "fill-mask"
+    assert "| Layers | 16 |" in committed and "| Hidden size | 768 |" in committed and "12 of 4095" in committed
+    assert "163.7M" in committed  # unique parameters: the tied decoder is stored once
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pushing
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_tiny: Path, tmp_path: Path, fresh_hf_cache):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"glue/sst2": {"accuracy": 0.873}}))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(BENCH))
+    report = push_to_hub(converted_tiny, f"{HUB_USER}/ufb-tiny", metrics=metrics, bench=bench)
+
+    assert report.revision == "main" and report.pr_url is None
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "modeling_ultrafastbert.py"} <= set(report.files)
+    stored = fake_hub.files(f"{HUB_USER}/ufb-tiny")
+    assert set(report.files) <= set(stored)
+    if fake_hub.lfs:  # safetensors went through the LFS batch API, as on the real Hub
+        assert stored["model.safetensors"].is_lfs
+        assert any(path.endswith(".git/info/lfs/objects/batch") for _, path in fake_hub.requests)
+
+    card = fake_hub.file_bytes(f"{HUB_USER}/ufb-tiny", "README.md").decode()
+    metadata = front_matter(card)
+    assert metadata["pipeline_tag"] == "fill-mask" and "custom_code" in metadata["tags"]
+    assert "| glue/sst2 | accuracy | 0.873 |" in card
+    assert "| FFF 1x11 | 1 | 128 | 0.75 | 31.2 |" in card
+    assert 'from_pretrained("tester/ufb-tiny")' in card
+    assert "Converted from the published crammedBERT layout" in card  # provenance carried from convert's card
+
+    # Back from the Hub into an empty cache: identical outputs to the local folder.
+    assert not fresh_hf_cache.exists()
+    local = AutoModelForMaskedLM.from_pretrained(converted_tiny).eval()
+    remote = AutoModelForMaskedLM.from_pretrained(f"{HUB_USER}/ufb-tiny").eval()
+    assert any(fresh_hf_cache.rglob("model.safetensors"))
+    assert torch.equal(outputs(local), outputs(remote))
+    tokenizer = AutoTokenizer.from_pretrained(f"{HUB_USER}/ufb-tiny")
+    assert tokenizer("the quick brown fox")["input_ids"] == AutoTokenizer.from_pretrained(converted_tiny)("the quick brown fox")["input_ids"]
+
+    # Pushing again is idempotent (repo exists) and leaves the user's folder untouched.
+    push_to_hub(converted_tiny, f"{HUB_USER}/ufb-tiny", metrics=metrics, bench=bench)
+    assert "auto_map" not in json.loads((converted_tiny / "config.json").read_text())
+    assert "glue/sst2" not in (converted_tiny / "README.md").read_text()
+    assert not (converted_tiny / "modeling_ultrafastbert.py").exists()
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-fff push")
+    hub.add_cli_arguments(parser)
+    return hub.cli_main(parser.parse_args(argv))
+
+
+def test_cli_push_private_branch_and_pull_request(lfs_hub, hub_token, converted_tiny: Path, fresh_hf_cache, capsys, monkeypatch):
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo = f"{HUB_USER}/ufb-private"
+    assert _cli([str(converted_tiny), repo, "--private", "--revision", "dev", "--commit-message", "first upload"]) == 0
+    out, err = capsys.readouterr()
+    assert "dev" in out and HUB_TOKEN not in out + err
+
+    api = HfApi(token=HUB_TOKEN)
+    assert api.model_info(repo).private is True
+    assert "model.safetensors" in api.list_repo_files(repo, revision="dev")
+    assert "model.safetensors" not in api.list_repo_files(repo)  # main only has the initial commit
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(RepositoryNotFoundError):  # private: invisible without the token
+        hf_hub_download(repo, "config.json", revision="dev", token=False)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+
+    assert _cli([str(converted_tiny), repo, "--create-pr"]) == 0
+    out = capsys.readouterr().out
+    assert "pull request" in out and "refs/pr/1" in out
+    assert "model.safetensors" in api.list_repo_files(repo, revision="refs/pr/1")
+    assert "model.safetensors" not in api.list_repo_files(repo)
+
+    from transformers import AutoModelForMaskedLM
+
+    remote = AutoModelForMaskedLM.from_pretrained(repo, revision="dev")
+    assert torch.equal(outputs(remote), outputs(AutoModelForMaskedLM.from_pretrained(converted_tiny)))
+
+
+def test_push_without_token_fails_clearly(lfs_hub, converted_tiny: Path, capsys):
+    with pytest.raises(HubTokenError, match="No Hugging Face token found") as caught:
+        push_to_hub(converted_tiny, f"{HUB_USER}/never")
+    assert "hf auth login" in str(caught.value) and "HF_TOKEN" in str(caught.value)
+    assert _cli([str(converted_tiny), f"{HUB_USER}/never"]) == 1
+    assert "No Hugging Face token found" in capsys.readouterr().err
+    assert lfs_hub.requests == []  # refused before any request
+    assert lfs_hub.repos == {}
+
+
+def test_push_with_rejected_token_names_its_source_not_its_value(lfs_hub, converted_tiny: Path, monkeypatch, capsys):
+    secret = "hf_not_a_valid_token_42"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    with pytest.raises(HubTokenError, match="HF_TOKEN environment variable was rejected") as caught:
+        push_to_hub(converted_tiny, f"{HUB_USER}/never")
+    assert secret not in str(caught.value)
+    assert _cli([str(converted_tiny), f"{HUB_USER}/never", "--token", secret]) == 1
+    out, err = capsys.readouterr()
+    assert "token argument was rejected" in err and secret not in out + err
+    assert lfs_hub.repos == {}
+
+
+def test_push_refuses_what_is_not_a_native_model(lfs_hub, hub_token, crammed_1x3: Path, tmp_path: Path):
+    with pytest.raises(PublishError, match="hf-fff convert"):
+        push_to_hub(crammed_1x3, f"{HUB_USER}/crammed")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PublishError, match="config.json"):
+        push_to_hub(empty, f"{HUB_USER}/empty")
+    with pytest.raises(PublishError, match="namespace/name"):
+        push_to_hub(empty, "no-namespace")
+    with pytest.raises(PublishError, match="pull request"):
+        push_to_hub(empty, f"{HUB_USER}/x", create_pr=True, revision="dev")
+    assert lfs_hub.repos == {}
+
+
+def test_push_a_model_object_with_its_tokenizer(lfs_hub, hub_token, converted_tiny: Path, fresh_hf_cache):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(converted_tiny)
+    tokenizer = AutoTokenizer.from_pretrained(converted_tiny)
+    report = push_to_hub(model, f"{HUB_USER}/from-object", tokenizer=tokenizer, license="mit")
+    assert "tokenizer.json" in report.files
+    card = lfs_hub.file_bytes(f"{HUB_USER}/from-object", "README.md").decode()
+    assert front_matter(card)["license"] == "mit"
+    remote = AutoModelForMaskedLM.from_pretrained(f"{HUB_USER}/from-object")
+    assert torch.equal(outputs(remote), outputs(model.eval()))
+
+
+def test_transformers_push_to_hub_gives_a_loadable_repo(lfs_hub, hub_token, converted_tiny: Path, fresh_hf_cache):
+    """model.push_to_hub from transformers (no hf_fff code involved in the upload) also works."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(converted_tiny)
+    model.push_to_hub(f"{HUB_USER}/via-transformers")
+    remote = AutoModelForMaskedLM.from_pretrained(f"{HUB_USER}/via-transformers")
+    assert type(remote).__name__ == "UltraFastBertForMaskedLM"
+    assert torch.equal(outputs(remote), outputs(model.eval()))
+
+
+def test_trainer_fine_tuned_classifier_publishes_the_same_way(lfs_hub, hub_token, converted_tiny: Path, tmp_path: Path, fresh_hf_cache):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from hf_fff import UltraFastBertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_tiny)
+    model = UltraFastBertForSequenceClassification.from_pretrained(
+        converted_tiny, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+    )
+    texts = ["the cat sat on the mat", "paris is the capital of france", "the dog slept", "fast feedforward networks"] * 2
+    data = [dict(tokenizer(t), labels=i % 2) for i, t in enumerate(texts)]
+    out_dir = tmp_path / "trainer-out"
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+        save_strategy="steps", save_steps=1, report_to=[], use_cpu=True, logging_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
+                      processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    assert any(p.name.startswith("checkpoint-") for p in out_dir.iterdir())
+
+    report = push_to_hub(out_dir, f"{HUB_USER}/ufb-classifier", metrics={"accuracy": 0.5}, base_model=f"{HUB_USER}/ufb-tiny")
+    assert not any(f.startswith("checkpoint-") for f in report.files)
+    card = lfs_hub.file_bytes(f"{HUB_USER}/ufb-classifier", "README.md").decode()
+    metadata = front_matter(card)
+    assert metadata["pipeline_tag"] == "text-classification"
+    assert metadata["base_model"] == f"{HUB_USER}/ufb-tiny"
+    assert "negative, positive" in card and "| accuracy | 0.5 |" in card
+
+    remote = AutoModelForSequenceClassification.from_pretrained(f"{HUB_USER}/ufb-classifier").eval()
+    local = AutoModelForSequenceClassification.from_pretrained(out_dir).eval()
+    assert remote.config.id2label == {0: "negative", 1: "positive"}
+    assert torch.equal(outputs(remote), outputs(local))
+    trained = trainer.model.eval()
+    assert torch.equal(outputs(remote), outputs(trained))
+
+
+def test_keep_card_uploads_the_folders_own_readme(lfs_hub, hub_token, converted_tiny: Path, tmp_path: Path):
+    folder = tmp_path / "own-card"
+    shutil.copytree(converted_tiny, folder)
+    (folder / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n\n# My own words\n")
+    push_to_hub(folder, f"{HUB_USER}/own-card", card=False, remote_code=False)
+    assert lfs_hub.file_bytes(f"{HUB_USER}/own-card", "README.md").decode().endswith("# My own words\n")
+    assert "modeling_ultrafastbert.py" not in lfs_hub.files(f"{HUB_USER}/own-card")
