@@ -259,23 +259,80 @@ def render_metrics(metrics: Union[None, PathLike, Mapping[str, Any]]) -> str:
 
 
 _BENCH_ROW_KEYS = ("results", "rows", "measurements", "runs", "benchmarks")
+_BENCH_SECTIONS = ("layer", "encoder")  # what `hf-fff bench --json` writes, next to "meta"
+
+
+def _format_seconds(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+def _bench_section_table(section: Mapping[str, Any], name: str) -> str:
+    rows, baselines = section.get("rows"), list(section.get("baselines") or [])
+    if not isinstance(rows, list) or not rows:
+        raise PublishError(f"bench JSON section {name!r} has no rows")
+    header = ["tokens", "implementation", "median", "ns/token", *(f"vs {b}" for b in baselines)]
+    body = []
+    for row in rows:
+        try:
+            speedup = row.get("speedup") or {}
+            ratios = [f"{speedup[b]:.2f}x" if b in speedup else "1x (baseline)" if row["name"] == b else "" for b in baselines]
+            ns_per_token = row.get("ns_per_token", row["median_s"] * 1e9 / max(row["tokens"], 1))
+            body.append([row["tokens"], row["name"], _format_seconds(row["median_s"]), f"{ns_per_token:,.0f}", *ratios])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise PublishError(f"bench JSON section {name!r} has a malformed row ({error!r}): {row}") from None
+    return _table(header, body)
+
+
+def _render_hf_fff_bench(bench: Mapping[str, Any]) -> str:
+    meta = bench.get("meta") or {}
+    where = ""
+    if meta.get("device_name") or meta.get("device"):
+        where = f" on {meta.get('device_name') or meta.get('device')}"
+        details = [str(meta["device"])] if meta.get("device") and meta.get("device_name") else []
+        if meta.get("cpu_threads"):
+            details.append(f"{meta['cpu_threads']} CPU threads")
+        where += f" ({', '.join(details)})" if details else ""
+    facts = [f for f in (meta.get("dtype"), meta.get("torch") and f"torch {meta['torch']}", meta.get("date")) if f]
+    intro = f"Measured with `hf-fff bench`{where}" + (", " + ", ".join(facts) if facts else "")
+    intro += f"; FFF backend: {meta['fff_backend']}." if meta.get("fff_backend") else "."
+    parts = [intro]
+    if "layer" in bench:
+        layer = bench["layer"]
+        parts.append(
+            f"One FFF layer (hidden {layer.get('hidden')}, depth {layer.get('depth')}, one tree) against dense "
+            "feedforward layers, median time per call:"
+        )
+        parts.append(_bench_section_table(layer, "layer"))
+    if "encoder" in bench:
+        encoder = bench["encoder"]
+        parts.append(f"The whole encoder, batch {encoder.get('batch')} x {encoder.get('seq')} tokens, random weights:")
+        parts.append(_bench_section_table(encoder, "encoder"))
+    return "\n\n".join(parts)
 
 
 def render_bench(bench: Union[None, PathLike, Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> str:
-    """The JSON written by `hf-fff bench --json FILE` as a markdown table, plus its environment line.
+    """A speed section from the JSON written by `hf-fff bench --json FILE` ({"meta", "layer", "encoder"}):
+    the run's machine line and one markdown table per section.
 
-    The JSON is either a list of row objects or an object holding such a list (under "results",
-    "rows", "measurements", "runs" or "benchmarks") next to scalar facts about the run (device, torch
-    version, date, ...), which are listed above the table. Columns follow the rows' keys in order.
+    Other timing JSON is accepted too: a list of row objects, or an object holding such a list (under
+    "results", "rows", "measurements", "runs" or "benchmarks") next to scalar facts about the run.
     """
     bench = _load_json_argument(bench, "bench")
     if not bench:
         return "No speed measurements were supplied with this upload. `hf-fff bench` measures this model on your hardware."
+    if isinstance(bench, Mapping) and any(isinstance(bench.get(k), Mapping) for k in _BENCH_SECTIONS):
+        return _render_hf_fff_bench(bench)
     environment: dict[str, Any] = {}
     if isinstance(bench, Mapping):
         key = next((k for k in _BENCH_ROW_KEYS if isinstance(bench.get(k), list)), None)
         if key is None:
-            raise PublishError(f"bench JSON must be a list of rows or an object with a list under one of {list(_BENCH_ROW_KEYS)}")
+            raise PublishError(
+                "bench JSON must be what `hf-fff bench --json` writes, a list of rows, or an object with a list "
+                f"under one of {list(_BENCH_ROW_KEYS)}"
+            )
         rows = bench[key]
         for name, value in bench.items():
             if name == key:

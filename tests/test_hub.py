@@ -30,6 +30,19 @@ BENCH = {
 }
 
 
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory) -> Path:
+    """A real `hf-fff bench --json` file, measured at toy sizes (the format is what matters here)."""
+    from hf_fff import bench
+
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    bench.run_bench(
+        tokens=(1, 9), repeats=2, hidden=24, depth=3, encoder_batch=2, encoder_seq=5, json_path=str(path),
+        model_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300, fff_depth=2),
+    )
+    return path
+
+
 def outputs(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS, attention_mask=MASK).logits
@@ -114,6 +127,22 @@ def test_metrics_tables(tmp_path: Path):
         render_metrics({"accuracy": [1, 2]})
 
 
+def test_bench_json_of_hf_fff_bench_renders_as_tables(bench_json: Path):
+    results = json.loads(bench_json.read_text())
+    section = render_bench(bench_json)
+    assert section.startswith("Measured with `hf-fff bench` on ")
+    assert results["meta"]["torch"] in section and results["meta"]["fff_backend"] in section
+    layer_header = "| tokens | implementation | median | ns/token | " + " | ".join(f"vs {b}" for b in results["layer"]["baselines"]) + " |"
+    assert layer_header in section
+    assert "| vs " + results["encoder"]["baselines"][0] + " |" in section
+    for row in results["layer"]["rows"] + results["encoder"]["rows"]:
+        assert f"| {row['tokens']} | {row['name']} | " in section
+    assert section.count("1x (baseline)") == len(results["layer"]["baselines"]) * 2 + 1
+    broken = {**results, "layer": {**results["layer"], "rows": [{"name": "x"}]}}
+    with pytest.raises(PublishError, match="malformed row"):
+        render_bench(broken)
+
+
 def test_bench_table(tmp_path: Path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(BENCH))
@@ -122,7 +151,7 @@ def test_bench_table(tmp_path: Path):
     assert "| layer | batch | seq | ms | speedup_vs_dense |" in table
     assert "| FFF 1x11 | 1 | 128 | 0.75 | 31.2 |" in table
     assert render_bench(BENCH["results"]).count("\n| ") == 3  # header + 2 rows, no environment line
-    with pytest.raises(PublishError, match="list of rows"):
+    with pytest.raises(PublishError, match="hf-fff bench --json"):
         render_bench({"device": "cpu"})
     assert "hf-fff bench" in render_bench(None)
 
@@ -145,13 +174,12 @@ def test_ready_card_for_the_published_model_is_current():
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_tiny: Path, tmp_path: Path, fresh_hf_cache):
+def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_tiny: Path, tmp_path: Path, fresh_hf_cache, bench_json):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"glue/sst2": {"accuracy": 0.873}}))
-    bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps(BENCH))
+    bench = bench_json
     report = push_to_hub(converted_tiny, f"{HUB_USER}/ufb-tiny", metrics=metrics, bench=bench)
 
     assert report.revision == "main" and report.pr_url is None
@@ -166,7 +194,7 @@ def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_ti
     metadata = front_matter(card)
     assert metadata["pipeline_tag"] == "fill-mask" and "custom_code" in metadata["tags"]
     assert "| glue/sst2 | accuracy | 0.873 |" in card
-    assert "| FFF 1x11 | 1 | 128 | 0.75 | 31.2 |" in card
+    assert render_bench(bench_json) in card
     assert 'from_pretrained("tester/ufb-tiny")' in card
     assert "Converted from the published crammedBERT layout" in card  # provenance carried from convert's card
 
@@ -192,14 +220,22 @@ def _cli(argv: list[str]) -> int:
     return hub.cli_main(parser.parse_args(argv))
 
 
-def test_cli_push_private_branch_and_pull_request(lfs_hub, hub_token, converted_tiny: Path, fresh_hf_cache, capsys, monkeypatch):
+def test_cli_push_private_branch_and_pull_request(lfs_hub, hub_token, converted_tiny: Path, fresh_hf_cache, capsys, monkeypatch, tmp_path, bench_json):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     repo = f"{HUB_USER}/ufb-private"
-    assert _cli([str(converted_tiny), repo, "--private", "--revision", "dev", "--commit-message", "first upload"]) == 0
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"eval_accuracy": 0.5}))
+    argv = [str(converted_tiny), repo, "--private", "--revision", "dev", "--commit-message", "first upload",
+            "--metrics", str(metrics), "--bench", str(bench_json), "--tag", "test-tag"]
+    assert _cli(argv) == 0
     out, err = capsys.readouterr()
     assert "dev" in out and HUB_TOKEN not in out + err
+    card = lfs_hub.file_bytes(repo, "README.md", revision="dev").decode()
+    assert "| eval_accuracy | 0.5 |" in card and render_bench(bench_json) in card
+    assert 'from_pretrained("tester/ufb-private", revision="dev")' in card
+    assert "test-tag" in front_matter(card)["tags"]
 
     api = HfApi(token=HUB_TOKEN)
     assert api.model_info(repo).private is True
