@@ -37,7 +37,7 @@ def bench_json(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     bench.run_bench(
-        tokens=(1, 9), repeats=2, hidden=24, depth=3, encoder_batch=2, encoder_seq=5, json_path=str(path),
+        tokens=(1,), repeats=2, hidden=24, depth=3, encoder_batch=2, encoder_seq=5, json_path=str(path),
         model_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300, fff_depth=2),
     )
     return path
@@ -137,7 +137,8 @@ def test_bench_json_of_hf_fff_bench_renders_as_tables(bench_json: Path):
     assert "| vs " + results["encoder"]["baselines"][0] + " |" in section
     for row in results["layer"]["rows"] + results["encoder"]["rows"]:
         assert f"| {row['tokens']} | {row['name']} | " in section
-    assert section.count("1x (baseline)") == len(results["layer"]["baselines"]) * 2 + 1
+    token_counts = {row["tokens"] for row in results["layer"]["rows"]}
+    assert section.count("1x (baseline)") == len(results["layer"]["baselines"]) * len(token_counts) + 1
     broken = {**results, "layer": {**results["layer"], "rows": [{"name": "x"}]}}
     with pytest.raises(PublishError, match="malformed row"):
         render_bench(broken)
@@ -370,3 +371,35 @@ def test_keep_card_uploads_the_folders_own_readme(lfs_hub, hub_token, converted_
     push_to_hub(folder, f"{HUB_USER}/own-card", card=False, remote_code=False)
     assert lfs_hub.file_bytes(f"{HUB_USER}/own-card", "README.md").decode().endswith("# My own words\n")
     assert "modeling_ultrafastbert.py" not in lfs_hub.files(f"{HUB_USER}/own-card")
+
+
+def test_console_convert_then_push_in_a_fresh_process(lfs_hub, crammed_1x3: Path, tmp_path: Path, bench_json: Path):
+    """The commands as a user runs them: HF_ENDPOINT and HF_TOKEN from the environment, nothing patched."""
+    import os
+    import subprocess
+    import sys
+
+    repo_root = Path(hf_fff.__file__).resolve().parents[1]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))},
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_ENDPOINT": lfs_hub.url,
+        "HF_TOKEN": HUB_TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])),
+    }
+
+    def hf_fff_cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hf_fff.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    converted = hf_fff_cli("convert", str(crammed_1x3), "UltraFastBERT-tiny", "--dtype", "bf16")
+    assert converted.returncode == 0, converted.stderr
+    assert "max relative error" in converted.stdout
+    pushed = hf_fff_cli("push", "UltraFastBERT-tiny", f"{HUB_USER}/from-console", "--bench", str(bench_json))
+    assert pushed.returncode == 0, pushed.stderr
+    assert HUB_TOKEN not in pushed.stdout + pushed.stderr
+    assert f"{lfs_hub.url}/{HUB_USER}/from-console" in pushed.stdout
+    files = lfs_hub.files(f"{HUB_USER}/from-console")
+    assert files["model.safetensors"].is_lfs and "modeling_ultrafastbert.py" in files
+    assert render_bench(bench_json) in lfs_hub.file_bytes(f"{HUB_USER}/from-console", "README.md").decode()
