@@ -203,6 +203,8 @@ def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_ti
     assert not fresh_hf_cache.exists()
     local = AutoModelForMaskedLM.from_pretrained(converted_tiny).eval()
     remote = AutoModelForMaskedLM.from_pretrained(f"{HUB_USER}/ufb-tiny").eval()
+    # With hf_fff imported, the repo's auto_map does not divert loading to the remote (torch-only) code.
+    assert type(remote) is hf_fff.UltraFastBertForMaskedLM
     assert any(fresh_hf_cache.rglob("model.safetensors"))
     assert torch.equal(outputs(local), outputs(remote))
     tokenizer = AutoTokenizer.from_pretrained(f"{HUB_USER}/ufb-tiny")
