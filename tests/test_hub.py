@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import hf_fff  # noqa: F401 - registers the model type with the Auto classes
+import hf_fff  # registers the model type with the Auto classes
 from conftest import HUB_TOKEN, HUB_USER
 from hf_fff import hub
 from hf_fff.hub import HubTokenError, PublishError, push_to_hub, render_bench, render_metrics, render_model_card, split_front_matter

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import hf_fff  # noqa: F401 - registers the model type with the Auto classes
+import hf_fff  # registers the model type with the Auto classes
 from conftest import HUB_TOKEN, HUB_USER
 from hf_fff.hub import PublishError, push_to_hub, remote_code_sources
 
@@ -119,7 +119,7 @@ def test_remote_ops_match_the_package(converted_tiny: Path):
     grads_pkg = torch.autograd.grad(y_pkg.square().sum(), (x, w_in, b_in, w_out))
     assert torch.equal(leaves_remote, leaves_pkg)
     torch.testing.assert_close(y_remote, y_pkg, rtol=1e-5, atol=1e-6)
-    for remote, packaged in zip(grads_remote, grads_pkg):
+    for remote, packaged in zip(grads_remote, grads_pkg, strict=True):
         torch.testing.assert_close(remote, packaged, rtol=1e-4, atol=1e-5)
 
 
