@@ -27,10 +27,13 @@ from hf_fff.backends import cuda
 t = time.time(); m = cuda.load_module(); print('extension', 'built' if m else 'FAILED', f'in {time.time() - t:.0f} s')
 raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
     tests)
-      $PY -m pytest tests/test_cuda_backend.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1 ;;
+      $PY -m pytest tests/test_cuda_backend.py -q -rfEs --tb=short -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
     sanitize)
-      { echo "== memcheck"; compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitize_cuda.py 2>&1 | tail -6;
-        echo "== racecheck"; compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/sanitize_cuda.py 2>&1 | tail -6; } | tee "$OUT/sanitize.log" || status=1 ;;
+      for tool in memcheck racecheck; do
+        echo "== $tool"
+        compute-sanitizer --tool $tool --error-exitcode 1 $PY benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
+        tail -4 "$OUT/sanitize_$tool.log"
+      done 2>&1 | tee "$OUT/sanitize.log" ;;
     bench)
       $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     bench-quick)
