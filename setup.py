@@ -1,7 +1,7 @@
 """hf_fff: UltraFastBERT as a first-class transformers model, with fast FFF kernels.
 
 The native sources in cuda/ ship inside the wheel as the package `hf_fff.csrc` (package data) and are
-JIT-compiled on first use, so the wheel itself is pure Python.
+JIT-compiled on first use, so the wheel itself is pure Python; model_cards/ ships as `hf_fff.model_cards`.
 """
 
 from pathlib import Path
@@ -18,9 +18,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["hf_fff", "hf_fff.backends", "hf_fff.csrc"],
-    package_dir={"hf_fff.csrc": "cuda"},
-    package_data={"hf_fff.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "hf_fff": ["model_cards/*.md"]},
+    packages=["hf_fff", "hf_fff.backends", "hf_fff.csrc", "hf_fff.model_cards"],
+    package_dir={"hf_fff.csrc": "cuda", "hf_fff.model_cards": "model_cards"},
+    package_data={"hf_fff.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "hf_fff.model_cards": ["*.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -28,9 +28,10 @@ setup(
         "safetensors>=0.4",
         "huggingface-hub>=1.0",
         "ninja",
+        "pyyaml>=5.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7", "accelerate>=1.1"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hf-fff=hf_fff.cli:main"]},

@@ -28,6 +28,8 @@ from .modeling_ultrafastbert import (
     UltraFastBertModel,
     UltraFastBertPreTrainedModel,
 )
+from .convert import convert
+from .hub import push_to_hub
 from .ops import fast_feedforward
 
 __version__ = "0.1.0"
@@ -61,6 +63,8 @@ __all__ = [
     "UltraFastBertPreTrainedModel",
     "FastFeedForward",
     "fast_feedforward",
+    "convert",
+    "push_to_hub",
     "available_backends",
     "set_backend",
     "use_backend",
