@@ -31,8 +31,8 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         echo "== $tool"
-        compute-sanitizer --tool $tool --error-exitcode 1 $PY benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
-        tail -4 "$OUT/sanitize_$tool.log"
+        compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
+        grep -v "^=========     " "$OUT/sanitize_$tool.log" | head -40
       done 2>&1 | tee "$OUT/sanitize.log" ;;
     bench)
       $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;

@@ -22,6 +22,7 @@ from test_cuda_backend import check_against_float64, make_problem, run_poisoned 
 
 
 def main() -> int:
+    print("sanitizer workload: loading the extension", flush=True)
     ext = cuda_backend.load_module()
     if ext is None:
         print("the CUDA extension did not build")

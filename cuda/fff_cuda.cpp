@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <optional>
+#include <string>
 
 #include <limits>
 #include <tuple>
@@ -42,6 +43,17 @@ int sm_count(int device) {
   return n;
 }
 
+// Error messages are assembled from strings only: on the device image (torch 2.11), streaming an integer
+// into a TORCH_CHECK message from an extension crashed inside libstdc++ (std::ostream::_M_insert<long>,
+// seen 2026-11-23), so numbers go through std::to_string.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dims(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Level whose nodes become the buckets: deep enough that each bucket's subtree (both weight matrices)
@@ -64,26 +76,26 @@ int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, in
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
                   int64_t depth) {
-  TORCH_CHECK(depth >= 0 && depth <= kMaxDepth, "hf_fff CUDA: depth must be in [0, ", kMaxDepth, "], got ", depth);
+  TORCH_CHECK(depth >= 0 && depth <= kMaxDepth, "hf_fff CUDA: depth must be in [0, ", num(kMaxDepth), "], got ", num(depth));
   TORCH_CHECK(x.is_cuda() && w_in.is_cuda() && b_in.is_cuda() && w_out.is_cuda(),
               "hf_fff CUDA: x and the weights must be CUDA tensors");
   TORCH_CHECK(x.device() == w_in.device() && x.device() == b_in.device() && x.device() == w_out.device(),
               "hf_fff CUDA: x and the weights must be on one device");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "hf_fff CUDA: dtype must be float32, float16 or bfloat16, got ", dtype);
+              "hf_fff CUDA: dtype must be float32, float16 or bfloat16, got ", c10::toString(dtype));
   TORCH_CHECK(w_in.scalar_type() == dtype && b_in.scalar_type() == dtype && w_out.scalar_type() == dtype,
               "hf_fff CUDA: x and the weights must share one dtype");
-  TORCH_CHECK(x.dim() == 2, "hf_fff CUDA: x must be (tokens, hidden), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "hf_fff CUDA: x must be (tokens, hidden), got ", dims(x.sizes()));
   const int64_t n_nodes = (int64_t{2} << depth) - 1;
   TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x.size(1) && w_in.size(0) > 0 && w_in.size(0) % n_nodes == 0,
-              "hf_fff CUDA: weight_in must be (trees * ", n_nodes, ", ", x.size(1), "), got ", w_in.sizes());
+              "hf_fff CUDA: weight_in must be (trees * ", num(n_nodes), ", ", num(x.size(1)), "), got ", dims(w_in.sizes()));
   TORCH_CHECK(w_out.sizes() == w_in.sizes(), "hf_fff CUDA: weight_out must have the shape of weight_in ",
-              w_in.sizes(), ", got ", w_out.sizes());
-  TORCH_CHECK(b_in.dim() == 1 && b_in.size(0) == w_in.size(0), "hf_fff CUDA: bias_in must be (", w_in.size(0),
-              ",), got ", b_in.sizes());
+              dims(w_in.sizes()), ", got ", dims(w_out.sizes()));
+  TORCH_CHECK(b_in.dim() == 1 && b_in.size(0) == w_in.size(0), "hf_fff CUDA: bias_in must be (", num(w_in.size(0)),
+              ",), got ", dims(b_in.sizes()));
   TORCH_CHECK(x.size(1) > 0 && x.size(1) <= std::numeric_limits<int>::max(), "hf_fff CUDA: bad hidden size ",
-              x.size(1));
+              num(x.size(1)));
   TORCH_CHECK(x.size(0) < std::numeric_limits<int>::max(), "hf_fff CUDA: at most 2^31 - 2 tokens per call");
   TORCH_CHECK(w_in.size(0) < std::numeric_limits<int>::max(), "hf_fff CUDA: at most 2^31 - 1 weight rows");
 }
@@ -97,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy >= kAuto && strategy <= kGeneral, "hf_fff CUDA: unknown strategy ", strategy);
+  TORCH_CHECK(strategy >= kAuto && strategy <= kGeneral, "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
   const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
@@ -113,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
     y = *out;
     TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.device() == x.device() &&
                     y.is_contiguous(),
-                "hf_fff CUDA: out must be a contiguous ", x.scalar_type(), " tensor of shape ", x.sizes(), " on ", x.device());
+                "hf_fff CUDA: out must be a contiguous ", c10::toString(x.scalar_type()), " tensor of shape ", dims(x.sizes()), " on ", x.device().str());
   } else {
     y = at::empty({tokens, hidden}, x.options());
   }
@@ -121,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
     leaves = *leaves_out;
     TORCH_CHECK(leaves.dim() == 2 && leaves.size(0) == tokens && leaves.size(1) == trees &&
                     leaves.scalar_type() == at::kLong && leaves.device() == x.device() && leaves.is_contiguous(),
-                "hf_fff CUDA: leaves_out must be a contiguous int64 tensor of shape (", tokens, ", ", trees, ")");
+                "hf_fff CUDA: leaves_out must be a contiguous int64 tensor of shape (", num(tokens), ", ", num(trees), ")");
   } else {
     leaves = at::empty({tokens, trees}, x.options().dtype(at::kLong));
   }
@@ -153,17 +165,17 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                    ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, element_size, fast, num_sms)
                    : static_cast<int>(strategy);
   if (p.strategy != kGeneral)
-    TORCH_CHECK(fast, "hf_fff CUDA: strategy ", p.strategy,
-                " needs hidden % ", per_vector, " == 0, 16-byte aligned rows and hidden <= ", kMaxVectors * 32 * per_vector,
-                "; use strategy ", int(kGeneral));
+    TORCH_CHECK(fast, "hf_fff CUDA: strategy ", num(p.strategy), " needs hidden % ", num(per_vector),
+                " == 0, 16-byte aligned rows and hidden <= ", num(kMaxVectors * 32 * per_vector), "; use strategy ",
+                num(kGeneral));
 
   at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
   if (p.strategy == kBucketed) {
-    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategy takes one tree, got ", trees);
+    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategy takes one tree, got ", num(trees));
     TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategy needs depth >= 1");
     p.split = split > 0 ? static_cast<int>(split) : auto_split(static_cast<int>(depth), hidden, element_size);
     TORCH_CHECK(p.split >= 1 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [1, min(depth, ",
-                kMaxSplit, ")], got ", p.split);
+                num(kMaxSplit), ")], got ", num(p.split));
     const int64_t n_buckets = int64_t{1} << p.split;
     scratch_int = at::empty({2 * tokens + 2 * n_buckets}, x.options().dtype(at::kInt));
     scratch_float = at::empty({tokens * p.split}, x.options().dtype(at::kFloat));

@@ -24,6 +24,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include <c10/cuda/CUDAException.h>
 
 #include "fff_cuda.h"
@@ -549,7 +551,7 @@ void launch_fast(const Params& p, cudaStream_t stream) {
       break;
     }
     default:
-      TORCH_CHECK(false, "hf_fff CUDA: unknown strategy ", p.strategy);
+      TORCH_CHECK(false, "hf_fff CUDA: unknown strategy (", std::to_string(p.strategy), ")");
   }
 }
 
@@ -570,7 +572,7 @@ void launch(const Params& p, cudaStream_t stream) {
     case 4: launch_fast<T, 4>(p, stream); break;
     case 6: launch_fast<T, 6>(p, stream); break;
     case 8: launch_fast<T, 8>(p, stream); break;
-    default: TORCH_CHECK(false, "hf_fff CUDA: unsupported vectors per lane ", p.vectors);
+    default: TORCH_CHECK(false, "hf_fff CUDA: unsupported vectors per lane (", std::to_string(p.vectors), ")");
   }
 }
 
