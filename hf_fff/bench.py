@@ -6,8 +6,9 @@ plain torch reference and the published masking computation, against torch dense
 Encoder: UltraFastBERT-1x11 (random weights) against transformers' BertModel with the bert-base config
 and SDPA attention, on the same batch.
 
-Every group of implementations is timed side by side in one process, round-robin (one call of each
-in turn), so that machine noise hits all of them alike; reported times are medians. Device-generic:
+Every group of implementations is timed side by side in one process: blocks of consecutive calls of
+each, alternating round-robin, so that machine noise hits all of them alike; reported times are
+medians of steady-state calls (see `time_side_by_side`). Device-generic:
 on CUDA each call is timed with CUDA events, on the CPU with a monotonic clock.
 """
 
@@ -32,6 +33,7 @@ from . import backends
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_SECONDS_PER_ROW = 0.3  # cheap calls are repeated until each row has this much timing in it
 MAX_SAMPLES = 2000
+ROUNDS = 5  # alternating blocks per implementation
 
 
 @dataclass
@@ -76,26 +78,33 @@ def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return timed
 
 
-def time_side_by_side(candidates: dict[str, tuple[Optional[str], Callable[[], object]]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, measured round-robin; a candidate is (FFF backend or None, fn).
+def time_side_by_side(
+    candidates: dict[str, tuple[Optional[str], Callable[[], object]]], device: torch.device, repeats: int, rounds: int = ROUNDS
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in steady state; a candidate is (FFF backend or None, fn).
 
-    The backend is switched outside the timed region. Cheap candidates get more rounds (up to
-    MIN_SECONDS_PER_ROW of timing for the slowest one, MAX_SAMPLES at most) so that medians are stable.
+    Each candidate runs in blocks of consecutive calls whose first call is a discarded warm-up (it
+    pays for the caches the other candidates just evicted), and the blocks alternate round-robin
+    `rounds` times, so that drifts in machine load hit every candidate alike. Each candidate gets at
+    least `repeats` samples, and cheap ones more (about MIN_SECONDS_PER_ROW of timing, at most
+    MAX_SAMPLES) so that medians of microsecond calls are stable. The backend is switched outside
+    the timed region.
     """
     timed = _clock(device)
-
-    def run_one(backend, fn):
-        with backends.use_backend(backend or backends.AUTO):
-            return timed(fn)
-
+    rounds = max(1, min(rounds, repeats))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
-        first = {name: [run_one(*candidate) for _ in range(max(warmup, 1))][-1] for name, candidate in candidates.items()}
-        slowest = max(first.values())
-        rounds = max(repeats, min(MAX_SAMPLES, math.ceil(MIN_SECONDS_PER_ROW / max(slowest, 1e-9))))
-        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        per_block = {}
+        for name, (backend, fn) in candidates.items():
+            with backends.use_backend(backend or backends.AUTO):
+                estimate = min(timed(fn) for _ in range(2))
+            wanted = max(repeats, min(MAX_SAMPLES, math.ceil(MIN_SECONDS_PER_ROW / max(estimate, 1e-9))))
+            per_block[name] = math.ceil(wanted / rounds)
         for _ in range(rounds):
-            for name, candidate in candidates.items():
-                samples[name].append(run_one(*candidate))
+            for name, (backend, fn) in candidates.items():
+                with backends.use_backend(backend or backends.AUTO):
+                    timed(fn)
+                    samples[name] += [timed(fn) for _ in range(per_block[name])]
     return samples
 
 
@@ -184,7 +193,7 @@ def bench_encoder(device, dtype, batch: int, seq: int, repeats: int, model_overr
         ),
         bert_name: (None, lambda: bert(input_ids=input_ids, attention_mask=attention_mask)),
     }
-    rows = _rows("encoder", batch * seq, time_side_by_side(candidates, device, repeats, warmup=1), baselines=[bert_name])
+    rows = _rows("encoder", batch * seq, time_side_by_side(candidates, device, repeats), baselines=[bert_name])
     geometry = {
         "batch": batch,
         "seq": seq,
@@ -275,22 +284,30 @@ def _plot_layer_speedups(ax, layer: dict) -> None:
     for i, name in enumerate(names):
         values = [next(r["speedup"][baseline] for r in rows if r["name"] == name and r["tokens"] == t) for t in token_counts]
         positions = [k + (i - (len(names) - 1) / 2) * width for k in range(len(token_counts))]
-        bars = ax.bar(positions, values, width, label=name)
+        bars = ax.bar(positions, values, width, label=name, color=_color(name))
         ax.bar_label(bars, labels=[f"{v:.1f}x" for v in values], fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    top = max((v for r in rows for v in r["speedup"].values()), default=1.0)
+    ax.set_ylim(top=max(top, 1.0) * 12)  # room for the legend above the bars
     ax.set_xticks(range(len(token_counts)), [f"{t} token{'' if t == 1 else 's'}" for t in token_counts])
     ax.set_ylabel(f"speed-up over {baseline} (log scale)")
     ax.set_title(f"FFF layer {layer['hidden']} x depth {layer['depth']}: higher is better", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(names))
+
+
+def _color(name: str, baseline: bool = False) -> str:
+    """One colour per kind of implementation, the same in both panels."""
+    if baseline:
+        return "tab:gray"
+    return "tab:orange" if "masked" in name else "tab:blue" if "reference" in name else "tab:green"
 
 
 def _plot_encoder_times(ax, encoder: dict) -> None:
     baseline = encoder["baselines"][0]
     rows = encoder["rows"]
     millis = [row["median_s"] * 1e3 for row in rows]
-    colors = ["tab:gray" if not row["speedup"] else "tab:green" if row["speedup"][baseline] >= 1 else "tab:orange" for row in rows]
-    bars = ax.barh(range(len(rows)), millis, color=colors)
+    bars = ax.barh(range(len(rows)), millis, color=[_color(row["name"], baseline=not row["speedup"]) for row in rows])
     labels = [f"{ms:.0f} ms (speed-up {row['speedup'][baseline]:.2f}x)" if row["speedup"] else f"{ms:.0f} ms (baseline)" for ms, row in zip(millis, rows)]
     ax.bar_label(bars, labels=labels, fontsize=8, padding=3)
     ax.set_yticks(range(len(rows)), [row["name"] for row in rows], fontsize=8)
@@ -333,7 +350,7 @@ def run_bench(
     }
 
     if encoder:
-        encoder_rows, geometry = bench_encoder(device, dtype, encoder_batch, encoder_seq, max(3, repeats // 2), model_overrides)
+        encoder_rows, geometry = bench_encoder(device, dtype, encoder_batch, encoder_seq, max(3, repeats // 4), model_overrides)
         bert_name = next(r.name for r in encoder_rows if not r.speedup)
         print(f"\nWhole encoder, batch {encoder_batch} x {encoder_seq} tokens, random weights (median of side-by-side calls)")
         print(format_table(encoder_rows, [bert_name], "tokens"))
