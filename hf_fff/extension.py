@@ -10,7 +10,8 @@ The on-disk cache is `$HF_FFF_CACHE` or `~/.cache/hf_fff/extensions`, one folder
 contents, the flags, torch / CUDA / Python versions, the GPU arch list and the CPU model (kernels may be
 built with `-march=native`). Concurrent processes serialise on an `flock` of that folder, so two
 processes building at once end with one working build, and a build killed half-way leaves no lock
-behind (torch's own lock file would then block every later process).
+behind (torch's own lock file would then block every later process). A finished build records the
+SHA-256 of its library, so a damaged cache is rebuilt instead of crashing the import.
 
 Set HF_FFF_FORCE_BUILD_FAILURE=1 to make every build fail (for testing the fallback path).
 """
@@ -37,7 +38,7 @@ CACHE_ENV = "HF_FFF_CACHE"
 FORCE_FAILURE_ENV = "HF_FFF_FORCE_BUILD_FAILURE"
 _RECIPE_VERSION = "1"  # bump when this file changes how binaries are built
 _LIB_SUFFIX = ".pyd" if os.name == "nt" else ".so"  # what torch's build names the library
-_DONE_MARKER = "hf_fff_build_ok"  # written after a build loaded successfully; its absence means "rebuild"
+_DONE_MARKER = "hf_fff_build_ok"  # sha256 of the library, written once a build loaded; else "rebuild"
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, Optional[types.ModuleType]] = {}  # by request (name, sources, flags); None records a failure already warned about
@@ -181,12 +182,15 @@ def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, e
     paths, extra_cuda_cflags, build_dir = _plan(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
     build_dir.mkdir(parents=True, exist_ok=True)
     module_name = build_dir.name.replace("-", "_")  # one module name per build, so two builds can live in one process
+    library = build_dir / f"{module_name}{_LIB_SUFFIX}"
     with _exclusive(build_dir / "hf_fff.lock"):
-        if (build_dir / _DONE_MARKER).exists():
-            return _import_built(module_name, build_dir)
-        # Only a killed build can have left torch's lock file: no live process builds without our flock.
-        with contextlib.suppress(FileNotFoundError):
-            (build_dir / "lock").unlink()
+        if _is_intact(build_dir, library):
+            return _import_built(module_name, library)
+        # Not built, or damaged (an interrupted copy, a full disk): build again. Removing the library
+        # makes ninja relink it even when its timestamp looks up to date; only a killed build can have
+        # left torch's lock file, since no live process builds without our flock.
+        for leftover in (build_dir / _DONE_MARKER, library, build_dir / "lock"):
+            leftover.unlink(missing_ok=True)
         module = _cpp_extension().load(
             name=module_name,
             sources=[str(path) for path in paths],
@@ -197,15 +201,27 @@ def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, e
             with_cuda=with_cuda,
             verbose=False,
         )
-        (build_dir / _DONE_MARKER).write_text(f"{module_name}\n")
+        (build_dir / _DONE_MARKER).write_text(_digest(library) + "\n")
         return module
 
 
-def _import_built(module_name: str, build_dir: Path) -> types.ModuleType:
+def _is_intact(build_dir: Path, library: Path) -> bool:
+    """Whether the library is the one a finished build recorded (a damaged one would crash the import)."""
+    try:
+        return (build_dir / _DONE_MARKER).read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _import_built(module_name: str, library: Path) -> types.ModuleType:
     """Import a finished build without torch's load(): no compiler probe, no ninja run (fast start-up)."""
-    spec = importlib.util.spec_from_file_location(module_name, build_dir / f"{module_name}{_LIB_SUFFIX}")
+    spec = importlib.util.spec_from_file_location(module_name, library)
     if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import the cached build in {build_dir}")
+        raise ImportError(f"cannot import the cached build {library}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

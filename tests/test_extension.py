@@ -167,3 +167,7 @@ def test_two_processes_building_at_once_leave_a_working_cache(tmp_path, monkeypa
     third = probe_result(run_probe(BUILD_PROBE, cache))
     assert third["ok"] and Path(third["file"]) == library
     assert library.stat().st_mtime_ns == built_at  # reused, not rebuilt
+
+    library.write_bytes(library.read_bytes()[:1000])  # a damaged cache (disk full, interrupted copy)
+    fourth = probe_result(run_probe(BUILD_PROBE, cache))
+    assert fourth["ok"] and Path(fourth["file"]) == library  # rebuilt in place, silently
