@@ -35,7 +35,7 @@ from hf_fff.backends import cuda as cuda_backend  # noqa: E402
 from hf_fff.backends import reference  # noqa: E402
 
 HIDDEN, DEPTH = 768, 11
-STRATEGY = {"auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4}
+STRATEGY = {"auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5}
 RESULTS: dict = {}
 
 
@@ -75,7 +75,7 @@ def layer_weights(dtype, generator):
 
 def bench_layers(ext, quick: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
-    token_counts = [1, 64, 512, 4096, 32768] if quick else [1, 16, 128, 512, 2048, 4096, 8192, 16384, 32768]
+    token_counts = [1, 64, 512, 4096, 32768] if quick else [1, 16, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768]
     print("\n# FFF layer, width 768, depth 11, one tree (median us per call)")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dtype).removeprefix("torch.")
@@ -85,12 +85,12 @@ def bench_layers(ext, quick: bool) -> None:
             strategies = ["auto"]
             if tokens <= 512:
                 strategies += ["single", "speculative"]
-            if tokens >= 2048:
-                strategies += ["single", "bucketed"]
+            if tokens >= 1024:
+                strategies += ["single", "bucketed"] + (["tensor_core"] if dtype != torch.float32 else [])
             for strategy in strategies:
                 splits = [0]
-                if strategy == "bucketed" and tokens in (4096, 32768) and not quick:
-                    splits = [4, 5, 6, 7, 8]
+                if strategy == "bucketed" and tokens == 32768 and dtype == torch.float32 and not quick:
+                    splits = [6, 7, 8]
                 for split in splits:
                     label = f"fff {name} M={tokens} {strategy}" + (f" split={split}" if split else "")
                     record(label, us(lambda: ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=STRATEGY[strategy], split=split)))
@@ -168,7 +168,9 @@ def bench_encoder(compile_models: bool) -> None:
     ids = torch.randint(5, config.vocab_size, (batch, seq), device="cuda")
     mask = torch.ones(batch, seq, dtype=torch.long, device="cuda")
     ours = hf_fff.UltraFastBertModel(config).to(device="cuda", dtype=torch.bfloat16).eval()
-    bert = BertModel(BertConfig(), add_pooling_layer=False, attn_implementation="sdpa").to(device="cuda", dtype=torch.bfloat16).eval()
+    bert = BertModel._from_config(BertConfig(), attn_implementation="sdpa", add_pooling_layer=False)
+    bert = bert.to(device="cuda", dtype=torch.bfloat16).eval()
+    print(f"  BertModel attention: {bert.config._attn_implementation}")
     bert_ids = torch.randint(5, 30522, (batch, seq), device="cuda")
     with torch.no_grad():
         record("encoder UltraFastBERT (cuda kernel) eager", us(lambda: ours(input_ids=ids, attention_mask=mask)))
@@ -220,6 +222,7 @@ def target_table() -> list[str]:
     add("1 token (eager module) vs dense BERT-base FF bf16 (eager)", "fff bf16 M=1 eager FastFeedForward module", "dense BERT-base FF bf16 M=1", "ratio", 1 / 2, 1 / 3)
     add("1 token (graph) vs dense BERT-base FF bf16 (graph)", "fff bf16 M=1 graph", "dense BERT-base FF bf16 M=1 graph", "ratio", 1 / 2, 1 / 3)
     add("32768 tokens fp32 vs the authors' naive kernel (measured)", "fff float32 M=32768 auto", "authors' naive CUDA kernel fp32 M=32768", "speedup", 200, 500)
+    add("32768 tokens bf16 vs the authors' naive kernel (fp32 only; measured)", "fff bfloat16 M=32768 auto", "authors' naive CUDA kernel fp32 M=32768", "speedup", 200, 500)
     add("32768 tokens fp32 vs the naive kernel anchor (805 ns/token)", "fff float32 M=32768 auto", None, "speedup", 200, 500, base_value=805e-3 * 32768)
     add("encoder bf16 eager vs BertModel SDPA eager", "encoder UltraFastBERT (cuda kernel) eager", "encoder BertModel bert-base SDPA eager", "speedup", 1.0, 1.15)
     add("encoder bf16 compiled vs BertModel SDPA compiled", "encoder UltraFastBERT (cuda kernel) compiled", "encoder BertModel bert-base SDPA compiled", "speedup", 1.0, 1.15)

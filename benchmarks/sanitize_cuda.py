@@ -30,13 +30,15 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     cases = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2)):
+        for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2), (100, 1040, 9, 1)):
             args = make_problem(tokens, hidden, depth, trees, dtype, gen)
             strategies = [0, 1, 2, 4] + ([3] if trees == 1 else [])
+            if dtype != torch.float32 and trees == 1 and 6 <= depth <= 11 and hidden % 16 == 0:
+                strategies.append(5)
             if hidden % (16 // args[0].element_size()):
                 strategies = [0, 4]
             for strategy in strategies:
-                splits = range(1, depth + 1) if strategy == 3 else [0]
+                splits = range(1, min(depth, 10) + 1) if strategy == 3 else [0]
                 for split in splits:
                     check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy, split=split))
                     cases += 1

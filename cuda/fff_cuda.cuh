@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include <c10/cuda/CUDAException.h>
 
@@ -212,17 +213,33 @@ __device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const
   return n;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr)); }
+
+// Ask L2 for `n_rows` consecutive rows (128-byte lines spread over the lanes).
+template <typename T>
+__device__ __forceinline__ void prefetch_rows(const T* base, int64_t first_row, int n_rows, int hidden, int lane) {
+  const char* start = reinterpret_cast<const char*>(base + first_row * hidden);
+  const int64_t bytes = static_cast<int64_t>(n_rows) * hidden * sizeof(T);
+  for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(start + off);
+}
+
 // route() that fetches both children's rows before reducing the current dot product: the next level's
 // operands are in flight during the reduction, which shortens each level to about one L2 round trip.
+// With few tokens the weights are usually not in L2 yet (another layer ran before), and each level
+// would cost a DRAM round trip: so the walk also asks L2 for the 8 rows three levels further down (one of
+// them will be needed) and for the w_out row of each visited node, which the output pass then finds.
 template <typename T, int NV>
 __device__ __forceinline__ int route_speculative(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
-                                                 const T* __restrict__ b_in, int hidden, int nvec, int lane,
-                                                 int depth, int& my_node, float& my_logit) {
+                                                 const T* __restrict__ b_in, const T* __restrict__ w_out, int hidden,
+                                                 int nvec, int lane, int depth, int& my_node, float& my_logit) {
   int n = 0;
   Row<T, NV> cur;
   load_row<T, NV>(cur, w_in, lane, nvec);
   float bias = Elem<T>::load(b_in);
+  prefetch_rows<T>(w_in, 1, min((2 << min(depth, 3)) - 2, 14), hidden, lane);  // levels 1..3
   for (int level = 0; level <= depth; ++level) {
+    if (level >= 1 && level + 3 <= depth) prefetch_rows<T>(w_in, (static_cast<int64_t>(n) + 1) * 8 - 1, 8, hidden, lane);
+    prefetch_rows<T>(w_out, n, 1, hidden, lane);
     Row<T, NV> left, right;
     float bias_left = 0.f, bias_right = 0.f;
     const bool descend = level < depth;
@@ -315,8 +332,8 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : MinBlocks<NV>::val
       float my_logit = 0.f;
       int n;
       if (SPECULATIVE) {
-        n = route_speculative<T, NV>(xf, w_in + base * p.hidden, b_in + base, p.hidden, nvec, lane, p.depth, my_node,
-                                     my_logit);
+        n = route_speculative<T, NV>(xf, w_in + base * p.hidden, b_in + base, w_out + base * p.hidden, p.hidden, nvec,
+                                     lane, p.depth, my_node, my_logit);
       } else {
         n = route<T, NV>(xf, w_in + base * p.hidden, b_in + base, p.hidden, nvec, lane, 0, p.depth + 1, p.depth, 0,
                          my_node, my_logit);
@@ -497,6 +514,325 @@ __global__ void __launch_bounds__(kThreads) general_kernel(const Params p) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// kTensorCore (bf16/fp16, one tree, depth 6..11, hidden % 16 == 0): the bucketed scheme with every dot
+// product on tensor cores (mma.sync m16n8k16, fp32 accumulation). The tree is cut into two blocks of
+// levels: the top `split` = depth - 5 levels (at most 63 nodes) and the 6 levels below (the 63-node
+// subtree of the bucket node). All tokens share the top block, and after the counting sort all tokens
+// of a tile share one subtree, so each block is a small dense product computed in full:
+//   step 1 (tiles of 32 tokens in order):  L = X W_top^T + b  (32 x 64), route the top levels from L
+//   step 2: counting sort by bucket (scatter_kernel above)
+//   step 3 (tiles of <= 32 tokens of one bucket): L = X W_sub^T + b, route the 6 levels from L, then
+//           Y = G W_out[path rows + subtree rows], G the GELU values (zero where not visited)
+// Dense costs 64 dot products per token and block instead of 6, which tensor cores do about 10x faster
+// than CUDA cores do the 6 (and with no shuffles or serial latency). G is split into hi + lo halves in
+// the input dtype (two products) so that the output keeps fp32-accurate GELU values.
+namespace tc {
+constexpr int kTok = 32;          // tokens per tile
+constexpr int kThreads = 128;     // 4 warps: 2 along tokens x 2 along nodes / output columns
+constexpr int kBlockLevels = 6;   // levels per subtree block: 63 nodes + 1 zero row = 64 columns
+constexpr int kNodes = 64;
+constexpr int kOutSlots = 80;     // 63 subtree rows + up to 6 path rows, padded to a multiple of 16
+constexpr int kChunk = 128;       // x / w_in columns (step 1, 3) and output columns (step 3) per stage
+constexpr int kPad = 8;           // row padding (16 bytes): consecutive rows land in different banks
+constexpr int kWStride = kChunk + kPad;
+constexpr int kChunkRows = kOutSlots;  // >= kNodes
+constexpr int kLStride = kNodes + 1;
+constexpr int kGStride = kOutSlots + kPad;
+constexpr int kMaxHidden = 2048;
+
+__host__ __device__ constexpr size_t region0_bytes(int hidden) {  // x tile, later logits + G (aliased)
+  const size_t x_bytes = size_t(kTok) * (hidden + kPad) * 2;
+  const size_t alias = size_t(kTok) * kLStride * 4 + 2 * size_t(kTok) * kGStride * 2;
+  return x_bytes > alias ? x_bytes : alias;
+}
+__host__ __device__ constexpr size_t smem_bytes(int hidden) {
+  return region0_bytes(hidden) + size_t(2) * kChunkRows * kWStride * 2;
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+};
+
+// Global heap index of slot j of the subtree rooted at `root`: j at local level l has root * 2^l + j.
+__device__ __forceinline__ int subtree_node(int root, int j) {
+  const int level = 31 - __clz(j + 1);
+  return (root << level) + j;
+}
+
+// Copy columns [k0, k0 + width) of `rows` (global row index, or -1 for a zero row) into a stage buffer.
+template <typename T>
+__device__ __forceinline__ void load_rows(T* stage, const T* base, const int* rows, int n_rows, int hidden, int k0,
+                                          int width) {
+  const int pieces = width / 8;
+  for (int i = threadIdx.x; i < n_rows * pieces; i += kThreads) {
+    const int r = i / pieces, c = (i - r * pieces) * 8;
+    const int row = rows[r];
+    cp_async16(stage + r * kWStride + c, base + (row >= 0 ? static_cast<int64_t>(row) * hidden + k0 + c : 0), row >= 0);
+  }
+}
+
+// Step 1 (FINISH = false) and step 3 (FINISH = true).
+template <typename T, bool FINISH>
+__global__ void __launch_bounds__(kThreads) tc_kernel(const Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float bias_s[kNodes];
+  __shared__ int rows_in[kNodes];
+  __shared__ int rows_out[kOutSlots];
+  __shared__ int tok_s[kTok];
+  __shared__ int tile_s[3];  // FINISH: bucket, first sorted position, end of the bucket
+
+  const int hidden = p.hidden, xs_stride = hidden + kPad;
+  T* xs = reinterpret_cast<T*>(smem);
+  float* ls = reinterpret_cast<float*>(smem);  // after the logits product, x is dead
+  T* g_hi = reinterpret_cast<T*>(smem + size_t(kTok) * kLStride * 4);
+  T* g_lo = g_hi + kTok * kGStride;
+  T* wbuf = reinterpret_cast<T*>(smem + region0_bytes(hidden));
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = p.split;
+  const int levels = FINISH ? kBlockLevels : split;  // levels of this block
+  const int n_buckets = 1 << split;
+
+  // --- which tokens and which subtree ---------------------------------------------------------------
+  int root, count;
+  int64_t first;
+  if (FINISH) {
+    if (tid == 0) {  // find this tile's bucket: buckets hold ceil(count / kTok) tiles each, in order
+      int tile = blockIdx.x, offset = 0, b = 0;
+      for (; b < n_buckets; ++b) {
+        const int c = p.counts[b], tiles = (c + kTok - 1) / kTok;
+        if (tile < tiles) break;
+        tile -= tiles;
+        offset += c;
+      }
+      tile_s[0] = b < n_buckets ? b : -1;
+      tile_s[1] = offset + tile * kTok;                            // first sorted position of the tile
+      tile_s[2] = b < n_buckets ? offset + p.counts[b] : 0;       // end of the bucket
+    }
+    __syncthreads();
+    if (tile_s[0] < 0) return;  // the grid is an upper bound on the number of tiles
+    const int b = tile_s[0];
+    root = (n_buckets - 1) + b;
+    first = tile_s[1];
+    count = min(kTok, tile_s[2] - static_cast<int>(first));
+    if (tid < kTok) tok_s[tid] = tid < count ? p.order[first + tid] : -1;
+  } else {
+    root = 0;
+    first = static_cast<int64_t>(blockIdx.x) * kTok;
+    count = static_cast<int>(p.tokens - first < kTok ? p.tokens - first : kTok);
+    if (tid < kTok) tok_s[tid] = tid < count ? static_cast<int>(first + tid) : -1;
+  }
+  const int block_nodes = (1 << levels) - 1;
+  if (tid < kNodes) {
+    const int node = tid < block_nodes ? subtree_node(root, tid) : -1;
+    rows_in[tid] = node;
+    bias_s[tid] = node >= 0 ? Elem<T>::load(b_in + node) : 0.f;
+  }
+  if (FINISH && tid < kOutSlots) {
+    int row = -1;
+    if (tid < kNodes - 1) row = subtree_node(root, tid);
+    else if (tid - (kNodes - 1) < split) row = ((root + 1) >> (split - (tid - (kNodes - 1)))) - 1;  // path above
+    rows_out[tid] = row;
+  }
+  __syncthreads();
+
+  // --- L = X W^T over k chunks (x tile once, w_in chunks double-buffered) ----------------------------
+  {
+    const int pieces = hidden / 8;
+    for (int i = tid; i < kTok * pieces; i += kThreads) {
+      const int r = i / pieces, c = (i - r * pieces) * 8;
+      const int m = tok_s[r];
+      cp_async16(xs + r * xs_stride + c, x + (m >= 0 ? static_cast<int64_t>(m) * p.ldx + c : 0), m >= 0);
+    }
+  }
+  load_rows<T>(wbuf, w_in, rows_in, kNodes, hidden, 0, min(kChunk, hidden));
+  cp_async_commit();
+  const int m0 = (warp & 1) * 16, n0 = (warp >> 1) * 32;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  const int k_chunks = (hidden + kChunk - 1) / kChunk;
+  for (int c = 0; c < k_chunks; ++c) {
+    if (c + 1 < k_chunks)
+      load_rows<T>(wbuf + ((c + 1) & 1) * kChunkRows * kWStride, w_in, rows_in, kNodes, hidden, (c + 1) * kChunk,
+                   min(kChunk, hidden - (c + 1) * kChunk));
+    cp_async_commit();
+    cp_async_wait_one();
+    __syncthreads();
+    const T* wb = wbuf + (c & 1) * kChunkRows * kWStride;
+    const int width = min(kChunk, hidden - c * kChunk);
+    for (int kk = 0; kk < width; kk += 16) {
+      unsigned a[4];
+      ldmatrix_x4(a, xs + (m0 + (lane & 15)) * xs_stride + c * kChunk + kk + 8 * (lane >> 4));
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        unsigned b[4];
+        ldmatrix_x4(b, wb + (n0 + np * 16 + (lane & 7) + 8 * (lane >> 4)) * kWStride + kk + 8 * ((lane >> 3) & 1));
+        Mma<T>::run(acc[2 * np], a, b[0], b[1]);
+        Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // everyone is done with this stage before it is refilled
+  }
+  cp_async_wait_all();
+
+  // --- logits to shared memory (over the dead x tile), then route ------------------------------------
+  {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int col = n0 + nt * 8 + 2 * t;
+      ls[(m0 + g) * kLStride + col] = acc[nt][0] + bias_s[col];
+      ls[(m0 + g) * kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
+      ls[(m0 + g + 8) * kLStride + col] = acc[nt][2] + bias_s[col];
+      ls[(m0 + g + 8) * kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
+    }
+  }
+  if (FINISH)
+    for (int i = tid; i < kTok * kGStride; i += kThreads) g_hi[i] = g_lo[i] = Mma<T>::from(0.f);
+  __syncthreads();
+
+  if (warp == 0) {  // one thread per token walks its block of levels in the logits
+    const int t = lane;
+    const int m = tok_s[t];
+    int j = 0;
+    if (m >= 0) {
+      for (int level = 0; level < levels; ++level) {
+        const float logit = ls[t * kLStride + j];
+        const float g = gelu(logit);
+        if (FINISH) {
+          const T hi = Mma<T>::from(g);
+          g_hi[t * kGStride + j] = hi;
+          g_lo[t * kGStride + j] = Mma<T>::from(g - Mma<T>::to(hi));
+        } else {
+          p.g_top[static_cast<int64_t>(m) * split + level] = g;
+        }
+        if (!FINISH || level + 1 < levels) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);
+      }
+      if (FINISH) {
+        for (int l = 0; l < split; ++l) {  // the path above the bucket: GELU values from step 1
+          const float g = p.g_top[static_cast<int64_t>(m) * split + l];
+          const T hi = Mma<T>::from(g);
+          g_hi[t * kGStride + kNodes - 1 + l] = hi;
+          g_lo[t * kGStride + kNodes - 1 + l] = Mma<T>::from(g - Mma<T>::to(hi));
+        }
+        p.leaves[m] = subtree_node(root, j) - ((int64_t{1} << p.depth) - 1);
+      }
+    }
+    if (!FINISH) {  // bucket = node reached at level `split`; one atomic per bucket and warp
+      const int b = m >= 0 ? j - (n_buckets - 1) : -1 - lane;
+      if (m >= 0) p.bucket[m] = b;
+      const unsigned peers = __match_any_sync(kFullMask, b);
+      if (m >= 0 && lane == __ffs(peers) - 1) atomicAdd(&p.counts[b], __popc(peers));
+    }
+  }
+  if (!FINISH) return;
+  __syncthreads();
+
+  // --- Y = G W_out[rows_out] over output column chunks --------------------------------------------
+  unsigned a_hi[kOutSlots / 16][4], a_lo[kOutSlots / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < kOutSlots / 16; ++ks) {
+    ldmatrix_x4(a_hi[ks], g_hi + (m0 + (lane & 15)) * kGStride + ks * 16 + 8 * (lane >> 4));
+    ldmatrix_x4(a_lo[ks], g_lo + (m0 + (lane & 15)) * kGStride + ks * 16 + 8 * (lane >> 4));
+  }
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int c0 = (warp >> 1) * 64;  // this warp's 64 columns of each chunk
+  const int n_chunks = (hidden + kChunk - 1) / kChunk;
+  load_rows<T>(wbuf, w_out, rows_out, kOutSlots, hidden, 0, min(kChunk, hidden));
+  cp_async_commit();
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks)
+      load_rows<T>(wbuf + ((c + 1) & 1) * kChunkRows * kWStride, w_out, rows_out, kOutSlots, hidden,
+                   (c + 1) * kChunk, min(kChunk, hidden - (c + 1) * kChunk));
+    cp_async_commit();
+    cp_async_wait_one();
+    __syncthreads();
+    const T* wb = wbuf + (c & 1) * kChunkRows * kWStride;
+    const int width = min(kChunk, hidden - c * kChunk);
+    if (c0 < width) {
+      float out[8][4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kOutSlots / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          unsigned b[4];
+          ldmatrix_x4_trans(b, wb + (ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * kWStride + c0 + np * 16 + 8 * (lane >> 4));
+          Mma<T>::run(out[2 * np], a_hi[ks], b[0], b[1]);
+          Mma<T>::run(out[2 * np], a_lo[ks], b[0], b[1]);
+          Mma<T>::run(out[2 * np + 1], a_hi[ks], b[2], b[3]);
+          Mma<T>::run(out[2 * np + 1], a_lo[ks], b[2], b[3]);
+        }
+      }
+      const int g = lane >> 2, t = lane & 3;
+      const int tok_a = tok_s[m0 + g], tok_b = tok_s[m0 + g + 8];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = c0 + nt * 8 + 2 * t;
+        if (col < width) {
+          const int64_t h = static_cast<int64_t>(c) * kChunk + col;
+          if (tok_a >= 0)
+            *reinterpret_cast<unsigned*>(y + static_cast<int64_t>(tok_a) * hidden + h) = Elem<T>::pack2(out[nt][0], out[nt][1]);
+          if (tok_b >= 0)
+            *reinterpret_cast<unsigned*>(y + static_cast<int64_t>(tok_b) * hidden + h) = Elem<T>::pack2(out[nt][2], out[nt][3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait_all();
+}
+}  // namespace tc
+
+// ---------------------------------------------------------------------------------------------------
 // Launch.
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel, size_t smem) {
@@ -555,6 +891,38 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   }
 }
 
+// Raise a kernel's dynamic shared memory limit once per device (needed above 48 KB).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes, int (&done)[64]) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64 || done[device] >= static_cast<int>(bytes)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done[device] = static_cast<int>(bytes);
+}
+
+template <typename T>
+void launch_tensor_core(const Params& p, cudaStream_t stream) {
+  const size_t smem = tc::smem_bytes(p.hidden);
+  static int route_done[64] = {}, finish_done[64] = {};
+  const auto route = tc::tc_kernel<T, false>;
+  const auto finish = tc::tc_kernel<T, true>;
+  allow_smem(route, smem, route_done);
+  allow_smem(finish, smem, finish_done);
+  const int n_buckets = 1 << p.split;
+  C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * sizeof(int) * n_buckets, stream));
+  const int64_t tiles = (p.tokens + tc::kTok - 1) / tc::kTok;
+  route<<<tiles, tc::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t scatter_blocks = (p.tokens + kThreads - 1) / kThreads;
+  const int64_t scatter_cap = static_cast<int64_t>(p.num_sms) * 8;
+  scatter_kernel<<<scatter_blocks < scatter_cap ? scatter_blocks : scatter_cap, kThreads, sizeof(int) * n_buckets, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // sum over buckets of ceil(count / kTok) <= tokens / kTok + buckets: extra blocks exit at once
+  finish<<<tiles + n_buckets, tc::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void launch(const Params& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
@@ -563,6 +931,14 @@ void launch(const Params& p, cudaStream_t stream) {
     const auto kernel = general_kernel<T>;
     kernel<<<token_grid(kernel, p, 0, per_sm), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (p.strategy == kTensorCore) {
+    if constexpr (std::is_same<T, float>::value) {
+      TORCH_CHECK(false, "hf_fff CUDA: the tensor-core strategy takes float16 or bfloat16");
+    } else {
+      launch_tensor_core<T>(p, stream);
+    }
     return;
   }
   switch (p.vectors) {

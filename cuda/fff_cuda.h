@@ -19,6 +19,9 @@ enum Strategy : int {
                      // reached (counting sort), finish each group together so that the rows of its subtree
                      // are read from L2 once per SM instead of once per token
   kGeneral = 4,      // any hidden size, stride or alignment: scalar loads, nothing held in registers
+  kTensorCore = 5,   // kBucketed with every dot product on tensor cores (float16/bfloat16, one tree,
+                     // depth 6..11, hidden % 16 == 0): the top depth-5 levels and the 6 below are each
+                     // computed densely for a tile of 32 tokens (see tc_kernel in fff_cuda.cuh)
 };
 
 struct Params {
@@ -36,7 +39,7 @@ struct Params {
   int strategy;  // resolved (never kAuto)
   int vectors;   // fast paths: 16-byte vectors of a row per lane (1, 2, 3, 4, 6 or 8)
   int num_sms;
-  // kBucketed scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then cursors,
+  // kBucketed / kTensorCore scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then cursors,
   // zeroed by the launcher), g_top (tokens * split GELU values of the top levels)
   int split;
   int* bucket;

@@ -28,7 +28,7 @@ from hf_fff.backends import reference
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
-SINGLE, SPECULATIVE, BUCKETED, GENERAL = 1, 2, 3, 4
+SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE = 1, 2, 3, 4, 5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # |y - y64| <= RTOL |y64| + (fp32 error of each visited node's GELU value) * |its output row|; RTOL is the
 # final rounding to the output dtype (half an ulp, doubled for margin).
@@ -108,13 +108,36 @@ def run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=0, split=0):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("strategy", [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL], ids=["auto", "single", "speculative", "bucketed", "general"])
+@pytest.mark.parametrize(
+    "strategy", [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE], ids=["auto", "single", "speculative", "bucketed", "general", "tensor_core"]
+)
 @pytest.mark.parametrize("tokens", [1, 37, 5000])
 def test_bert_geometry(ext, dtype, strategy, tokens):
     """Width 768, depth 11, one tree: the UltraFastBERT layer, every strategy, few to many tokens."""
     gen = torch.Generator(device="cuda").manual_seed(1000 + tokens + 7 * strategy)
     args = make_problem(tokens, 768, 11, 1, dtype, gen)
+    if strategy == TENSOR_CORE and dtype == torch.float32:
+        with pytest.raises(RuntimeError, match="tensor-core"):
+            ext.fff_forward(*args, 11, strategy=strategy)
+        return
     check_against_float64(*args[:4], 11, *run_poisoned(ext, *args, 11, strategy=strategy))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("depth", [6, 7, 8, 9, 10, 11])
+@pytest.mark.parametrize("hidden", [16, 48, 768, 1040, 2048])
+def test_tensor_core_shapes(ext, dtype, depth, hidden):
+    """Every depth the tensor-core path takes, widths with partial 128-column chunks, partial tiles."""
+    gen = torch.Generator(device="cuda").manual_seed(depth * 10000 + hidden)
+    for tokens in (1, 33, 1500):
+        args = make_problem(tokens, hidden, depth, 1, dtype, gen)
+        check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=TENSOR_CORE))
+    if hidden == 768:  # one tree and hidden % 16 == 0 are required; other paths take the rest
+        with pytest.raises(RuntimeError, match="tensor-core"):
+            ext.fff_forward(*make_problem(4, 768, depth, 2, dtype, gen), depth, strategy=TENSOR_CORE)
+        with pytest.raises(RuntimeError, match="tensor-core"):
+            ext.fff_forward(*make_problem(4, 776, depth, 1, dtype, gen), depth, strategy=TENSOR_CORE)
 
 
 @needs_cuda
@@ -166,7 +189,7 @@ def test_skewed_routing(ext):
     gen = torch.Generator(device="cuda").manual_seed(5)
     x, w_in, b_in, w_out = make_problem(6000, 256, 11, 1, torch.bfloat16, gen)
     b_in[:127] = 30.0  # every token goes right through the first 6 levels
-    for strategy in (0, BUCKETED, SINGLE):
+    for strategy in (0, BUCKETED, SINGLE, TENSOR_CORE):
         check_against_float64(x, w_in, b_in, w_out, 11, *run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy))
 
 
@@ -187,7 +210,7 @@ def test_non_contiguous_inputs(ext, dtype):
     _, w_in, b_in, w_out = make_problem(1, 768, 7, 1, dtype, gen)
     wide = torch.randn(500, 2 * 768, device="cuda", generator=gen).to(dtype)
     cases = {  # name: (x, strategies besides auto that apply)
-        "row slice (row stride 1536)": (wide[:, 768:], (SINGLE, BUCKETED, GENERAL)),
+        "row slice (row stride 1536)": (wide[:, 768:], (SINGLE, BUCKETED, GENERAL) + ((TENSOR_CORE,) if dtype != torch.float32 else ())),
         "column stride 2 (copied first)": (wide[:, ::2], (SINGLE, BUCKETED, GENERAL)),
         "transposed (copied first)": (torch.randn(768, 500, device="cuda", generator=gen).to(dtype).t(), (SINGLE, GENERAL)),
         "rows not 16-byte aligned": (wide[:, 1:769], (GENERAL,)),  # auto picks the general path here
@@ -251,7 +274,7 @@ def test_past_2_pow_31_elements(ext):
     x = torch.randn(tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
     # the tokens checked: the very last ones (offsets past 2^31) and a random sample
     check = torch.cat([torch.arange(tokens - 3000, tokens, device="cuda"), torch.randint(0, tokens, (3000,), device="cuda", generator=gen)])
-    for strategy in (0, SINGLE, GENERAL):
+    for strategy in (0, SINGLE, BUCKETED, GENERAL):  # auto: the tensor-core path
         y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy)
         assert not torch.isnan(y[-4096:]).any()
         check_against_float64(x[check], w_in, b_in, w_out, 11, y[check], leaves[check])
@@ -311,7 +334,7 @@ def test_torch_compile_dynamic_and_reduce_overhead():
 
 
 @needs_cuda
-@pytest.mark.parametrize("tokens", [3, 5000])  # speculative single launch; bucketed (memset + 3 launches)
+@pytest.mark.parametrize("tokens", [3, 5000])  # speculative single launch; tensor cores (memset + 3 launches)
 def test_cuda_graph_capture(tokens):
     layer = make_layer(torch.bfloat16)
     static_x = torch.randn(tokens, 768, device="cuda", dtype=torch.bfloat16)
@@ -356,6 +379,46 @@ def test_gradients_match_reference_backend():
         grads[name] = [t.grad for t in leaves]
     for got, want in zip(grads["cuda"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_whole_model_on_gpu(ext, monkeypatch, dtype):
+    """The encoder in bf16 / fp16 runs every FFF layer through the kernel, eager and under torch.compile.
+
+    Outputs are compared with the torch reference backend token by token: the two differ by rounding
+    (and, rarely, by a routing near-tie that then propagates), so nearly every token must agree closely.
+    """
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = hf_fff.UltraFastBertConfig(num_hidden_layers=2, vocab_size=1000)
+    model = hf_fff.UltraFastBertModel(config).to(device="cuda", dtype=dtype).eval()
+    ids = torch.randint(5, 1000, (8, 128), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 100:] = 0
+    backends.resolve("cuda")
+    native = backends._NATIVE["cuda"]
+    calls = []
+    kernel = native._forward
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(native, "_forward", counting)
+
+    def agree(a, b):  # fraction of tokens whose hidden state agrees to 0.1 everywhere
+        return ((a.float() - b.float()).abs().amax(-1) <= 0.1).float().mean().item()
+
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert len(calls) == config.num_hidden_layers and calls[0] == (8 * 128, 768)
+        compiled = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert len(calls) > config.num_hidden_layers, "the compiled model did not call the kernel"
+        with hf_fff.use_backend("reference"):
+            ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(eager).all() and torch.isfinite(compiled).all()
+    assert agree(eager, ref) >= 0.98 and agree(compiled, eager) >= 0.98
 
 
 # ------------------------------------------------------------------------------------------------------
