@@ -15,6 +15,8 @@
 // * Inner loops use GCC/Clang vector extensions (64-byte values, four accumulators), compiled with
 //   -O3 -march=native into the widest SIMD of the machine: no intrinsics, any vector ISA. (Plain
 //   loops left to the auto-vectoriser turned the row sum into gather instructions.)
+// * Many tokens, one tree: the tree is cut into subtrees that fit a core's L2 cache; tokens are routed
+//   through the top levels, sorted by subtree, and finished subtree by subtree (see subtree_split).
 // * One OpenMP parallel region per call over contiguous token ranges; small calls (a single token)
 //   run on the calling thread, because waking the thread team costs more than the work.
 // * Accumulation in float (double for double inputs); bf16 / fp16 values are widened on load.
@@ -25,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -39,6 +42,8 @@ namespace {
 constexpr int64_t kMaxDepth = 30;          // ops.py rejects deeper trees; re-checked here for direct calls
 constexpr int64_t kTokenGroup = 8;         // tokens routed in lockstep (enough independent work to overlap misses)
 constexpr int64_t kMinMacsPerThread = 1 << 18;  // below this a thread's share is cheaper than waking it
+constexpr int64_t kSubtreeBytes = 512 << 10;     // a subtree's rows must fit half of a typical 1 MB L2
+constexpr int64_t kMinTokensPerSubtree = 4;      // fewer tokens per subtree: too little reuse to pay for the sort
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -192,80 +197,117 @@ struct FffProblem {
   int64_t visited() const { return trees * levels(); }  // rows per token
 };
 
-// Per-thread scratch, sized once per call.
+// What every token carries between the phases: its logits (then their GELU) and the weight_out rows
+// of its visited nodes, K = trees * (depth + 1) of each, in (tree, level) order. The node a token is
+// at in each tree lives in the leaves output until it is turned into a leaf index.
 template <typename scalar_t>
-struct Scratch {
+struct Walk {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> x_wide;            // (group, hidden) widened inputs (unused for float / double)
-  std::vector<acc_t> coef;              // (group, visited) logits, then their GELU
-  std::vector<const scalar_t*> rows;    // (group, visited) weight_out rows to sum
-  std::vector<int64_t> node;            // (group,) current node within the tree
+  const FffProblem<scalar_t>& p;
+  std::vector<acc_t> coef;            // (tokens, K)
+  std::vector<const scalar_t*> rows;  // (tokens, K)
+  std::vector<acc_t> x_wide;          // (threads, kTokenGroup, hidden) widened inputs; unused for float / double
 
-  explicit Scratch(const FffProblem<scalar_t>& p)
-      : x_wide(std::is_same_v<scalar_t, acc_t> ? 0 : kTokenGroup * p.hidden),
-        coef(kTokenGroup * p.visited()),
-        rows(kTokenGroup * p.visited()),
-        node(kTokenGroup) {}
-};
+  Walk(const FffProblem<scalar_t>& problem, int64_t tokens, int64_t threads)
+      : p(problem),
+        coef(tokens * problem.visited()),
+        rows(tokens * problem.visited()),
+        x_wide(std::is_same_v<scalar_t, acc_t> ? 0 : threads * kTokenGroup * problem.hidden) {}
 
-// Tokens [begin, begin + count), count <= kTokenGroup.
-template <typename scalar_t>
-void fff_token_group(const FffProblem<scalar_t>& p, int64_t begin, int64_t count, Scratch<scalar_t>& s) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t H = p.hidden;
-  const int64_t K = p.visited();
+  int64_t& node(int64_t token, int64_t tree) const { return p.leaves[token * p.trees + tree]; }
 
-  const acc_t* x_of[kTokenGroup];
-  for (int64_t g = 0; g < count; ++g) {
-    const scalar_t* x_row = p.x + (begin + g) * H;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      x_of[g] = x_row;
-    } else {
-      acc_t* wide = s.x_wide.data() + g * H;
-      for (int64_t h = 0; h < H; ++h) {
-        wide[h] = widen(x_row[h]);
+  // Inputs of a group of tokens in the accumulation type (a view of x itself when no widening is needed).
+  void inputs(const int64_t* tokens, int64_t count, int64_t thread, const acc_t** x_of) {
+    for (int64_t g = 0; g < count; ++g) {
+      const scalar_t* x_row = p.x + tokens[g] * p.hidden;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        x_of[g] = x_row;
+      } else {
+        acc_t* wide = x_wide.data() + (thread * kTokenGroup + g) * p.hidden;
+        for (int64_t h = 0; h < p.hidden; ++h) {
+          wide[h] = widen(x_row[h]);
+        }
+        x_of[g] = wide;
       }
-      x_of[g] = wide;
     }
   }
 
-  // Phase 1: route every token of the group through every tree, level by level.
-  for (int64_t t = 0; t < p.trees; ++t) {
-    const int64_t tree_start = t * p.nodes;
-    std::fill_n(s.node.data(), count, int64_t{0});
-    for (int64_t level = 0; level < p.levels(); ++level) {
+  // Phase 1: move a group of tokens down tree `tree` through levels [from, to), in lockstep.
+  void route(const int64_t* tokens, int64_t count, const acc_t* const* x_of, int64_t tree, int64_t from, int64_t to) {
+    const int64_t H = p.hidden, K = p.visited();
+    const int64_t tree_start = tree * p.nodes;
+    for (int64_t level = from; level < to; ++level) {
       for (int64_t g = 0; g < count; ++g) {
-        const int64_t row = tree_start + s.node[g];
+        int64_t& at = node(tokens[g], tree);
+        const int64_t row = tree_start + at;
         const acc_t logit = dot(x_of[g], p.weight_in + row * H, H) + widen(p.bias_in[row]);
-        const int64_t slot = g * K + t * p.levels() + level;
-        s.coef[slot] = logit;
-        s.rows[slot] = p.weight_out + row * H;
+        const int64_t slot = tokens[g] * K + tree * p.levels() + level;
+        coef[slot] = logit;
+        rows[slot] = p.weight_out + row * H;
         if (level < p.depth) {
-          s.node[g] = 2 * s.node[g] + (logit > acc_t(0) ? 2 : 1);  // left on <= 0, right on > 0
+          at = 2 * at + (logit > acc_t(0) ? 2 : 1);  // left on <= 0, right on > 0
         }
       }
     }
-    for (int64_t g = 0; g < count; ++g) {
-      p.leaves[(begin + g) * p.trees + t] = s.node[g] - ((int64_t{1} << p.depth) - 1);
-    }
   }
 
-  // Phase 2: y = sum over visited rows of GELU(logit) * weight_out[row].
-  for (int64_t g = 0; g < count; ++g) {
-    acc_t* coef = s.coef.data() + g * K;
+  // Phase 2: y = sum over the visited rows of GELU(logit) * weight_out[row]; nodes become leaf indices.
+  void finish(int64_t token) {
+    const int64_t K = p.visited();
+    acc_t* token_coef = coef.data() + token * K;
     for (int64_t k = 0; k < K; ++k) {
-      coef[k] = gelu_erf(coef[k]);
+      token_coef[k] = gelu_erf(token_coef[k]);
     }
-    weighted_row_sum(s.rows.data() + g * K, coef, K, H, p.y + (begin + g) * H);
+    weighted_row_sum(rows.data() + token * K, token_coef, K, p.hidden, p.y + token * p.hidden);
+    for (int64_t t = 0; t < p.trees; ++t) {
+      node(token, t) -= (int64_t{1} << p.depth) - 1;
+    }
   }
-}
 
-template <typename scalar_t>
-void fff_token_range(const FffProblem<scalar_t>& p, int64_t begin, int64_t end) {
-  Scratch<scalar_t> scratch(p);
-  for (int64_t group = begin; group < end; group += kTokenGroup) {
-    fff_token_group(p, group, std::min(kTokenGroup, end - group), scratch);
+  // Every tree, every level, then the output, for a list of tokens (in groups of kTokenGroup).
+  void whole(const int64_t* tokens, int64_t count, int64_t thread) {
+    const acc_t* x_of[kTokenGroup];
+    for (int64_t start = 0; start < count; start += kTokenGroup) {
+      const int64_t group = std::min(kTokenGroup, count - start);
+      inputs(tokens + start, group, thread, x_of);
+      for (int64_t t = 0; t < p.trees; ++t) {
+        route(tokens + start, group, x_of, t, 0, p.levels());
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        finish(tokens[start + g]);
+      }
+    }
   }
+
+  // Levels [0, split) of the single tree for a list of tokens, starting from the root.
+  void top(const int64_t* tokens, int64_t count, int64_t split, int64_t thread) {
+    const acc_t* x_of[kTokenGroup];
+    for (int64_t start = 0; start < count; start += kTokenGroup) {
+      const int64_t group = std::min(kTokenGroup, count - start);
+      inputs(tokens + start, group, thread, x_of);
+      route(tokens + start, group, x_of, 0, 0, split);
+    }
+  }
+
+  // Levels [split, depth] of the single tree, then the output, for a list of tokens.
+  void bottom(const int64_t* tokens, int64_t count, int64_t split, int64_t thread) {
+    const acc_t* x_of[kTokenGroup];
+    for (int64_t start = 0; start < count; start += kTokenGroup) {
+      const int64_t group = std::min(kTokenGroup, count - start);
+      inputs(tokens + start, group, thread, x_of);
+      route(tokens + start, group, x_of, 0, split, p.levels());
+      for (int64_t g = 0; g < group; ++g) {
+        finish(tokens[start + g]);
+      }
+    }
+  }
+};
+
+// Thread `me` of `team` takes a contiguous share: equal work per token.
+inline std::pair<int64_t, int64_t> share(int64_t tokens, int64_t team, int64_t me) {
+  const int64_t per_thread = (tokens + team - 1) / team;
+  const int64_t begin = std::min(tokens, me * per_thread);
+  return {begin, std::min(tokens, begin + per_thread)};
 }
 
 int64_t threads_for(int64_t tokens, int64_t macs_per_token) {
@@ -274,25 +316,85 @@ int64_t threads_for(int64_t tokens, int64_t macs_per_token) {
   return std::max<int64_t>(1, std::min({available, by_work, tokens}));
 }
 
+// Level at which a single tree is cut into subtrees small enough to stay in a core's L2 cache (both
+// matrices), or 0 when cutting does not pay: several trees, too few tokens per subtree, or a tree
+// that fits whole. Tokens are then routed through the top levels, sorted by the subtree they reached,
+// and finished subtree by subtree, so each deep row is read from memory about once per call instead
+// of once per token (a 768 x depth-11 tree is 25 MB in fp32; its depth-5 subtrees are 378 KB).
+template <typename scalar_t>
+int64_t subtree_split(const FffProblem<scalar_t>& p, int64_t tokens) {
+  if (p.trees != 1) {
+    return 0;
+  }
+  const int64_t node_bytes = 2 * p.hidden * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t subtree_levels = 0;
+  while (subtree_levels < p.levels() && ((int64_t{2} << subtree_levels) - 1) * node_bytes <= kSubtreeBytes) {
+    ++subtree_levels;
+  }
+  const int64_t split = p.levels() - subtree_levels;
+  if (split == 0 || tokens < (kMinTokensPerSubtree << split)) {
+    return 0;
+  }
+  return split;
+}
+
+// Token indices ordered by the node they reached at level `split` (a counting sort).
+template <typename scalar_t>
+void sort_by_subtree(const Walk<scalar_t>& walk, int64_t tokens, int64_t split, std::vector<int64_t>& order) {
+  const int64_t first = (int64_t{1} << split) - 1;  // heap index of the first node at that level
+  std::vector<int64_t> start((int64_t{1} << split) + 1, 0);
+  for (int64_t m = 0; m < tokens; ++m) {
+    ++start[walk.node(m, 0) - first + 1];
+  }
+  for (size_t b = 1; b < start.size(); ++b) {
+    start[b] += start[b - 1];
+  }
+  for (int64_t m = 0; m < tokens; ++m) {
+    order[start[walk.node(m, 0) - first]++] = m;
+  }
+}
+
 template <typename scalar_t>
 void fff_run(const FffProblem<scalar_t>& p, int64_t tokens) {
   const int64_t threads = threads_for(tokens, 2 * p.visited() * p.hidden);
+  const int64_t split = subtree_split(p, tokens);
+  Walk<scalar_t> walk(p, tokens, threads);
+  std::fill_n(p.leaves, tokens * p.trees, int64_t{0});  // every token starts at the root of every tree
+  std::vector<int64_t> natural(tokens), order(split ? tokens : 0);
+  for (int64_t m = 0; m < tokens; ++m) {
+    natural[m] = m;
+  }
+
+  // The whole call as phases run by every thread of a team on its share of the tokens.
+  auto run_share = [&](int64_t team, int64_t me, auto&& barrier, auto&& serial) {
+    const auto [begin, end] = share(tokens, team, me);
+    if (split == 0) {
+      walk.whole(natural.data() + begin, end - begin, me);
+      return;
+    }
+    walk.top(natural.data() + begin, end - begin, split, me);
+    barrier();
+    serial([&] { sort_by_subtree(walk, tokens, split, order); });
+    walk.bottom(order.data() + begin, end - begin, split, me);
+  };
+
 #ifdef _OPENMP
   if (threads > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(threads)
     {
-      // Contiguous ranges: equal work per token, and neighbouring tokens share nothing worth interleaving.
-      const int64_t team = omp_get_num_threads();
-      const int64_t me = omp_get_thread_num();
-      const int64_t per_thread = (tokens + team - 1) / team;
-      const int64_t begin = std::min(tokens, me * per_thread);
-      const int64_t end = std::min(tokens, begin + per_thread);
-      fff_token_range(p, begin, end);
+      auto barrier = [] {
+#pragma omp barrier
+      };
+      auto serial = [](auto&& fn) {
+#pragma omp single
+        fn();  // the implicit barrier at the end of `single` publishes the order to every thread
+      };
+      run_share(omp_get_num_threads(), omp_get_thread_num(), barrier, serial);
     }
     return;
   }
 #endif
-  fff_token_range(p, 0, tokens);
+  run_share(1, 0, [] {}, [](auto&& fn) { fn(); });
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias_in, const at::Tensor& weight_out, int64_t depth) {

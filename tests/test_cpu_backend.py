@@ -146,6 +146,24 @@ def test_fp32_relative_error_over_a_big_random_layer(cpp_module):
     assert relative.max().item() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "tokens, hidden, depth, dtype",
+    [(600, 768, 11, torch.float32), (300, 770, 10, torch.bfloat16), (160, 40, 11, torch.float64)],
+)
+def test_subtree_sorted_walk_equals_the_token_order_walk(cpp_module, tokens, hidden, depth, dtype):
+    """Many tokens through one tree take the sorted-by-subtree strategy; small batches do not.
+
+    Every token's arithmetic is the same in both, so the results must be identical bit for bit.
+    """
+    args = random_layer(tokens, hidden, 1, depth, dtype, seed=SESSION_SEED)
+    y, leaves = cpp_module.fff_forward(*args, depth)
+    x, rest = args[0], args[1:]
+    pieces = [cpp_module.fff_forward(x[i : i + 8].contiguous(), *rest, depth) for i in range(0, tokens, 8)]
+    assert torch.equal(y, torch.cat([piece[0] for piece in pieces]))
+    assert torch.equal(leaves, torch.cat([piece[1] for piece in pieces]))
+    check_against_oracle(*args, depth, y, leaves, *next((a, r) for d, a, r in DTYPE_TOLERANCES if d == dtype))
+
+
 def test_doubtful_tokens_are_handled_not_hidden(cpp_module):
     """Force logits to be exactly zero at the root: either branch is fine, the output must follow it."""
     x, weight_in, bias_in, weight_out = random_layer(20, 16, 2, 3, torch.float32, seed=7)
