@@ -213,21 +213,22 @@ __device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const
   return n;
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr)); }
+__device__ __forceinline__ void prefetch_l1(const void* ptr) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr)); }
 
-// Ask L2 for `n_rows` consecutive rows (128-byte lines spread over the lanes).
+// Bring `n_rows` consecutive rows into this SM's L1 (128-byte lines spread over the lanes).
 template <typename T>
 __device__ __forceinline__ void prefetch_rows(const T* base, int64_t first_row, int n_rows, int hidden, int lane) {
   const char* start = reinterpret_cast<const char*>(base + first_row * hidden);
   const int64_t bytes = static_cast<int64_t>(n_rows) * hidden * sizeof(T);
-  for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l2(start + off);
+  for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l1(start + off);
 }
 
 // route() that fetches both children's rows before reducing the current dot product: the next level's
-// operands are in flight during the reduction, which shortens each level to about one L2 round trip.
-// With few tokens the weights are usually not in L2 yet (another layer ran before), and each level
-// would cost a DRAM round trip: so the walk also asks L2 for the 8 rows three levels further down (one of
-// them will be needed) and for the w_out row of each visited node, which the output pass then finds.
+// operands are in flight during the reduction. That alone still waits one L2 round trip per level (the
+// children are requested one level before use), so the walk also pulls the 8 rows three levels further
+// down into L1 (one of them will be the node there) and each visited node's w_out row (for the output
+// pass): a level then costs an L1 hit plus the reduction. (Prefetching to L2 instead was measured: 2 us
+// slower with the weights in L2, 0.6 us faster without.)
 template <typename T, int NV>
 __device__ __forceinline__ int route_speculative(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
                                                  const T* __restrict__ b_in, const T* __restrict__ w_out, int hidden,
@@ -236,9 +237,9 @@ __device__ __forceinline__ int route_speculative(const float (&xf)[NV][Elem<T>::
   Row<T, NV> cur;
   load_row<T, NV>(cur, w_in, lane, nvec);
   float bias = Elem<T>::load(b_in);
-  prefetch_rows<T>(w_in, 1, min((2 << min(depth, 3)) - 2, 14), hidden, lane);  // levels 1..3
+  if (depth >= 2) prefetch_rows<T>(w_in, 3, 4, hidden, lane);  // level 2; level 1 is loaded below
   for (int level = 0; level <= depth; ++level) {
-    if (level >= 1 && level + 3 <= depth) prefetch_rows<T>(w_in, (static_cast<int64_t>(n) + 1) * 8 - 1, 8, hidden, lane);
+    if (level + 3 <= depth) prefetch_rows<T>(w_in, (static_cast<int64_t>(n) + 1) * 8 - 1, 8, hidden, lane);
     prefetch_rows<T>(w_out, n, 1, hidden, lane);
     Row<T, NV> left, right;
     float bias_left = 0.f, bias_right = 0.f;
@@ -639,17 +640,34 @@ __global__ void __launch_bounds__(kThreads) tc_kernel(const Params p) {
   int root, count;
   int64_t first;
   if (FINISH) {
-    if (tid == 0) {  // find this tile's bucket: buckets hold ceil(count / kTok) tiles each, in order
-      int tile = blockIdx.x, offset = 0, b = 0;
-      for (; b < n_buckets; ++b) {
-        const int c = p.counts[b], tiles = (c + kTok - 1) / kTok;
-        if (tile < tiles) break;
-        tile -= tiles;
-        offset += c;
+    if (warp == 0) {  // find this tile's bucket (buckets hold ceil(count / kTok) tiles each, in order):
+      // lane l owns buckets 2l and 2l + 1 (at most 64), a warp scan gives each bucket's first tile
+      int c[2], tiles[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int b = 2 * lane + i;
+        c[i] = b < n_buckets ? p.counts[b] : 0;
+        tiles[i] = (c[i] + kTok - 1) / kTok;
       }
-      tile_s[0] = b < n_buckets ? b : -1;
-      tile_s[1] = offset + tile * kTok;                            // first sorted position of the tile
-      tile_s[2] = b < n_buckets ? offset + p.counts[b] : 0;       // end of the bucket
+      int tile_end = tiles[0] + tiles[1], token_end = c[0] + c[1];
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int t = __shfl_up_sync(kFullMask, tile_end, d), e = __shfl_up_sync(kFullMask, token_end, d);
+        if (lane >= d) tile_end += t, token_end += e;
+      }
+      const int tile_begin = tile_end - tiles[0] - tiles[1], token_begin = token_end - c[0] - c[1];
+      const int tile = blockIdx.x;
+      const unsigned owner = __ballot_sync(kFullMask, tile >= tile_begin && tile < tile_end);
+      if (owner == 0) {
+        if (lane == 0) tile_s[0] = -1;
+      } else if (lane == __ffs(owner) - 1) {
+        const bool second = tile >= tile_begin + tiles[0];
+        const int bucket_tile = tile - tile_begin - (second ? tiles[0] : 0);
+        const int bucket_start = token_begin + (second ? c[0] : 0);
+        tile_s[0] = 2 * lane + (second ? 1 : 0);
+        tile_s[1] = bucket_start + bucket_tile * kTok;       // first sorted position of the tile
+        tile_s[2] = bucket_start + c[second ? 1 : 0];        // end of the bucket
+      }
     }
     __syncthreads();
     if (tile_s[0] < 0) return;  // the grid is an upper bound on the number of tiles
