@@ -27,10 +27,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
