@@ -94,7 +94,7 @@ def bench_layers(ext, quick: bool) -> None:
                 for split in splits:
                     label = f"fff {name} M={tokens} {strategy}" + (f" split={split}" if split else "")
                     record(label, us(lambda: ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=STRATEGY[strategy], split=split)))
-            plan = ext.plan(tokens, HIDDEN, DEPTH, 1, x.element_size(), torch.cuda.get_device_properties(0).multi_processor_count)
+            plan = ext.plan(tokens, HIDDEN, DEPTH, 1, name, torch.cuda.get_device_properties(0).multi_processor_count)
             RESULTS[f"plan {name} M={tokens}"] = list(plan)
 
 

@@ -21,9 +21,12 @@ namespace {
 constexpr int kMaxDepth = 30;        // node indices are int32 heap indices; lane l records level l (<= 31)
 constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 16-byte vectors per lane
 constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
-constexpr int64_t kBucketMinTokens = 16384;  // measured on H100 (fp32, width 768, depth 11): faster from here
+// From here on the bucketed walk beats the single one (H100, width 768, depth 11, 2026-11-23): float32
+// 199 vs 243 us at 32768 tokens (its deep rows are twice the bytes), float16 152 vs 160 us; bfloat16 never
+// (155 vs 135 us), so 16-bit thresholds are per type.
+constexpr int64_t kBucketMinTokensF32 = 16384;
+constexpr int64_t kBucketMinTokensF16 = 4096;
 constexpr int kBucketMinDepth = 6;
-constexpr int64_t kTensorMinTokens = 1024;  // below this the walk's single launch wins (fixed costs of 4 launches)
 constexpr int kTensorMaxHidden = 2048;      // x tile of 32 tokens in shared memory
 
 int vectors_for(int64_t hidden, int64_t element_size) {
@@ -74,11 +77,15 @@ bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t tree
          hidden <= kTensorMaxHidden;
 }
 
-int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, int64_t element_size, bool fast,
+// kTensorCore is never chosen automatically: measured slower than kSingle (204 vs 135 us, bf16, 32768
+// tokens), its 32-token tiles wait on 13 dependent weight-chunk loads each (see results_cuda.md).
+int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at::ScalarType dtype, bool fast,
                     int num_sms) {
   if (!fast) return kGeneral;
-  if (tokens >= kTensorMinTokens && tensor_core_ok(element_size == 2, hidden, depth, trees, fast)) return kTensorCore;
-  if (trees == 1 && depth >= kBucketMinDepth && tokens >= kBucketMinTokens) return kBucketed;
+  const int64_t bucket_min = dtype == at::kFloat ? kBucketMinTokensF32
+                             : dtype == at::kHalf ? kBucketMinTokensF16
+                                                  : std::numeric_limits<int64_t>::max();
+  if (trees == 1 && depth >= kBucketMinDepth && tokens >= bucket_min) return kBucketed;
   if (tokens * trees <= 2 * static_cast<int64_t>(num_sms)) return kSpeculative;
   return kSingle;
 }
@@ -171,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   p.vectors = vectors;
   p.num_sms = num_sms;
   p.strategy = strategy == kAuto
-                   ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, element_size, fast, num_sms)
+                   ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, x.scalar_type(), fast, num_sms)
                    : static_cast<int>(strategy);
   if (p.strategy != kGeneral)
     TORCH_CHECK(fast, "hf_fff CUDA: strategy ", num(p.strategy), " needs hidden % ", num(per_vector),
@@ -218,13 +225,17 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
 }
 
 // What fff_forward(strategy=0) would run for this problem: (strategy, split), for benchmarks and tests.
-std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, int64_t element_size,
+// dtype: "float32", "float16" or "bfloat16".
+std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, const std::string& dtype_name,
                                   int64_t num_sms) {
+  const at::ScalarType dtype = dtype_name == "float32" ? at::kFloat : dtype_name == "float16" ? at::kHalf : at::kBFloat16;
+  TORCH_CHECK(dtype_name == "float32" || dtype_name == "float16" || dtype_name == "bfloat16", "hf_fff CUDA: plan takes "
+              "float32, float16 or bfloat16, got ", dtype_name);
+  const int64_t element_size = c10::elementSize(dtype);
   const int vectors = vectors_for(hidden, element_size);
   const bool fast = vectors > 0 && hidden % (16 / element_size) == 0;
-  const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, element_size, fast, static_cast<int>(num_sms));
-  return {s, s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size)
-                             : (s == kTensorCore ? depth - 5 : 0)};
+  const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, dtype, fast, static_cast<int>(num_sms));
+  return {s, s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size) : 0};
 }
 
 }  // namespace hf_fff_cuda
@@ -236,7 +247,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"),
         py::arg("strategy") = 0, py::arg("split") = 0, py::arg("out") = py::none(), py::arg("leaves_out") = py::none());
   m.def("plan", &hf_fff_cuda::plan, "(strategy, split) that fff_forward picks for a problem", py::arg("tokens"),
-        py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("element_size"), py::arg("num_sms"));
+        py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("dtype"), py::arg("num_sms"));
   m.attr("AUTO") = int(hf_fff_cuda::kAuto);
   m.attr("SINGLE") = int(hf_fff_cuda::kSingle);
   m.attr("SPECULATIVE") = int(hf_fff_cuda::kSpeculative);
