@@ -32,11 +32,13 @@ def main() -> int:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2), (100, 1040, 9, 1)):
             args = make_problem(tokens, hidden, depth, trees, dtype, gen)
-            strategies = [0, 1, 2, 4] + ([3] if trees == 1 else [])
+            per_vector = 16 // args[0].element_size()
+            if hidden % per_vector or hidden > 8 * 32 * per_vector:  # off the fast paths
+                strategies = [0, 4]
+            else:
+                strategies = [0, 1, 2, 4] + ([3] if trees == 1 else [])
             if dtype != torch.float32 and trees == 1 and 6 <= depth <= 11 and hidden % 16 == 0:
                 strategies.append(5)
-            if hidden % (16 // args[0].element_size()):
-                strategies = [0, 4]
             for strategy in strategies:
                 splits = range(1, min(depth, 10) + 1) if strategy == 3 else [0]
                 for split in splits:
