@@ -11,13 +11,15 @@
 // * The walk is split into a routing pass (w_in rows only: the serial chain) and an output pass (w_out
 //   rows of all levels, independent loads several levels at a time). Lane l keeps level l's node and
 //   logit, so the per-level state lives in registers without local memory (depth <= 31).
-// * GELU (erff) is off the serial chain: each lane evaluates its own level's GELU once, after routing.
+// * GELU (erfc form) is off the serial chain: each lane evaluates its own level's GELU once, after routing.
 // * Weights (12.6 MB at bf16) are read through L1/L2 with ld.global.nc; x and y stream past L1 with
 //   evict-first hints so that they do not push the weights out.
 // * kBucketed (many tokens, one tree): the deep levels of a random walk read 3 KB of rows per token and
 //   level from L2 (0.6 GB at 32768 tokens), more than L2 can serve quickly. Routing only the top
 //   `split` levels first, then sorting tokens by the node they reached (a counting sort: histogram,
 //   scan, scatter) makes the tokens an SM finishes share one subtree, whose rows stay in its L1.
+//   Measured, the bf16 walk turned out latency-bound rather than L2-bound, so sorting pays only where
+//   rows are wider or registers scarcer (fp32 from 16384 tokens, fp16 from 4096; see fff_cuda.cpp).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -524,9 +526,11 @@ __global__ void __launch_bounds__(kThreads) general_kernel(const Params p) {
 //   step 2: counting sort by bucket (scatter_kernel above)
 //   step 3 (tiles of <= 32 tokens of one bucket): L = X W_sub^T + b, route the 6 levels from L, then
 //           Y = G W_out[path rows + subtree rows], G the GELU values (zero where not visited)
-// Dense costs 64 dot products per token and block instead of 6, which tensor cores do about 10x faster
-// than CUDA cores do the 6 (and with no shuffles or serial latency). G is split into hi + lo halves in
-// the input dtype (two products) so that the output keeps fp32-accurate GELU values.
+// Dense costs 64 dot products per token and block instead of 6, cheap on tensor cores. G is split into
+// hi + lo halves in the input dtype (two products) so that the output keeps fp32-accurate GELU values.
+// Measured on H100 (benchmarks/results_cuda.md) this is slower than kSingle (about 205 vs 135 us, bf16,
+// 32768 tokens): each tile waits on a chain of 13 weight-chunk loads with only 8 warps per SM, and re-reads
+// its rows for every 32 tokens. It is therefore opt-in (HF_FFF_CUDA_STRATEGY=tensor_core), never automatic.
 namespace tc {
 constexpr int kTok = 32;          // tokens per tile
 constexpr int kThreads = 128;     // 4 warps: 2 along tokens x 2 along nodes / output columns
