@@ -559,29 +559,30 @@ def reference_card_for_published_model(bench=None, repo_id: str = PUBLISHED_NATI
 
 _REMOTE_OPS_SHIM = '''
 
-# ---- public entry point used by modeling_ultrafastbert.py (plain torch: no custom op, no native kernels)
+# ---- the entry points modeling_ultrafastbert.py uses (plain torch: no custom op, no native kernels)
 
 
-def fast_feedforward(
-    x: torch.Tensor,
-    weight_in: torch.Tensor,
-    bias_in: torch.Tensor,
-    weight_out: torch.Tensor,
-    depth: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FFF over any leading shape: x (..., H) -> (y (..., H), leaves (..., T) int64).
-
-    Autograd runs through the gathers of `fff_forward`; routing decisions are constants, so the gradient
-    is that of the path each token took, as in the packaged kernels.
-    """
+def check_fff_arguments(x, weight_in, bias_in, weight_out, depth: int) -> int:
+    """Raise for weights that do not fit `x` and `depth`; return the number of trees."""
     n_nodes = nodes_per_tree(depth)
     if weight_in.dim() != 2 or weight_in.shape[1] != x.shape[-1] or weight_in.shape[0] % n_nodes:
         raise ValueError(
             f"FFF weight_in must have shape (trees * {n_nodes}, {x.shape[-1]}) for depth {depth}, got {tuple(weight_in.shape)}"
         )
-    trees = weight_in.shape[0] // n_nodes
+    if weight_out.shape != weight_in.shape or bias_in.shape != (weight_in.shape[0],):
+        raise ValueError("FFF weight_out must match weight_in, and bias_in must have one entry per row")
+    return weight_in.shape[0] // n_nodes
+
+
+def run_fff(x, weight_in, bias_in, weight_out, depth: int, trees: int):
+    """x (..., H) -> (y (..., H), leaves (..., trees) int64). Autograd runs through the gathers of
+    `fff_forward`; routing decisions are constants, so the gradient is that of the path each token took."""
     y, leaves = fff_forward(x.reshape(-1, x.shape[-1]), weight_in, bias_in, weight_out, depth)
     return y.view(x.shape), leaves.view(*x.shape[:-1], trees)
+
+
+def fast_feedforward(x, weight_in, bias_in, weight_out, depth: int):
+    return run_fff(x, weight_in, bias_in, weight_out, depth, check_fff_arguments(x, weight_in, bias_in, weight_out, depth))
 '''
 
 

@@ -28,7 +28,8 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
-from .ops import fast_feedforward
+from .ops import check_fff_arguments as fast_feedforward_checks
+from .ops import run_fff
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
@@ -57,6 +58,7 @@ class FastFeedForward(nn.Module):
         self.weight_in = nn.Parameter(torch.empty(rows, hidden_size))
         self.bias_in = nn.Parameter(torch.empty(rows))
         self.weight_out = nn.Parameter(torch.empty(rows, hidden_size))
+        self._checked_signature: Optional[tuple] = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -69,8 +71,15 @@ class FastFeedForward(nn.Module):
         weights = (self.weight_in, self.bias_in, self.weight_out)
         if x.dtype != self.weight_in.dtype:  # e.g. bf16 activations over fp32 weights: compute in x's dtype, like autocast
             weights = tuple(w.to(x.dtype) for w in weights)
-        y, leaves = fast_feedforward(x, *weights, self.depth)
+        if self._checked_signature != self._signature(x, weights):
+            fast_feedforward_checks(x, *weights, self.depth)  # full checks once per shape/dtype/device, not per call
+            self._checked_signature = self._signature(x, weights)
+        y, leaves = run_fff(x, *weights, self.depth, self.trees)
         return (y, leaves) if return_leaves else y
+
+    @staticmethod
+    def _signature(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple:
+        return (x.shape[-1], x.dtype, x.device, x.is_floating_point(), *(w.shape for w in weights), *(w.dtype for w in weights), *(w.device for w in weights))
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, depth={self.depth}, trees={self.trees}"

@@ -71,3 +71,34 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         y, leaves = torch.ops.hf_fff.fff_forward(torch.empty(11, 9), torch.empty(3 * 31, 9), torch.empty(3 * 31), torch.empty(3 * 31, 9), 4)
     assert y.shape == (11, 9) and leaves.shape == (11, 3) and leaves.dtype == torch.long
+
+
+def test_eager_inference_skips_the_dispatcher_but_autograd_and_modes_use_the_op(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = hf_fff.FastFeedForward(8, depth=2, trees=2)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        with OpRecorder() as recorder:
+            seen = layer(x)
+    assert any("hf_fff.fff_forward" in op for op in recorder.ops)  # profilers and flop counters see the op
+    torch.testing.assert_close(seen, expected, rtol=0, atol=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the registered op was called")
+
+    monkeypatch.setattr(hf_fff.ops, "fff_forward", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)  # plain eager inference: straight to the backend
+    with pytest.raises(AssertionError, match="registered op"):
+        layer(x)  # parameters require grad: autograd needs the op
