@@ -397,25 +397,37 @@ void fff_run(const FffProblem<scalar_t>& p, int64_t tokens) {
   run_share(1, 0, [] {}, [](auto&& fn) { fn(); });
 }
 
+// Error messages are assembled from strings only: on the GPU machine's image (torch 2.11) streaming an
+// integer into a TORCH_CHECK message from an extension crashed inside libstdc++ (seen 2026-11-23 with the
+// CUDA binding and then this file), so numbers, dtypes and devices are turned into strings first.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dims(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias_in, const at::Tensor& weight_out, int64_t depth) {
-  TORCH_CHECK(depth >= 0 && depth <= kMaxDepth, "fff_cpu: depth must be in [0, ", kMaxDepth, "], got ", depth);
-  TORCH_CHECK(x.dim() == 2, "fff_cpu: x must be 2-D (tokens, hidden), got ", x.dim(), "-D");
+  TORCH_CHECK(depth >= 0 && depth <= kMaxDepth, "fff_cpu: depth must be in [0, ", num(kMaxDepth), "], got ", num(depth));
+  TORCH_CHECK(x.dim() == 2, "fff_cpu: x must be 2-D (tokens, hidden), got ", num(x.dim()), "-D");
   TORCH_CHECK(weight_in.dim() == 2 && weight_out.dim() == 2 && bias_in.dim() == 1,
               "fff_cpu: weight_in and weight_out must be 2-D and bias_in 1-D");
   for (const at::Tensor* t : {&x, &weight_in, &bias_in, &weight_out}) {
-    TORCH_CHECK(t->device().is_cpu(), "fff_cpu: all tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->device().is_cpu(), "fff_cpu: all tensors must be on the CPU, got ", t->device().str());
     TORCH_CHECK(t->is_contiguous(), "fff_cpu: all tensors must be contiguous");
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fff_cpu: all tensors must share x's dtype ", x.scalar_type(),
-                ", got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fff_cpu: all tensors must share x's dtype ",
+                c10::toString(x.scalar_type()), ", got ", c10::toString(t->scalar_type()));
   }
   const int64_t nodes = (int64_t{1} << (depth + 1)) - 1;
-  TORCH_CHECK(weight_in.size(1) == x.size(1), "fff_cpu: weight_in has width ", weight_in.size(1), " but x has ", x.size(1));
-  TORCH_CHECK(weight_in.size(0) > 0 && weight_in.size(0) % nodes == 0, "fff_cpu: weight_in must have trees * ", nodes,
-              " rows for depth ", depth, ", got ", weight_in.size(0));
-  TORCH_CHECK(weight_out.sizes() == weight_in.sizes(), "fff_cpu: weight_out must have weight_in's shape ", weight_in.sizes(),
-              ", got ", weight_out.sizes());
-  TORCH_CHECK(bias_in.size(0) == weight_in.size(0), "fff_cpu: bias_in must have ", weight_in.size(0), " entries, got ",
-              bias_in.size(0));
+  TORCH_CHECK(weight_in.size(1) == x.size(1), "fff_cpu: weight_in has width ", num(weight_in.size(1)), " but x has ",
+              num(x.size(1)));
+  TORCH_CHECK(weight_in.size(0) > 0 && weight_in.size(0) % nodes == 0, "fff_cpu: weight_in must have trees * ", num(nodes),
+              " rows for depth ", num(depth), ", got ", num(weight_in.size(0)));
+  TORCH_CHECK(weight_out.sizes() == weight_in.sizes(), "fff_cpu: weight_out must have weight_in's shape ",
+              dims(weight_in.sizes()), ", got ", dims(weight_out.sizes()));
+  TORCH_CHECK(bias_in.size(0) == weight_in.size(0), "fff_cpu: bias_in must have ", num(weight_in.size(0)), " entries, got ",
+              num(bias_in.size(0)));
 }
 
 std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias_in,
