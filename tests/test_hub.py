@@ -162,7 +162,8 @@ def test_ready_card_for_the_published_model_is_current():
     from hf_fff.hub import reference_card_for_published_model
 
     committed = hub.load_template("UltraFastBERT-1x11-long.md")
-    assert committed == reference_card_for_published_model()
+    recorded_bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results_cpu.json").read_text())
+    assert committed == reference_card_for_published_model(bench=recorded_bench)  # speed table: the recorded CPU run
     metadata = front_matter(committed)
     assert metadata["base_model"] == "pbelcak/UltraFastBERT-1x11-long"
     assert metadata["pipeline_tag"] == "fill-mask"
