@@ -167,7 +167,7 @@ def _model_class(config: dict[str, Any], folder: Path):
 def _check_native_shapes(model_class, folder: Path, what: str) -> None:
     """Compare the stored tensors' names and shapes (safetensors headers only) with what the config builds."""
     from .configuration_ultrafastbert import UltraFastBertConfig
-    from .hub import safetensors_headers
+    from .model_card import safetensors_headers
 
     try:
         config = UltraFastBertConfig.from_pretrained(folder)
@@ -288,7 +288,7 @@ def _check_tokenizer(folder: Path) -> None:
 
 
 def _source_card(folder: Path) -> dict[str, Any]:
-    from .hub import PublishError, split_front_matter
+    from .model_card import PublishError, split_front_matter
 
     readme = folder / "README.md"
     if not readme.is_file():
@@ -339,7 +339,8 @@ def convert(
     card metadata (default: SRC's Hub id, and whatever SRC's own card says). remote_code: also add the
     trust_remote_code files (push_to_hub adds them anyway). Raises ConversionError; DST is then untouched.
     """
-    from .hub import export_remote_code, render_model_card
+    from .model_card import render_model_card
+    from .remote_code import export_remote_code
 
     target_dtype = resolve_dtype(dtype)
     dst = Path(dst).expanduser().absolute()
