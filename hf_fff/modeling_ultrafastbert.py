@@ -28,7 +28,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
-from .ops import check_fff_arguments as fast_feedforward_checks
+from .ops import check_fff_arguments
 from .ops import run_fff
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
@@ -72,7 +72,7 @@ class FastFeedForward(nn.Module):
         if x.dtype != self.weight_in.dtype:  # e.g. bf16 activations over fp32 weights: compute in x's dtype, like autocast
             weights = tuple(w.to(x.dtype) for w in weights)
         if self._checked_signature != self._signature(x, weights):
-            fast_feedforward_checks(x, *weights, self.depth)  # full checks once per shape/dtype/device, not per call
+            check_fff_arguments(x, *weights, self.depth)  # full checks once per shape/dtype/device, not per call
             self._checked_signature = self._signature(x, weights)
         y, leaves = run_fff(x, *weights, self.depth, self.trees)
         return (y, leaves) if return_leaves else y

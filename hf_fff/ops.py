@@ -11,8 +11,7 @@ import torch
 
 from . import backends
 from .backends import reference
-
-_MAX_DEPTH = 30  # leaves are addressed with int64 shifts; deeper trees would not fit in memory anyway
+from .backends.reference import check_fff_arguments
 
 
 @torch.library.custom_op("hf_fff::fff_forward", mutates_args=())
@@ -50,37 +49,6 @@ def _backward(ctx, grad_y, _grad_leaves):
 
 
 fff_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def check_fff_arguments(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor, depth: int) -> int:
-    """Raise a clear error for anything the kernels cannot take; return the number of trees."""
-    if not isinstance(depth, int) or not 0 <= depth <= _MAX_DEPTH:
-        raise ValueError(f"FFF depth must be an int in [0, {_MAX_DEPTH}], got {depth!r}")
-    for name, tensor in (("x", x), ("weight_in", weight_in), ("bias_in", bias_in), ("weight_out", weight_out)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"FFF {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"FFF {name} must be a floating-point tensor, got {tensor.dtype}")
-    if x.dim() < 1:
-        raise ValueError("FFF input must have at least one dimension (..., hidden)")
-    hidden = x.shape[-1]
-    n_nodes = reference.nodes_per_tree(depth)
-    if weight_in.dim() != 2 or weight_in.shape[1] != hidden or weight_in.shape[0] == 0 or weight_in.shape[0] % n_nodes:
-        raise ValueError(
-            f"FFF weight_in must have shape (trees * {n_nodes}, {hidden}) for depth {depth} and input width {hidden}, "
-            f"got {tuple(weight_in.shape)}"
-        )
-    if weight_out.shape != weight_in.shape:
-        raise ValueError(f"FFF weight_out must have the shape of weight_in {tuple(weight_in.shape)}, got {tuple(weight_out.shape)}")
-    if bias_in.shape != (weight_in.shape[0],):
-        raise ValueError(f"FFF bias_in must have shape ({weight_in.shape[0]},), got {tuple(bias_in.shape)}")
-    dtypes = {t.dtype for t in (x, weight_in, bias_in, weight_out)}
-    if len(dtypes) != 1:
-        raise TypeError(f"FFF input and weights must share one dtype, got x {x.dtype}, weights {weight_in.dtype}/{bias_in.dtype}/{weight_out.dtype}")
-    devices = {t.device for t in (x, weight_in, bias_in, weight_out)}
-    if len(devices) != 1:
-        raise ValueError(f"FFF input and weights must be on one device, got {sorted(str(d) for d in devices)}")
-    return weight_in.shape[0] // n_nodes
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

@@ -20,19 +20,8 @@ from .model_card import REMOTE_CODE_FILES, REMOTE_OPS_FILE, TASKS, PathLike, Pub
 
 _REMOTE_OPS_SHIM = '''
 
-# ---- the entry points modeling_ultrafastbert.py uses (plain torch: no custom op, no native kernels)
-
-
-def check_fff_arguments(x, weight_in, bias_in, weight_out, depth: int) -> int:
-    """Raise for weights that do not fit `x` and `depth`; return the number of trees."""
-    n_nodes = nodes_per_tree(depth)
-    if weight_in.dim() != 2 or weight_in.shape[1] != x.shape[-1] or weight_in.shape[0] % n_nodes:
-        raise ValueError(
-            f"FFF weight_in must have shape (trees * {n_nodes}, {x.shape[-1]}) for depth {depth}, got {tuple(weight_in.shape)}"
-        )
-    if weight_out.shape != weight_in.shape or bias_in.shape != (weight_in.shape[0],):
-        raise ValueError("FFF weight_out must match weight_in, and bias_in must have one entry per row")
-    return weight_in.shape[0] // n_nodes
+# ---- the entry points modeling_ultrafastbert.py uses besides check_fff_arguments (above): plain torch,
+# ---- no custom op, no native kernels
 
 
 def run_fff(x, weight_in, bias_in, weight_out, depth: int, trees: int):

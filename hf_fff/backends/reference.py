@@ -3,7 +3,9 @@
 It computes exactly the published layer (see crammed_model.md) but touches only the visited nodes:
 for each of the `depth + 1` levels it gathers one row of `weight_in` / `weight_out` per token and tree.
 Accumulation is float32 (float64 for float64 inputs) whatever the input dtype, and routing decisions
-are taken on those accumulated logits, as the kernels do.
+are taken on those accumulated logits, as the kernels do. The argument contract every backend relies on
+(`check_fff_arguments`) lives here too, because this torch-only file is what published repos carry as
+their FFF for trust_remote_code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,40 @@ import torch.nn.functional as F
 def nodes_per_tree(depth: int) -> int:
     """A complete binary tree of `depth + 1` levels, stored heap-style: node n has children 2n+1, 2n+2."""
     return 2 ** (depth + 1) - 1
+
+
+MAX_DEPTH = 30  # leaves are addressed with int64 shifts; deeper trees would not fit in memory anyway
+
+
+def check_fff_arguments(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor, depth: int) -> int:
+    """Raise a clear error for anything the kernels cannot take; return the number of trees."""
+    if not isinstance(depth, int) or not 0 <= depth <= MAX_DEPTH:
+        raise ValueError(f"FFF depth must be an int in [0, {MAX_DEPTH}], got {depth!r}")
+    for name, tensor in (("x", x), ("weight_in", weight_in), ("bias_in", bias_in), ("weight_out", weight_out)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"FFF {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"FFF {name} must be a floating-point tensor, got {tensor.dtype}")
+    if x.dim() < 1:
+        raise ValueError("FFF input must have at least one dimension (..., hidden)")
+    hidden = x.shape[-1]
+    n_nodes = nodes_per_tree(depth)
+    if weight_in.dim() != 2 or weight_in.shape[1] != hidden or weight_in.shape[0] == 0 or weight_in.shape[0] % n_nodes:
+        raise ValueError(
+            f"FFF weight_in must have shape (trees * {n_nodes}, {hidden}) for depth {depth} and input width {hidden}, "
+            f"got {tuple(weight_in.shape)}"
+        )
+    if weight_out.shape != weight_in.shape:
+        raise ValueError(f"FFF weight_out must have the shape of weight_in {tuple(weight_in.shape)}, got {tuple(weight_out.shape)}")
+    if bias_in.shape != (weight_in.shape[0],):
+        raise ValueError(f"FFF bias_in must have shape ({weight_in.shape[0]},), got {tuple(bias_in.shape)}")
+    dtypes = {t.dtype for t in (x, weight_in, bias_in, weight_out)}
+    if len(dtypes) != 1:
+        raise TypeError(f"FFF input and weights must share one dtype, got x {x.dtype}, weights {weight_in.dtype}/{bias_in.dtype}/{weight_out.dtype}")
+    devices = {t.device for t in (x, weight_in, bias_in, weight_out)}
+    if len(devices) != 1:
+        raise ValueError(f"FFF input and weights must be on one device, got {sorted(str(d) for d in devices)}")
+    return weight_in.shape[0] // n_nodes
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
