@@ -42,18 +42,28 @@ def load_model_and_tokenizer(model_id: str, download: bool):
 
 
 def standin_tokenizer():
-    """A small WordPiece tokenizer trained on the spot, with BERT's special tokens."""
+    """The demo's tokenizer when the real one is not cached: trained on the spot on a few sentences."""
+    return train_wordpiece_tokenizer([_TOKENIZER_CORPUS] * 8, vocab_size=400)
+
+
+def train_wordpiece_tokenizer(texts, vocab_size: int):
+    """A lower-casing WordPiece BertTokenizerFast with BERT's special tokens and [CLS] a [SEP] b [SEP]
+    templates, trained on `texts` (the real UltraFastBERT tokenizer lives on the Hub)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator([_TOKENIZER_CORPUS] * 8, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return PreTrainedTokenizerFast(
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return BertTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
     )
 

@@ -38,22 +38,9 @@ def tiny_config(**overrides):
 
 def train_tokenizer(vocab_size: int = 128):
     """A WordPiece BertTokenizerFast trained on CORPUS (the real tokenizer cannot be downloaded here)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
+    from hf_fff.demo import train_wordpiece_tokenizer
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    return BertTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-    )
+    return train_wordpiece_tokenizer(CORPUS * 4, vocab_size)
 
 
 def random_crammed_checkpoint(folder: Path, layout: dict, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
