@@ -18,7 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from hf_fff.backends import cuda as cuda_backend  # noqa: E402
-from test_cuda_backend import check_against_float64, make_problem, run_poisoned  # noqa: E402
+from test_cuda_backend import (  # noqa: E402
+    check_against_float64,
+    make_problem,
+    run_poisoned,
+    smem_limit,
+    sorted_bytes,
+    sorted_tensor_fits,
+)
 
 
 def main() -> int:
@@ -28,6 +35,7 @@ def main() -> int:
         print("the CUDA extension did not build")
         return 1
     gen = torch.Generator(device="cuda").manual_seed(0)
+    smem = smem_limit()
     cases = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2), (100, 1040, 9, 1)):
@@ -36,11 +44,17 @@ def main() -> int:
             if hidden % per_vector or hidden > 8 * 32 * per_vector:  # off the fast paths
                 strategies = [0, 4]
             else:
-                strategies = [0, 1, 2, 4] + ([3] if trees == 1 else [])
+                strategies = [0, 1, 2, 4, 6] + ([3, 7] if trees == 1 else [])
+                if torch.cuda.get_device_capability()[0] >= 9:
+                    strategies.append(8)  # clusters
             if dtype != torch.float32 and trees == 1 and 6 <= depth <= 11 and hidden % 16 == 0:
                 strategies.append(5)
+            if trees == 1 and sorted_tensor_fits(depth, max(1, depth - 4), hidden, args[0].element_size()):
+                strategies.append(9)
             for strategy in strategies:
                 splits = range(1, min(depth, 10) + 1) if strategy == 3 else [0]
+                if strategy == 7:  # the splits whose bucket rows fit in shared memory, then automatic
+                    splits = [sp for sp in range(1, min(depth, 10) + 1) if sorted_bytes(depth, sp, hidden, args[0].element_size()) <= smem] + [0]
                 for split in splits:
                     check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy, split=split))
                     cases += 1

@@ -21,13 +21,12 @@ namespace {
 constexpr int kMaxDepth = 30;        // node indices are int32 heap indices; lane l records level l (<= 31)
 constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 16-byte vectors per lane
 constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
-// From here on the bucketed walk beats the single one (H100, width 768, depth 11, 2026-11-23): float32
-// 199 vs 243 us at 32768 tokens (its deep rows are twice the bytes), float16 152 vs 160 us; bfloat16 never
-// (155 vs 135 us), so 16-bit thresholds are per type.
-constexpr int64_t kBucketMinTokensF32 = 16384;
-constexpr int64_t kBucketMinTokensF16 = 4096;
 constexpr int kBucketMinDepth = 6;
 constexpr int kTensorMaxHidden = 2048;      // x tile of 32 tokens in shared memory
+// Automatic choice between the fast strategies (H100, width 768, depth 11; see benchmarks/results_cuda.md).
+constexpr int64_t kSortedMinTokens = 4096;
+constexpr int64_t kSubtreeMaxBlocksPerSm = 2;
+constexpr int64_t kClusterMaxTokens = 16;  // 8 SMs per token: 16 tokens fill an H100
 
 int vectors_for(int64_t hidden, int64_t element_size) {
   const int64_t per_vector = 16 / element_size;
@@ -35,6 +34,30 @@ int vectors_for(int64_t hidden, int64_t element_size) {
   for (int nv : {1, 2, 3, 4, 6, 8})
     if (per_lane <= nv) return nv;
   return 0;
+}
+
+// Largest dynamic shared memory a block may ask for (227 KB on H100), per device index, read once.
+int64_t max_smem_optin(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device < 0 || device >= 64) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Compute capability major version per device index: thread-block clusters need 9 (Hopper) or later.
+int cc_major(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device < 0 || device >= 64) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrComputeCapabilityMajor, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 int sm_count(int device) {
@@ -71,6 +94,25 @@ int auto_split(int depth, int64_t hidden, int64_t element_size) {
   return std::min(split, kMaxSplit);
 }
 
+// kSorted: the shallowest split whose bucket rows fit in one block's shared memory (bf16/fp16 width 768
+// depth 11: split 6, 203 KB; fp32: split 7, 212 KB), or 0 when none does.
+int sorted_split(int depth, int64_t hidden, int64_t element_size, int64_t smem_limit) {
+  for (int split = 1; split <= std::min(depth, kMaxSplit); ++split)
+    if (sorted_smem_bytes(depth, split, hidden, element_size) <= smem_limit) return split;
+  return 0;
+}
+
+// kSortedTensor: the bucket's subtree is at most 5 levels (32 logit columns) and its output slots at most 48.
+bool sorted_tensor_ok(bool half_precision, int64_t hidden, int depth, int split, int64_t trees, bool fast,
+                      int64_t smem_limit) {
+  if (!(fast && half_precision && trees == 1 && hidden % 16 == 0 && split >= 1 && split <= depth && split <= kMaxSplit))
+    return false;
+  const int sub = (2 << (depth - split)) - 1;
+  return depth - split + 1 <= 5 && sub + split <= 48 && sorted_tc_smem_bytes(depth, split, hidden) <= smem_limit;
+}
+
+int sorted_tensor_split(int depth) { return std::max(1, depth - 4); }
+
 // The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6), k steps of 16.
 bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t trees, bool fast) {
   return fast && half_precision && trees == 1 && depth >= 6 && depth <= 11 && hidden % 16 == 0 &&
@@ -80,13 +122,14 @@ bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t tree
 // kTensorCore is never chosen automatically: measured slower than kSingle (204 vs 135 us, bf16, 32768
 // tokens), its 32-token tiles wait on 13 dependent weight-chunk loads each (see results_cuda.md).
 int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at::ScalarType dtype, bool fast,
-                    int num_sms) {
+                    int num_sms, int64_t smem_limit, int major) {
   if (!fast) return kGeneral;
-  const int64_t bucket_min = dtype == at::kFloat ? kBucketMinTokensF32
-                             : dtype == at::kHalf ? kBucketMinTokensF16
-                                                  : std::numeric_limits<int64_t>::max();
-  if (trees == 1 && depth >= kBucketMinDepth && tokens >= bucket_min) return kBucketed;
-  if (tokens * trees <= 2 * static_cast<int64_t>(num_sms)) return kSpeculative;
+  const int64_t element_size = c10::elementSize(dtype);
+  if (trees == 1 && depth >= kBucketMinDepth && tokens >= kSortedMinTokens) {
+    if (sorted_split(depth, hidden, element_size, smem_limit) > 0) return kSorted;
+  }
+  if (major >= 9 && tokens <= kClusterMaxTokens) return kCluster;
+  if (tokens <= kSubtreeMaxBlocksPerSm * static_cast<int64_t>(num_sms)) return kSubtree;
   return kSingle;
 }
 
@@ -125,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy >= kAuto && strategy <= kTensorCore, "hf_fff CUDA: unknown strategy ", num(strategy));
+  TORCH_CHECK(strategy >= kAuto && strategy <= kSortedTensor, "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
   const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
@@ -162,6 +205,8 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   const bool fast = vectors > 0 && hidden % per_vector == 0 && ldx % per_vector == 0 && aligned16(x.data_ptr()) &&
                     aligned16(w_in.data_ptr()) && aligned16(w_out.data_ptr()) && aligned16(y.data_ptr());
   const int num_sms = sm_count(x.get_device());
+  const int64_t smem_limit = max_smem_optin(x.get_device());
+  const int major = cc_major(x.get_device());
 
   Params p{};
   p.x = x.data_ptr();
@@ -178,28 +223,49 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   p.vectors = vectors;
   p.num_sms = num_sms;
   p.strategy = strategy == kAuto
-                   ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, x.scalar_type(), fast, num_sms)
+                   ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, x.scalar_type(), fast, num_sms,
+                                     smem_limit, major)
                    : static_cast<int>(strategy);
   if (p.strategy != kGeneral)
     TORCH_CHECK(fast, "hf_fff CUDA: strategy ", num(p.strategy), " needs hidden % ", num(per_vector),
                 " == 0, 16-byte aligned rows and hidden <= ", num(kMaxVectors * 32 * per_vector), "; use strategy ",
                 num(kGeneral));
 
+  if (p.strategy == kCluster) {
+    TORCH_CHECK(major >= 9, "hf_fff CUDA: the cluster strategy needs thread-block clusters (compute capability 9.0 or "
+                "later), this device has ", num(major), ".x");
+    TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 8, "hf_fff CUDA: the cluster strategy takes at most 2^28 tokens");
+  }
   if (p.strategy == kTensorCore)
     TORCH_CHECK(tensor_core_ok(element_size == 2, hidden, static_cast<int>(depth), trees, fast),
                 "hf_fff CUDA: the tensor-core strategy needs float16/bfloat16, one tree, depth 6..11 and hidden % 16 == 0 "
                 "(at most ", num(kTensorMaxHidden), ")");
 
   at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
-  if (p.strategy == kBucketed || p.strategy == kTensorCore) {
-    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategy takes one tree, got ", num(trees));
-    TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategy needs depth >= 1");
+  if (p.strategy == kBucketed || p.strategy == kSorted || p.strategy == kTensorCore || p.strategy == kSortedTensor) {
+    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategies take one tree, got ", num(trees));
+    TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategies need depth >= 1");
     if (p.strategy == kTensorCore)
       p.split = static_cast<int>(depth) - 5;  // the lower block is always 6 levels (63 nodes)
+    else if (split > 0)
+      p.split = static_cast<int>(split);
+    else if (p.strategy == kSorted)
+      p.split = sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit);
+    else if (p.strategy == kSortedTensor)
+      p.split = sorted_tensor_split(static_cast<int>(depth));
     else
-      p.split = split > 0 ? static_cast<int>(split) : auto_split(static_cast<int>(depth), hidden, element_size);
+      p.split = auto_split(static_cast<int>(depth), hidden, element_size);
     TORCH_CHECK(p.split >= 1 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [1, min(depth, ",
-                num(kMaxSplit), ")], got ", num(p.split));
+                num(kMaxSplit), ")], got ", num(p.split), p.strategy == kSorted ? " (or no split's rows fit in shared memory)" : "");
+    if (p.strategy == kSortedTensor)
+      TORCH_CHECK(sorted_tensor_ok(element_size == 2, hidden, static_cast<int>(depth), p.split, trees, fast, smem_limit),
+                  "hf_fff CUDA: the sorted tensor-core strategy needs float16/bfloat16, hidden % 16 == 0, at most 5 "
+                  "levels below the split (split >= depth - 4) and its rows in shared memory; got split ", num(p.split));
+    if (p.strategy == kSorted)
+      TORCH_CHECK(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size) <= smem_limit,
+                  "hf_fff CUDA: with split ", num(p.split), " the sorted strategy needs ",
+                  num(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size)),
+                  " bytes of shared memory per block, more than the device's ", num(smem_limit), "; use a deeper split");
     const int64_t n_buckets = int64_t{1} << p.split;
     scratch_int = at::empty({2 * tokens + 2 * n_buckets}, x.options().dtype(at::kInt));
     scratch_float = at::empty({tokens * p.split}, x.options().dtype(at::kFloat));
@@ -227,15 +293,20 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
 // What fff_forward(strategy=0) would run for this problem: (strategy, split), for benchmarks and tests.
 // dtype: "float32", "float16" or "bfloat16".
 std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, const std::string& dtype_name,
-                                  int64_t num_sms) {
+                                  int64_t num_sms, int64_t smem_limit, int64_t major) {
   const at::ScalarType dtype = dtype_name == "float32" ? at::kFloat : dtype_name == "float16" ? at::kHalf : at::kBFloat16;
   TORCH_CHECK(dtype_name == "float32" || dtype_name == "float16" || dtype_name == "bfloat16", "hf_fff CUDA: plan takes "
               "float32, float16 or bfloat16, got ", dtype_name);
   const int64_t element_size = c10::elementSize(dtype);
   const int vectors = vectors_for(hidden, element_size);
   const bool fast = vectors > 0 && hidden % (16 / element_size) == 0;
-  const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, dtype, fast, static_cast<int>(num_sms));
-  return {s, s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size) : 0};
+  const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, dtype, fast, static_cast<int>(num_sms),
+                                smem_limit, static_cast<int>(major));
+  const int split = s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size)
+                    : s == kSorted       ? sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit)
+                    : s == kSortedTensor ? sorted_tensor_split(static_cast<int>(depth))
+                                         : 0;
+  return {s, split};
 }
 
 }  // namespace hf_fff_cuda
@@ -247,11 +318,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"),
         py::arg("strategy") = 0, py::arg("split") = 0, py::arg("out") = py::none(), py::arg("leaves_out") = py::none());
   m.def("plan", &hf_fff_cuda::plan, "(strategy, split) that fff_forward picks for a problem", py::arg("tokens"),
-        py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("dtype"), py::arg("num_sms"));
+        py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("dtype"), py::arg("num_sms"),
+        py::arg("smem_limit") = 232448, py::arg("major") = 9);
   m.attr("AUTO") = int(hf_fff_cuda::kAuto);
   m.attr("SINGLE") = int(hf_fff_cuda::kSingle);
   m.attr("SPECULATIVE") = int(hf_fff_cuda::kSpeculative);
   m.attr("BUCKETED") = int(hf_fff_cuda::kBucketed);
   m.attr("GENERAL") = int(hf_fff_cuda::kGeneral);
   m.attr("TENSOR_CORE") = int(hf_fff_cuda::kTensorCore);
+  m.attr("SUBTREE") = int(hf_fff_cuda::kSubtree);
+  m.attr("SORTED") = int(hf_fff_cuda::kSorted);
+  m.attr("CLUSTER") = int(hf_fff_cuda::kCluster);
+  m.attr("SORTED_TENSOR") = int(hf_fff_cuda::kSortedTensor);
 }

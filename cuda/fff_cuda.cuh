@@ -165,6 +165,27 @@ __device__ __forceinline__ void load_x(float (&xf)[NV][Elem<T>::kVec], const T* 
   }
 }
 
+// Keep x widened in registers: without this the compiler may keep x packed and widen it again at every
+// level (one more instruction per element and level, about 12% of kSorted's finishing instructions at bf16).
+template <int NV, int V>
+__device__ __forceinline__ void pin_x(float (&xf)[NV][V]) {
+#pragma unroll
+  for (int c = 0; c < NV; ++c)
+#pragma unroll
+    for (int e = 0; e < V; ++e) asm volatile("" : "+f"(xf[c][e]));
+}
+
+// x as raw 16-byte vectors, for loading the next token's x while the current one is computed.
+template <typename T, int NV>
+__device__ __forceinline__ void load_x_raw(uint4 (&raw)[NV], const T* row, int lane, int nvec) {
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+  for (int c = 0; c < NV; ++c) {
+    const int v = c * 32 + lane;
+    raw[c] = v < nvec ? __ldcs(p + v) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 template <typename T, int NV>
 __device__ __forceinline__ void store_y(T* row, const float (&yf)[NV][Elem<T>::kVec], int lane, int nvec) {
   uint4* p = reinterpret_cast<uint4*>(row);
@@ -352,8 +373,14 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : MinBlocks<NV>::val
 // kBucketed, step 1: route the top `split` levels of the (single) tree; record the bucket (node at level
 // `split`), the GELU of the top logits, and a histogram of buckets (per block in shared memory, then
 // one global atomic per bucket and block).
+// Routing only (no output rows): fewer registers than the whole walk, so more warps hide its latency.
+template <int NV>
+struct RouteMinBlocks {
+  static constexpr int value = NV <= 6 ? 4 : 2;
+};
+
 template <typename T, int NV>
-__global__ void __launch_bounds__(kThreads, MinBlocks<NV>::value) route_top_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, RouteMinBlocks<NV>::value) route_top_kernel(const Params p) {
   constexpr int V = Elem<T>::kVec;
   extern __shared__ int hist[];
   const int n_buckets = 1 << p.split;
@@ -688,13 +715,13 @@ __global__ void __launch_bounds__(kThreads) tc_kernel(const Params p) {
   }
   const int block_nodes = (1 << levels) - 1;
   if (tid < kNodes) {
-    const int node = tid < block_nodes ? subtree_node(root, tid) : -1;
+    const int node = tid < block_nodes ? tc::subtree_node(root, tid) : -1;
     rows_in[tid] = node;
     bias_s[tid] = node >= 0 ? Elem<T>::load(b_in + node) : 0.f;
   }
   if (FINISH && tid < kOutSlots) {
     int row = -1;
-    if (tid < kNodes - 1) row = subtree_node(root, tid);
+    if (tid < kNodes - 1) row = tc::subtree_node(root, tid);
     else if (tid - (kNodes - 1) < split) row = ((root + 1) >> (split - (tid - (kNodes - 1)))) - 1;  // path above
     rows_out[tid] = row;
   }
@@ -782,7 +809,7 @@ __global__ void __launch_bounds__(kThreads) tc_kernel(const Params p) {
           g_hi[t * kGStride + kNodes - 1 + l] = hi;
           g_lo[t * kGStride + kNodes - 1 + l] = Mma<T>::from(g - Mma<T>::to(hi));
         }
-        p.leaves[m] = subtree_node(root, j) - ((int64_t{1} << p.depth) - 1);
+        p.leaves[m] = tc::subtree_node(root, j) - ((int64_t{1} << p.depth) - 1);
       }
     }
     if (!FINISH) {  // bucket = node reached at level `split`; one atomic per bucket and warp
@@ -855,6 +882,790 @@ __global__ void __launch_bounds__(kThreads) tc_kernel(const Params p) {
 }  // namespace tc
 
 // ---------------------------------------------------------------------------------------------------
+// kSubtree: few tokens, where a call is one chain of dependent row fetches and the GPU is mostly idle.
+// One block of 16 warps per token goes down in rounds of up to 5 levels: the block computes the logits of
+// all 31 nodes of the subtree below the current node at once (two rows per warp, every load in flight
+// together), then one thread routes through them in shared memory. Depth 11 costs 3 dependent rounds of
+// fetches instead of 12 (4x the w_in reads, which at this size nobody else wants). During routing, warp 0
+// pulls the visited w_out rows into L1, and the output pass gives each thread one 16-byte vector of the
+// row, over all levels. Logits and the output sum are computed exactly as kSingle computes them (same
+// lane layout, reduction and order), so both strategies give the same bits.
+namespace st {
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRound = 5;                        // levels per round
+constexpr int kRoundNodes = (1 << kRound) - 1;   // 31: at most two per warp
+constexpr int kMaxLevels = 32;                   // depth <= 30
+}  // namespace st
+
+template <typename T, int NV>
+__device__ __forceinline__ void load_x_shared(float (&xf)[NV][Elem<T>::kVec], const T* row, int lane, int nvec) {
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+  for (int c = 0; c < NV; ++c) {
+    const int v = c * 32 + lane;
+    Elem<T>::unpack(v < nvec ? __ldg(p + v) : make_uint4(0u, 0u, 0u, 0u), xf[c]);  // every warp reads it: keep
+  }
+}
+
+// yv += g(level) * w_out row vector, for levels [first, end) whose vectors are in raw[0, end - first), in order.
+template <typename T>
+__device__ __forceinline__ void accumulate_levels(float (&yv)[Elem<T>::kVec], const uint4 (&raw)[st::kRound],
+                                                  const float* path_g, int first, int end) {
+  constexpr int V = Elem<T>::kVec;
+#pragma unroll
+  for (int u = 0; u < st::kRound; ++u) {
+    if (first + u < end) {
+      const float g = path_g[first + u];
+      float w[V];
+      Elem<T>::unpack(raw[u], w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) yv[e] = fmaf(g, w[e], yv[e]);
+    }
+  }
+}
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p) {
+  constexpr int V = Elem<T>::kVec;
+  constexpr bool kBothInFlight = NV <= 4;  // two rows of registers per lane fit under 128 registers
+  __shared__ float logit_s[st::kRoundNodes];
+  __shared__ int path_node[st::kMaxLevels];  // heap index within the tree, per level
+  __shared__ float path_logit[st::kMaxLevels];
+  __shared__ float path_g[st::kMaxLevels];
+  __shared__ int next_s;
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nvec = p.hidden / V;
+  const int depth = p.depth;
+  const int64_t m = blockIdx.x;
+  const int64_t n_nodes = nodes_per_tree(depth);
+  const int64_t first_leaf = (int64_t{1} << depth) - 1;
+
+  float xf[NV][V];
+  load_x_shared<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
+  float yv[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) yv[e] = 0.f;
+
+  for (int t = 0; t < p.trees; ++t) {
+    const T* tw_in = w_in + t * n_nodes * p.hidden;
+    const T* tb_in = b_in + t * n_nodes;
+    const T* tw_out = w_out + t * n_nodes * p.hidden;
+    int n = 0;  // node at the first level of the round (block-uniform)
+    int done = 0;  // levels below this one are in yv already
+    for (int level0 = 0; level0 <= depth; level0 += st::kRound) {
+      const int r = min(st::kRound, depth + 1 - level0);
+      const int count = (1 << r) - 1;
+      // the previous round's w_out rows (levels done..level0-1) load together with this round's w_in rows
+      uint4 out_raw[st::kRound];
+      if (tid < nvec) {
+#pragma unroll
+        for (int u = 0; u < st::kRound; ++u)
+          if (done + u < level0) out_raw[u] = __ldg(reinterpret_cast<const uint4*>(tw_out + static_cast<int64_t>(path_node[done + u]) * p.hidden) + tid);
+      }
+      if (kBothInFlight) {
+        Row<T, NV> rows[2];
+        float bias[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int j = warp + k * st::kWarps;
+          if (j < count) {
+            const int node = tc::subtree_node(n, j);
+            load_row<T, NV>(rows[k], tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
+            bias[k] = Elem<T>::load(tb_in + node);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int j = warp + k * st::kWarps;
+          if (j < count) {
+            const float logit = warp_sum(partial_dot<T, NV>(xf, rows[k])) + bias[k];
+            if (lane == 0) logit_s[j] = logit;
+          }
+        }
+      } else {
+#pragma unroll 1
+        for (int j = warp; j < count; j += st::kWarps) {
+          const int node = tc::subtree_node(n, j);
+          Row<T, NV> row;
+          load_row<T, NV>(row, tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
+          const float logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
+          if (lane == 0) logit_s[j] = logit;
+        }
+      }
+      if (tid < nvec) accumulate_levels<T>(yv, out_raw, path_g, done, level0);
+      done = level0;
+      __syncthreads();
+      if (warp == 0) {
+        if (lane == 0) {
+          int j = 0;
+          for (int d = 0; d < r; ++d) {
+            const float logit = logit_s[j];
+            path_node[level0 + d] = tc::subtree_node(n, j);
+            path_logit[level0 + d] = logit;
+            if (level0 + d < depth) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 and NaN
+          }
+          next_s = tc::subtree_node(n, j);  // the node below the round's last level (unused after the leaf)
+        }
+        __syncwarp();
+        if (lane < r) path_g[level0 + lane] = gelu(path_logit[level0 + lane]);
+        for (int d = 0; d < r; ++d) prefetch_rows<T>(tw_out, path_node[level0 + d], 1, p.hidden, lane);
+      }
+      __syncthreads();
+      n = next_s;
+    }
+    if (tid == 0) p.leaves[m * p.trees + t] = path_node[depth] - first_leaf;
+    if (tid < nvec) {  // the last round's levels
+      uint4 out_raw[st::kRound];
+#pragma unroll
+      for (int u = 0; u < st::kRound; ++u)
+        if (done + u <= depth) out_raw[u] = __ldg(reinterpret_cast<const uint4*>(tw_out + static_cast<int64_t>(path_node[done + u]) * p.hidden) + tid);
+      accumulate_levels<T>(yv, out_raw, path_g, done, depth + 1);
+    }
+    __syncthreads();  // the next tree reuses the path arrays
+  }
+  if (tid < nvec) __stcs(reinterpret_cast<uint4*>(static_cast<T*>(p.y) + m * p.hidden) + tid, Elem<T>::pack(yv));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kCluster (Hopper, few tokens): one token per cluster of 8 blocks on 8 SMs, 64 warps in all. A round
+// covers 6 levels: the 63 nodes below the current one, one row per warp, computed at once; each warp sends
+// its logit to all 8 blocks through distributed shared memory, one cluster barrier later every block walks
+// the 6 levels itself (same logits, same path, no second exchange). Depth 11 is 2 rounds of fetches, each
+// block reading 8 rows instead of a whole round's 63. While a round computes, each block also loads its
+// slice of the previous round's w_out rows (the output: block r owns columns r/8 of the row). Logits and
+// the output sum are those of kSingle, bit for bit.
+namespace cl {
+constexpr int kBlocks = 8;                       // cluster size (portable maximum)
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRound = 6;                        // levels per round: 63 nodes <= kBlocks * kWarps
+constexpr int kRoundNodes = (1 << kRound) - 1;
+constexpr int kMaxLevels = 32;
+}  // namespace cl
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HF_FFF_HAS_CLUSTERS 1
+#else
+#define HF_FFF_HAS_CLUSTERS 0
+#endif
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive() {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r = 0;
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// Store v into the shared variable at `local` of block `rank` of this cluster.
+__device__ __forceinline__ void store_remote(float* local, unsigned rank, float v) {
+#if HF_FFF_HAS_CLUSTERS
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(local));
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+#endif
+}
+
+// yv += g(level) * w_out vector, levels [first, end) with vectors in raw[0, end - first), in order.
+template <typename T, int N>
+__device__ __forceinline__ void accumulate_raw(float (&yv)[Elem<T>::kVec], const uint4 (&raw)[N], const float* path_g,
+                                               int first, int end) {
+  constexpr int V = Elem<T>::kVec;
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    if (first + u < end) {
+      const float g = path_g[first + u];
+      float w[V];
+      Elem<T>::unpack(raw[u], w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) yv[e] = fmaf(g, w[e], yv[e]);
+    }
+  }
+}
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
+  constexpr int V = Elem<T>::kVec;
+  __shared__ float logit_s[2][cl::kRoundNodes + 1];  // by round parity: a block may run one round ahead
+  __shared__ int path_node[cl::kMaxLevels];
+  __shared__ float path_g[cl::kMaxLevels];
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const unsigned rank = cluster_rank();
+  const int nvec = p.hidden / V;
+  const int per_block = (nvec + cl::kBlocks - 1) / cl::kBlocks;  // output vectors of this block
+  const int my_vec = static_cast<int>(rank) * per_block + tid;
+  const bool outputs = tid < per_block && my_vec < nvec;
+  const int depth = p.depth;
+  const int64_t m = blockIdx.x / cl::kBlocks;
+  const int64_t n_nodes = nodes_per_tree(depth);
+  const int64_t first_leaf = (int64_t{1} << depth) - 1;
+  const int my_j = static_cast<int>(rank) * cl::kWarps + warp;  // this warp's node in each round
+
+  cluster_arrive_relaxed();  // every block of the cluster has started before the first remote store
+  float xf[NV][V];
+  load_x_shared<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
+  float yv[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) yv[e] = 0.f;
+  bool first_exchange = true;
+  int parity = 0;
+
+  for (int t = 0; t < p.trees; ++t) {
+    const T* tw_in = w_in + t * n_nodes * p.hidden;
+    const T* tb_in = b_in + t * n_nodes;
+    const T* tw_out = w_out + t * n_nodes * p.hidden;
+    int n = 0, done = 0;
+    for (int level0 = 0; level0 <= depth; level0 += cl::kRound) {
+      const int r = min(cl::kRound, depth + 1 - level0);
+      const int count = (1 << r) - 1;
+      uint4 out_raw[cl::kRound];  // this block's slice of the previous round's w_out rows
+      if (outputs) {
+#pragma unroll
+        for (int u = 0; u < cl::kRound; ++u)
+          if (done + u < level0)
+            out_raw[u] = __ldg(reinterpret_cast<const uint4*>(tw_out + static_cast<int64_t>(path_node[done + u]) * p.hidden) + my_vec);
+      }
+      float logit = 0.f;
+      if (level0 + r > depth && my_j < count && lane * 128 < per_block * 16) {
+        // last round: pull this block's slice of every candidate's w_out row into L1 for the output pass
+        const int node = tc::subtree_node(n, my_j);
+        prefetch_l1(reinterpret_cast<const char*>(tw_out + static_cast<int64_t>(node) * p.hidden) +
+                    static_cast<int64_t>(rank) * per_block * 16 + lane * 128);
+      }
+      if (my_j < count) {
+        const int node = tc::subtree_node(n, my_j);
+        Row<T, NV> row;
+        load_row<T, NV>(row, tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
+        logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
+      }
+      if (outputs) accumulate_raw<T, cl::kRound>(yv, out_raw, path_g, done, level0);
+      done = level0;
+      if (first_exchange) {
+        cluster_wait();
+        first_exchange = false;
+      }
+      if (my_j < count && lane < cl::kBlocks) store_remote(&logit_s[parity][my_j], lane, logit);
+      cluster_arrive();
+      cluster_wait();
+      if (tid == 0) {  // every block walks the same logits to the same path
+        int j = 0;
+        for (int d = 0; d < r; ++d) {
+          const float l = logit_s[parity][j];
+          path_node[level0 + d] = tc::subtree_node(n, j);
+          path_g[level0 + d] = l;  // the logit for now: GELU below, off the serial walk
+          if (level0 + d < depth) j = 2 * j + 1 + (l > 0.f ? 1 : 0);  // left on <= 0 and NaN
+        }
+        logit_s[parity][cl::kRoundNodes] = __int_as_float(tc::subtree_node(n, j));  // next round's root
+      }
+      __syncthreads();
+      if (tid < r) path_g[level0 + tid] = gelu(path_g[level0 + tid]);
+      __syncwarp();  // warp 0 writes these GELU values and its first lanes (the output threads) read them
+      n = __float_as_int(logit_s[parity][cl::kRoundNodes]);
+      parity ^= 1;
+    }
+    if (rank == 0 && tid == 0) p.leaves[m * p.trees + t] = path_node[depth] - first_leaf;
+    if (outputs) {  // the last round's levels
+      uint4 out_raw[cl::kRound];
+#pragma unroll
+      for (int u = 0; u < cl::kRound; ++u)
+        if (done + u <= depth)
+          out_raw[u] = __ldg(reinterpret_cast<const uint4*>(tw_out + static_cast<int64_t>(path_node[done + u]) * p.hidden) + my_vec);
+      accumulate_raw<T, cl::kRound>(yv, out_raw, path_g, done, depth + 1);
+    }
+    __syncthreads();  // path arrays are rewritten by the next tree
+  }
+  if (outputs) __stcs(reinterpret_cast<uint4*>(static_cast<T*>(p.y) + m * p.hidden) + my_vec, Elem<T>::pack(yv));
+}
+
+// kSorted, step 1 with the top levels' rows in shared memory: one block of 1024 threads per SM stages the
+// w_in rows and biases of levels [0, top) once (2^top - 1 rows, up to ~190 KB), then its warps route
+// tokens through them; levels [top, split) still read rows through L1/L2. At fp32 the top 7 levels are
+// 381 KB of rows that do not stay in L1, so step 1 was bound by L2 reads (21 KB per token).
+template <typename T, int NV>
+struct RouteSharedThreads {  // 64 registers per thread at 1024 threads: enough for x of 24 floats per lane
+  static constexpr int value = NV * Elem<T>::kVec <= 24 ? 1024 : 512;
+};
+constexpr int64_t kRouteSharedBudget = 200 * 1024;  // below the 227 KB a block may have on H100
+
+__host__ __device__ inline int64_t route_shared_bytes(int top, int split, int64_t hidden, int64_t element_size) {
+  const int64_t rows = (int64_t{1} << top) - 1;
+  return rows * hidden * element_size + 4 * rows + 4 * (int64_t{1} << split);
+}
+
+template <typename T, int NV>
+__device__ __forceinline__ void load_row_shared(Row<T, NV>& r, const T* row, int lane, int nvec) {
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+  for (int c = 0; c < NV; ++c) {
+    const int v = c * 32 + lane;
+    r.v[c] = v < nvec ? p[v] : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top_shared_kernel(const Params p, int top) {
+  constexpr int V = Elem<T>::kVec;
+  constexpr int kRouteSharedThreads = RouteSharedThreads<T, NV>::value;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int hidden = p.hidden, split = p.split;
+  const int rows = (1 << top) - 1;
+  const int n_buckets = 1 << split;
+  T* rows_s = reinterpret_cast<T*>(smem);
+  float* bias_s = reinterpret_cast<float*>(rows_s + static_cast<int64_t>(rows) * hidden);
+  int* hist = reinterpret_cast<int*>(bias_s + rows);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int nvec = hidden / V;
+  const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
+  for (int i = tid; i < rows * nvec16; i += kRouteSharedThreads)  // the top rows are contiguous in w_in
+    tc::cp_async16(reinterpret_cast<uint4*>(rows_s) + i, reinterpret_cast<const uint4*>(w_in) + i, true);
+  tc::cp_async_commit();
+  for (int i = tid; i < rows; i += kRouteSharedThreads) bias_s[i] = Elem<T>::load(b_in + i);
+  for (int i = tid; i < n_buckets; i += kRouteSharedThreads) hist[i] = 0;
+  tc::cp_async_wait_all();
+  __syncthreads();
+  constexpr int kW = kRouteSharedThreads / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kW;
+  for (int64_t m = static_cast<int64_t>(blockIdx.x) * kW + (tid >> 5); m < p.tokens; m += stride) {
+    float xf[NV][V];
+    load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
+    pin_x(xf);
+    int n = 0, my_node = 0;
+    float my_logit = 0.f;
+    for (int level = 0; level < top; ++level) {  // same arithmetic as route(), rows from shared memory
+      Row<T, NV> r;
+      load_row_shared<T, NV>(r, rows_s + static_cast<int64_t>(n) * hidden, lane, nvec);
+      const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias_s[n];
+      if (lane == level) {
+        my_node = n;
+        my_logit = logit;
+      }
+      if (level < p.depth) n = 2 * n + 1 + (logit > 0.f ? 1 : 0);
+    }
+    n = route<T, NV>(xf, w_in, b_in, hidden, nvec, lane, top, split, p.depth, n, my_node, my_logit);
+    if (lane < split) p.g_top[m * split + lane] = gelu(my_logit);
+    if (lane == 0) {
+      const int b = n - (n_buckets - 1);
+      p.bucket[m] = b;
+      atomicAdd(&hist[b], 1);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < n_buckets; i += kRouteSharedThreads)
+    if (hist[i] != 0) atomicAdd(&p.counts[i], hist[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kSorted, step 3 (after route_top_kernel and scatter_kernel of kBucketed): the bucket's rows live in
+// shared memory. Every token of bucket b went through the same `split` nodes above it and goes on inside
+// the subtree below b, so a block that finishes a run of b's tokens needs only
+//   w_in and b_in of the subtree (sub = 2^(depth - split + 1) - 1 rows), and
+//   w_out of the subtree and of the split ancestors,
+// 203 KB at bf16, width 768, depth 11, split 6 (212 KB at fp32 with split 7). One block per SM stages
+// them once per bucket with cp.async, then its warps walk tokens with every row read from shared memory:
+// x is the only global read per token (prefetched one token ahead) and y the only write. This removes
+// the deep rows' L2 traffic (0.6 GB at 32768 tokens, bf16) that bounds kSingle. Blocks take contiguous
+// runs of the sorted order (one or two buckets each). Same arithmetic and order as kSingle: same bits.
+template <typename T, int NV>
+struct SortedThreads {  // 85 registers per thread while x is at most 24 floats per lane, else 128
+  static constexpr int value = NV * Elem<T>::kVec <= 24 ? 768 : 512;
+};
+// Loading the next token's x while the current one is computed costs 4 NV registers; wide rows need them.
+template <int NV>
+struct SortedPrefetch {
+  static constexpr bool value = NV <= 4;
+};
+
+__host__ __device__ inline int64_t sorted_subtree_rows(int depth, int split) { return (int64_t{2} << (depth - split)) - 1; }
+
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_kernel(const Params p, int64_t chunk) {
+  constexpr int V = Elem<T>::kVec;
+  constexpr int kThr = SortedThreads<T, NV>::value, kW = kThr / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int hidden = p.hidden, split = p.split, depth = p.depth;
+  const int sub = static_cast<int>(sorted_subtree_rows(depth, split));
+  const int n_buckets = 1 << split;
+  T* rows_in = reinterpret_cast<T*>(smem);
+  T* rows_out = rows_in + static_cast<int64_t>(sub) * hidden;  // sub subtree rows, then the split ancestors
+  float* bias_s = reinterpret_cast<float*>(rows_out + static_cast<int64_t>(sub + split) * hidden);
+  int* offs = reinterpret_cast<int*>(bias_s + sub);  // n_buckets + 1 exclusive prefix sums of the counts
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nvec = hidden / V;
+  const int64_t first_leaf = (int64_t{1} << depth) - 1;
+
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = min(begin + chunk, p.tokens);
+  if (begin >= end) return;  // block-uniform
+  if (warp == 0) {  // exclusive scan of the bucket counts (at most 1024): lane-sized runs, then a warp scan
+    const int per_lane = (n_buckets + 31) / 32;
+    const int b0 = min(lane * per_lane, n_buckets), b1 = min(b0 + per_lane, n_buckets);
+    int total = 0;
+    for (int i = b0; i < b1; ++i) total += p.counts[i];
+    int inclusive = total;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int other = __shfl_up_sync(kFullMask, inclusive, d);
+      if (lane >= d) inclusive += other;
+    }
+    int running = inclusive - total;
+    for (int i = b0; i < b1; ++i) {
+      offs[i] = running;
+      running += p.counts[i];
+    }
+    if (lane == 31) offs[n_buckets] = inclusive;
+  }
+  __syncthreads();
+  int b = 0;  // the bucket holding sorted position `begin`: the last b with offs[b] <= begin
+  for (int lo = 0, hi = n_buckets - 1; lo <= hi;) {
+    const int mid = (lo + hi) >> 1;
+    if (offs[mid] <= begin) b = mid, lo = mid + 1;
+    else hi = mid - 1;
+  }
+  const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
+  for (int64_t pos = begin; pos < end; ++b) {
+    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
+    if (seg_end <= pos) continue;  // an empty bucket
+    const int root = n_buckets - 1 + b;  // heap index of the bucket node
+    __syncthreads();                     // the previous bucket's rows are no longer read
+    const int staged = 2 * sub + split;
+    for (int i = tid; i < staged * nvec16; i += kThr) {
+      const int r = i / nvec16, c = i - r * nvec16;
+      const T* src;
+      if (r < sub) src = w_in + static_cast<int64_t>(tc::subtree_node(root, r)) * hidden;
+      else if (r < 2 * sub) src = w_out + static_cast<int64_t>(tc::subtree_node(root, r - sub)) * hidden;
+      else src = w_out + static_cast<int64_t>(((root + 1) >> (split - (r - 2 * sub))) - 1) * hidden;  // ancestor
+      tc::cp_async16(reinterpret_cast<uint4*>(rows_in) + i, reinterpret_cast<const uint4*>(src) + c, true);
+    }
+    tc::cp_async_commit();
+    for (int i = tid; i < sub; i += kThr) bias_s[i] = Elem<T>::load(b_in + tc::subtree_node(root, i));
+    tc::cp_async_wait_all();
+    __syncthreads();
+
+    constexpr bool kPrefetch = SortedPrefetch<NV>::value;
+    int64_t q = pos + warp;
+    uint4 x_next[kPrefetch ? NV : 1];
+    if constexpr (kPrefetch) {
+      if (q < seg_end) load_x_raw<T, NV>(x_next, x + static_cast<int64_t>(p.order[q]) * p.ldx, lane, nvec);
+    }
+    for (; q < seg_end; q += kW) {
+      const int64_t m = p.order[q];
+      float xf[NV][V];
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int c = 0; c < NV; ++c) Elem<T>::unpack(x_next[c], xf[c]);
+        if (q + kW < seg_end) load_x_raw<T, NV>(x_next, x + static_cast<int64_t>(p.order[q + kW]) * p.ldx, lane, nvec);
+      } else {
+        load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
+      }
+      pin_x(xf);
+      // lane l keeps level l's row slot in rows_out and its GELU value; the top levels come from step 1
+      int my_slot = 0;
+      float my_g = 0.f, my_logit = 0.f;
+      if (lane < split) {
+        my_slot = sub + lane;
+        my_g = p.g_top[m * split + lane];
+      }
+      int j = 0;
+      for (int level = split; level <= depth; ++level) {
+        Row<T, NV> r;
+        load_row_shared<T, NV>(r, rows_in + static_cast<int64_t>(j) * hidden, lane, nvec);
+        const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias_s[j];
+        if (lane == level) {
+          my_slot = j;
+          my_logit = logit;
+        }
+        if (level < depth) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);
+      }
+      if (lane >= split) my_g = gelu(my_logit);
+      float yf[NV][V];
+#pragma unroll
+      for (int c = 0; c < NV; ++c)
+#pragma unroll
+        for (int e = 0; e < V; ++e) yf[c][e] = 0.f;
+      for (int level = 0; level <= depth; ++level) {
+        const int slot = __shfl_sync(kFullMask, my_slot, level);
+        const float g = __shfl_sync(kFullMask, my_g, level);
+        Row<T, NV> r;
+        load_row_shared<T, NV>(r, rows_out + static_cast<int64_t>(slot) * hidden, lane, nvec);
+#pragma unroll
+        for (int c = 0; c < NV; ++c) {
+          float w[V];
+          Elem<T>::unpack(r.v[c], w);
+#pragma unroll
+          for (int e = 0; e < V; ++e) yf[c][e] = fmaf(g, w[e], yf[c][e]);
+        }
+      }
+      store_y<T, NV>(y + m * hidden, yf, lane, nvec);
+      if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
+    }
+    pos = seg_end;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kSortedTensor, step 3 (float16 / bfloat16): kSorted's finishing block with both products on tensor cores.
+// On CUDA cores every weight element costs a widening and an FMA, and kSorted's finishing kernel was
+// issue-bound (about 1100 instructions per token). Here each warp takes 16 tokens of one bucket at a time:
+//   logits  L (16 x 32) = X (16 x H, fragments read straight from global memory) W_sub^T (shared) + b,
+//   route   one lane per token walks the subtree's 5 levels in L (fp32 logits) and writes its GELU
+//           values into G (16 x slots: the subtree nodes, then the split ancestors; zero elsewhere),
+//   output  Y (16 x H) = G W_out[slots] (shared), 64 columns at a time, G split into hi + lo halves in
+//           the input dtype so that the coefficients keep fp32 accuracy,
+// with mma.sync m16n8k16 and fp32 accumulation: about 110 instructions per token. The bucket's subtree
+// is at most 5 levels deep (split >= depth - 4), so its rows (32 + up to 48 slots, rows padded by 16 bytes
+// so that ldmatrix hits distinct banks) and 16 warps' tiles fit in one block's shared memory (216 KB at
+// width 768). Logits are summed in another order than kSorted's, so a near-tie can route differently;
+// the tests treat a logit within 1e-5 of sum |x w| of zero as either way, as for kTensorCore.
+namespace stc {
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTok = 16;           // tokens per warp group: the mma M
+constexpr int kIn = 32;            // logit columns: up to 31 subtree nodes, zero-padded
+constexpr int kMaxSlotSteps = 3;   // output slots <= 48 (k steps of 16)
+constexpr int kPad = 8;            // elements of row padding (16 bytes)
+constexpr int kLStride = kIn + 1;  // fp32 logit tile row
+}  // namespace stc
+
+template <typename T>
+__global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(const Params p, int64_t chunk) {
+  using namespace tc;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int hidden = p.hidden, split = p.split, depth = p.depth;
+  const int sub = (2 << (depth - split)) - 1;
+  const int slots = sorted_tc_slots(sub, split);
+  const int n_steps = slots / 16;
+  const int n_buckets = 1 << split;
+  const int stride = hidden + stc::kPad;
+  const int gstride = slots + stc::kPad;
+  T* rows_in = reinterpret_cast<T*>(smem);                      // [kIn][stride]
+  T* rows_out = rows_in + stc::kIn * stride;                      // [slots][stride]
+  T* g_tiles = rows_out + slots * stride;                         // per warp: hi, lo [kTok][gstride]
+  float* l_tiles = reinterpret_cast<float*>(g_tiles + stc::kWarps * 2 * stc::kTok * gstride);  // [kTok][kLStride]
+  float* bias_s = l_tiles + stc::kWarps * stc::kTok * stc::kLStride;  // [kIn]
+  int* offs = reinterpret_cast<int*>(bias_s + stc::kIn);             // [n_buckets + 1]
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair
+  const int64_t first_leaf = (int64_t{1} << depth) - 1;
+  T* g_hi = g_tiles + warp * 2 * stc::kTok * gstride;
+  T* g_lo = g_hi + stc::kTok * gstride;
+  float* lt = l_tiles + warp * stc::kTok * stc::kLStride;
+
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = min(begin + chunk, p.tokens);
+  if (begin >= end) return;  // block-uniform
+  if (warp == 0) {  // exclusive scan of the bucket counts, as in sorted_finish_kernel
+    const int per_lane = (n_buckets + 31) / 32;
+    const int b0 = min(lane * per_lane, n_buckets), b1 = min(b0 + per_lane, n_buckets);
+    int total = 0;
+    for (int i = b0; i < b1; ++i) total += p.counts[i];
+    int inclusive = total;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int other = __shfl_up_sync(kFullMask, inclusive, d);
+      if (lane >= d) inclusive += other;
+    }
+    int running = inclusive - total;
+    for (int i = b0; i < b1; ++i) {
+      offs[i] = running;
+      running += p.counts[i];
+    }
+    if (lane == 31) offs[n_buckets] = inclusive;
+  }
+  __syncthreads();
+  int b = 0;
+  for (int lo = 0, hi = n_buckets - 1; lo <= hi;) {
+    const int mid = (lo + hi) >> 1;
+    if (offs[mid] <= begin) b = mid, lo = mid + 1;
+    else hi = mid - 1;
+  }
+  const int pieces = hidden / 8;  // 16-byte pieces per row
+  for (int64_t pos = begin; pos < end; ++b) {
+    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
+    if (seg_end <= pos) continue;
+    const int root = n_buckets - 1 + b;
+    __syncthreads();  // the previous bucket's rows are no longer read
+    for (int i = tid; i < (stc::kIn + slots) * pieces; i += stc::kThreads) {
+      const int r = i / pieces, c = (i - r * pieces) * 8;
+      const T* src = nullptr;
+      if (r < stc::kIn) {
+        if (r < sub) src = w_in + static_cast<int64_t>(subtree_node(root, r)) * hidden;
+      } else if (r - stc::kIn < sub) {
+        src = w_out + static_cast<int64_t>(subtree_node(root, r - stc::kIn)) * hidden;
+      } else if (r - stc::kIn < sub + split) {
+        src = w_out + static_cast<int64_t>(((root + 1) >> (split - (r - stc::kIn - sub))) - 1) * hidden;  // ancestor
+      }
+      cp_async16(rows_in + r * stride + c, src != nullptr ? src + c : w_in, src != nullptr);  // zero rows pad
+    }
+    cp_async_commit();
+    if (tid < stc::kIn) bias_s[tid] = tid < sub ? Elem<T>::load(b_in + subtree_node(root, tid)) : 0.f;
+    cp_async_wait_all();
+    __syncthreads();
+
+    const int64_t n_groups = (seg_end - pos + stc::kTok - 1) / stc::kTok;
+    for (int64_t group = warp; group < n_groups; group += stc::kWarps) {
+      const int64_t q0 = pos + group * stc::kTok;
+      const int64_t m_a = q0 + gq < seg_end ? p.order[q0 + gq] : -1;          // token of fragment row gq
+      const int64_t m_b = q0 + gq + 8 < seg_end ? p.order[q0 + gq + 8] : -1;  // and of row gq + 8
+      const unsigned* xa = reinterpret_cast<const unsigned*>(x + (m_a >= 0 ? m_a : 0) * p.ldx);
+      const unsigned* xb = reinterpret_cast<const unsigned*>(x + (m_b >= 0 ? m_b : 0) * p.ldx);
+      // --- logits: L = X W_sub^T ------------------------------------------------------------------
+      float acc[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+      // x fragments come straight from global memory, kKc k steps at a time, the next batch in flight while
+      // the current one multiplies (one batch per global round trip instead of one k step)
+      constexpr int kKc = 6;
+      unsigned cur[kKc][4], nxt[kKc][4];
+      auto load_batch = [&](unsigned (&a)[kKc][4], int k_first) {
+#pragma unroll
+        for (int u = 0; u < kKc; ++u) {
+          const int kk = k_first + 16 * u;
+          const int k2 = (kk >> 1) + tq;  // the element pair (kk + 2 tq, kk + 2 tq + 1)
+          const bool in = kk < hidden;
+          a[u][0] = in && m_a >= 0 ? __ldg(xa + k2) : 0u;
+          a[u][1] = in && m_b >= 0 ? __ldg(xb + k2) : 0u;
+          a[u][2] = in && m_a >= 0 ? __ldg(xa + k2 + 4) : 0u;
+          a[u][3] = in && m_b >= 0 ? __ldg(xb + k2 + 4) : 0u;
+        }
+      };
+      load_batch(cur, 0);
+      for (int k0 = 0; k0 < hidden; k0 += 16 * kKc) {
+        if (k0 + 16 * kKc < hidden) load_batch(nxt, k0 + 16 * kKc);
+#pragma unroll
+        for (int u = 0; u < kKc; ++u) {
+          const int kk = k0 + 16 * u;
+          if (kk < hidden) {
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+              unsigned bf[4];
+              ldmatrix_x4(bf, rows_in + (np * 16 + (lane & 7) + 8 * (lane >> 4)) * stride + kk + 8 * ((lane >> 3) & 1));
+              Mma<T>::run(acc[2 * np], cur[u], bf[0], bf[1]);
+              Mma<T>::run(acc[2 * np + 1], cur[u], bf[2], bf[3]);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kKc; ++u)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) cur[u][i] = nxt[u][i];
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = nt * 8 + 2 * tq;
+        lt[gq * stc::kLStride + col] = acc[nt][0] + bias_s[col];
+        lt[gq * stc::kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
+        lt[(gq + 8) * stc::kLStride + col] = acc[nt][2] + bias_s[col];
+        lt[(gq + 8) * stc::kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
+      }
+      for (int i = lane; i < stc::kTok * gstride * 2 / 8; i += 32)  // G hi and lo back to zero
+        reinterpret_cast<uint4*>(g_hi)[i] = make_uint4(0u, 0u, 0u, 0u);
+      __syncwarp();
+      // --- route: lane i walks token i of the group ------------------------------------------------
+      if (lane < stc::kTok && q0 + lane < seg_end) {
+        const int64_t m = p.order[q0 + lane];
+        int j = 0;
+        for (int level = split; level <= depth; ++level) {
+          const float logit = lt[lane * stc::kLStride + j];
+          const float g = gelu(logit);
+          const T h = Mma<T>::from(g);
+          g_hi[lane * gstride + j] = h;
+          g_lo[lane * gstride + j] = Mma<T>::from(g - Mma<T>::to(h));
+          if (level < depth) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 and NaN
+        }
+        for (int l = 0; l < split; ++l) {  // the ancestors' GELU values, from step 1
+          const float g = p.g_top[m * split + l];
+          const T h = Mma<T>::from(g);
+          g_hi[lane * gstride + sub + l] = h;
+          g_lo[lane * gstride + sub + l] = Mma<T>::from(g - Mma<T>::to(h));
+        }
+        p.leaves[m] = subtree_node(root, j) - first_leaf;
+      }
+      __syncwarp();
+      // --- output: Y = G W_out[slots], 64 columns at a time -----------------------------------------
+      unsigned a_hi[stc::kMaxSlotSteps][4], a_lo[stc::kMaxSlotSteps][4];
+#pragma unroll
+      for (int ks = 0; ks < stc::kMaxSlotSteps; ++ks) {
+        if (ks < n_steps) {
+          ldmatrix_x4(a_hi[ks], g_hi + (lane & 15) * gstride + ks * 16 + 8 * (lane >> 4));
+          ldmatrix_x4(a_lo[ks], g_lo + (lane & 15) * gstride + ks * 16 + 8 * (lane >> 4));
+        }
+      }
+      for (int c0 = 0; c0 < hidden; c0 += 64) {
+        float out[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < stc::kMaxSlotSteps; ++ks) {
+          if (ks < n_steps) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+              if (c0 + np * 16 < hidden) {
+                unsigned bf[4];
+                ldmatrix_x4_trans(bf, rows_out + (ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * stride + c0 + np * 16 + 8 * (lane >> 4));
+                Mma<T>::run(out[2 * np], a_hi[ks], bf[0], bf[1]);
+                Mma<T>::run(out[2 * np], a_lo[ks], bf[0], bf[1]);
+                Mma<T>::run(out[2 * np + 1], a_hi[ks], bf[2], bf[3]);
+                Mma<T>::run(out[2 * np + 1], a_lo[ks], bf[2], bf[3]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int col = c0 + nt * 8 + 2 * tq;
+          if (col < hidden) {
+            if (m_a >= 0) *reinterpret_cast<unsigned*>(y + m_a * hidden + col) = Elem<T>::pack2(out[nt][0], out[nt][1]);
+            if (m_b >= 0) *reinterpret_cast<unsigned*>(y + m_b * hidden + col) = Elem<T>::pack2(out[nt][2], out[nt][3]);
+          }
+        }
+      }
+      __syncwarp();  // this warp's tiles are rewritten by its next group
+    }
+    pos = seg_end;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Launch.
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel, size_t smem) {
@@ -870,6 +1681,52 @@ int64_t token_grid(Kernel kernel, const Params& p, size_t smem, int& cached_per_
   const int64_t wanted = (p.tokens + kWarps - 1) / kWarps;
   const int64_t wave = static_cast<int64_t>(cached_per_sm) * p.num_sms;
   return wanted < wave ? wanted : wave;
+}
+
+// Raise a kernel's dynamic shared memory limit once per device (needed above 48 KB).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes, int (&done)[64]) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64 || done[device] >= static_cast<int>(bytes)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done[device] = static_cast<int>(bytes);
+}
+
+// Steps 1 and 2 of the sorted strategies: route the top `split` levels (their rows in shared memory as far
+// as they fit), then the counting sort.
+template <typename T, int NV>
+void launch_route_and_sort(const Params& p, cudaStream_t stream) {
+  const int n_buckets = 1 << p.split;
+  const size_t hist_bytes = sizeof(int) * n_buckets;
+  C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
+  int top = p.split;  // the deepest top block of levels whose rows fit beside the histogram
+  while (top > 0 && route_shared_bytes(top, p.split, p.hidden, sizeof(T)) > kRouteSharedBudget) --top;
+  if (top >= 2) {
+    const auto route_kernel = route_top_shared_kernel<T, NV>;
+    const size_t route_smem = static_cast<size_t>(route_shared_bytes(top, p.split, p.hidden, sizeof(T)));
+    static int route_done[64] = {};
+    allow_smem(route_kernel, route_smem, route_done);
+    const int64_t wanted = (p.tokens + 31) / 32;
+    route_kernel<<<wanted < p.num_sms ? wanted : p.num_sms, RouteSharedThreads<T, NV>::value, route_smem, stream>>>(p, top);
+  } else {
+    static int route_per_sm = 0;
+    const auto route_kernel = route_top_kernel<T, NV>;
+    route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t scatter_blocks = (p.tokens + kThreads - 1) / kThreads;
+  const int64_t scatter_cap = static_cast<int64_t>(p.num_sms) * 8;
+  scatter_kernel<<<scatter_blocks < scatter_cap ? scatter_blocks : scatter_cap, kThreads, hist_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Contiguous runs of the sorted tokens, at least 64 per block so that staging a bucket's rows pays off.
+inline int64_t sorted_chunk(const Params& p, int per_sm) {
+  const int64_t max_blocks = static_cast<int64_t>(per_sm) * p.num_sms;
+  const int64_t wanted = (p.tokens + 63) / 64;
+  const int64_t blocks = wanted < max_blocks ? wanted : max_blocks;
+  return (p.tokens + blocks - 1) / blocks;
 }
 
 template <typename T, int NV>
@@ -908,19 +1765,60 @@ void launch_fast(const Params& p, cudaStream_t stream) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
+    case kCluster: {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(static_cast<unsigned>(p.tokens * cl::kBlocks));
+      config.blockDim = dim3(cl::kThreads);
+      config.stream = stream;
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = cl::kBlocks;
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_kernel<T, NV>, p));
+      break;
+    }
+    case kSubtree: {
+      subtree_kernel<T, NV><<<p.tokens, st::kThreads, 0, stream>>>(p);  // one block per token
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    }
+    case kSorted: {
+      launch_route_and_sort<T, NV>(p, stream);
+      const auto finish = sorted_finish_kernel<T, NV>;
+      constexpr int threads = SortedThreads<T, NV>::value;
+      const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
+      static int smem_done[64] = {};
+      allow_smem(finish, smem, smem_done);
+      static size_t occupancy_smem = 0;  // blocks per SM for the last shared-memory size asked (host cache)
+      static int per_sm = 0;
+      if (occupancy_smem != smem) {
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, finish, threads, smem));
+        occupancy_smem = smem;
+      }
+      TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the sorted strategy's rows do not fit in shared memory; use a deeper split");
+      const int64_t chunk = sorted_chunk(p, per_sm);
+      finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    }
     default:
       TORCH_CHECK(false, "hf_fff CUDA: unknown strategy (", std::to_string(p.strategy), ")");
   }
 }
 
-// Raise a kernel's dynamic shared memory limit once per device (needed above 48 KB).
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes, int (&done)[64]) {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= 64 || done[device] >= static_cast<int>(bytes)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  done[device] = static_cast<int>(bytes);
+template <typename T>
+void launch_sorted_tensor(const Params& p, cudaStream_t stream) {
+  launch_route_and_sort<T, 3>(p, stream);  // NV only sizes step 1's registers: take hidden <= 768's
+  const auto finish = sorted_tc_finish_kernel<T>;
+  const size_t smem = static_cast<size_t>(sorted_tc_smem_bytes(p.depth, p.split, p.hidden));
+  static int smem_done[64] = {};
+  allow_smem(finish, smem, smem_done);
+  const int64_t chunk = sorted_chunk(p, 1);
+  finish<<<(p.tokens + chunk - 1) / chunk, stc::kThreads, smem, stream>>>(p, chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -955,11 +1853,13 @@ void launch(const Params& p, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  if (p.strategy == kTensorCore) {
+  if (p.strategy == kTensorCore || p.strategy == kSortedTensor) {
     if constexpr (std::is_same<T, float>::value) {
-      TORCH_CHECK(false, "hf_fff CUDA: the tensor-core strategy takes float16 or bfloat16");
-    } else {
+      TORCH_CHECK(false, "hf_fff CUDA: the tensor-core strategies take float16 or bfloat16");
+    } else if (p.strategy == kTensorCore) {
       launch_tensor_core<T>(p, stream);
+    } else {
+      launch_sorted_tensor<T>(p, stream);
     }
     return;
   }

@@ -7,6 +7,13 @@
 
 #include <cuda_runtime_api.h>
 
+// Helpers that both the binding (host compiler) and the kernels (nvcc) compute.
+#ifdef __CUDACC__
+#define HF_FFF_HOST_DEVICE __host__ __device__
+#else
+#define HF_FFF_HOST_DEVICE
+#endif
+
 namespace hf_fff_cuda {
 
 // How a call is computed. Every strategy computes the same function; they differ in speed only.
@@ -22,6 +29,14 @@ enum Strategy : int {
   kTensorCore = 5,   // kBucketed with every dot product on tensor cores (float16/bfloat16, one tree,
                      // depth 6..11, hidden % 16 == 0): the top depth-5 levels and the 6 below are each
                      // computed densely for a tile of 32 tokens (see tc_kernel in fff_cuda.cuh)
+  kSubtree = 6,      // few tokens: a block per token computes the logits of 5 levels of subtree at once, then
+                     // routes through them in shared memory (3 dependent rounds of fetches at depth 11, not 12)
+  kSorted = 7,       // kBucketed whose finishing blocks hold the bucket's rows (its subtree's w_in, w_out and
+                     // the w_out rows above it) in shared memory: one tree, the rows must fit (split chosen so)
+  kCluster = 8,      // few tokens, Hopper and later: a cluster of 8 blocks per token computes 6 levels of subtree
+                     // per round over distributed shared memory (2 dependent rounds of fetches at depth 11)
+  kSortedTensor = 9, // kSorted with the finishing products on tensor cores (float16/bfloat16, one tree, a
+                     // subtree of at most 5 levels below the split, hidden % 16 == 0)
 };
 
 struct Params {
@@ -39,7 +54,7 @@ struct Params {
   int strategy;  // resolved (never kAuto)
   int vectors;   // fast paths: 16-byte vectors of a row per lane (1, 2, 3, 4, 6 or 8)
   int num_sms;
-  // kBucketed / kTensorCore scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then cursors,
+  // kBucketed / kSorted / kTensorCore scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then cursors,
   // zeroed by the launcher), g_top (tokens * split GELU values of the top levels)
   int split;
   int* bucket;
@@ -50,6 +65,25 @@ struct Params {
   int* rec_row;
   float* rec_g;
 };
+
+// Dynamic shared memory of kSorted's finishing block: the bucket's rows (w_in of its subtree, w_out of its
+// subtree and of the split ancestors), the subtree's biases and the bucket offsets.
+inline int64_t sorted_smem_bytes(int depth, int split, int64_t hidden, int64_t element_size) {
+  const int64_t sub = (int64_t{2} << (depth - split)) - 1;
+  return (2 * sub + split) * hidden * element_size + 4 * sub + 4 * ((int64_t{1} << split) + 1);
+}
+
+// kSortedTensor: output slots (the subtree's nodes, then the split ancestors) rounded up to k steps of 16.
+HF_FFF_HOST_DEVICE inline int sorted_tc_slots(int sub, int split) { return (sub + split + 15) / 16 * 16; }
+
+// Dynamic shared memory of kSortedTensor's finishing block: rows (32 for logits, the output slots), padded by
+// 8 elements; 16 warps' G (hi and lo) and logit tiles; the subtree's biases; the bucket offsets.
+inline int64_t sorted_tc_smem_bytes(int depth, int split, int64_t hidden) {
+  const int sub = (2 << (depth - split)) - 1;
+  const int64_t slots = sorted_tc_slots(sub, split);
+  const int64_t stride = hidden + 8;
+  return (32 + slots) * stride * 2 + 16 * (2 * 16 * (slots + 8) * 2 + 16 * 33 * 4) + 4 * 32 + 4 * ((int64_t{1} << split) + 1);
+}
 
 void launch_f32(const Params& p, cudaStream_t stream);
 void launch_f16(const Params& p, cudaStream_t stream);

@@ -28,12 +28,37 @@ from hf_fff.backends import reference
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
-SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE = 1, 2, 3, 4, 5
+SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR = 1, 2, 3, 4, 5, 6, 7, 8, 9
+# thread-block clusters (the cluster strategy) need compute capability 9.0 or later
+CLUSTERS = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9
+FEW = (SUBTREE,) + ((CLUSTER,) if CLUSTERS else ())  # the few-token strategies this GPU runs
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # |y - y64| <= RTOL |y64| + (fp32 error of each visited node's GELU value) * |its output row|; RTOL is the
 # final rounding to the output dtype (half an ulp, doubled for margin).
 RTOL = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 ROUTE_TOL = 1e-5  # a logit within this fraction of sum |x_i w_i| + |b| of zero is a near-tie
+
+
+def sorted_bytes(depth: int, split: int, hidden: int, element_size: int) -> int:
+    """Shared memory of the sorted strategy's finishing block (sorted_smem_bytes in cuda/fff_cuda.h)."""
+    sub = 2 ** (depth - split + 1) - 1
+    return (2 * sub + split) * hidden * element_size + 4 * sub + 4 * (2**split + 1)
+
+
+def sorted_tensor_fits(depth: int, split: int, hidden: int, element_size: int) -> bool:
+    """Whether the sorted tensor-core strategy takes this problem (sorted_tensor_ok in cuda/fff_cuda.cpp)."""
+    if element_size != 2 or hidden % 16 or not 1 <= split <= min(depth, 10) or depth - split + 1 > 5:
+        return False
+    sub = 2 ** (depth - split + 1) - 1
+    slots = (sub + split + 15) // 16 * 16
+    if sub + split > 48:
+        return False
+    need = (32 + slots) * (hidden + 8) * 2 + 16 * (2 * 16 * (slots + 8) * 2 + 16 * 33 * 4) + 4 * 32 + 4 * (2**split + 1)
+    return need <= smem_limit()
+
+
+def smem_limit() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 227 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +134,21 @@ def run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=0, split=0):
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "strategy", [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE], ids=["auto", "single", "speculative", "bucketed", "general", "tensor_core"]
+    "strategy",
+    [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR],
+    ids=["auto", "single", "speculative", "bucketed", "general", "tensor_core", "subtree", "sorted", "cluster", "sorted_tensor"],
 )
 @pytest.mark.parametrize("tokens", [1, 37, 5000])
 def test_bert_geometry(ext, dtype, strategy, tokens):
     """Width 768, depth 11, one tree: the UltraFastBERT layer, every strategy, few to many tokens."""
     gen = torch.Generator(device="cuda").manual_seed(1000 + tokens + 7 * strategy)
     args = make_problem(tokens, 768, 11, 1, dtype, gen)
-    if strategy == TENSOR_CORE and dtype == torch.float32:
+    if strategy in (TENSOR_CORE, SORTED_TENSOR) and dtype == torch.float32:
         with pytest.raises(RuntimeError, match="tensor-core"):
+            ext.fff_forward(*args, 11, strategy=strategy)
+        return
+    if strategy == CLUSTER and not CLUSTERS:
+        with pytest.raises(RuntimeError, match="cluster"):
             ext.fff_forward(*args, 11, strategy=strategy)
         return
     check_against_float64(*args[:4], 11, *run_poisoned(ext, *args, 11, strategy=strategy))
@@ -133,6 +164,11 @@ def test_tensor_core_shapes(ext, dtype, depth, hidden):
     for tokens in (1, 33, 1500):
         args = make_problem(tokens, hidden, depth, 1, dtype, gen)
         check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=TENSOR_CORE))
+        if sorted_tensor_fits(depth, depth - 4, hidden, 2):
+            check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=SORTED_TENSOR))
+        else:
+            with pytest.raises(RuntimeError, match="tensor-core"):
+                ext.fff_forward(*args, depth, strategy=SORTED_TENSOR)
     if hidden == 768:  # one tree and hidden % 16 == 0 are required; other paths take the rest
         with pytest.raises(RuntimeError, match="tensor-core"):
             ext.fff_forward(*make_problem(4, 768, depth, 2, dtype, gen), depth, strategy=TENSOR_CORE)
@@ -147,7 +183,7 @@ def test_tensor_core_shapes(ext, dtype, depth, hidden):
 def test_trees_and_depths(ext, dtype, trees, depth):
     gen = torch.Generator(device="cuda").manual_seed(trees * 100 + depth)
     args = make_problem(300, 256, depth, trees, dtype, gen)
-    for strategy in (0, SINGLE, GENERAL):
+    for strategy in (0, SINGLE, GENERAL, *FEW) + ((SORTED,) if trees == 1 and depth >= 1 else ()):
         check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy))
 
 
@@ -157,8 +193,10 @@ def test_trees_and_depths(ext, dtype, trees, depth):
 def test_deep_trees(ext, dtype, depth):
     gen = torch.Generator(device="cuda").manual_seed(depth)
     args = make_problem(700, 64, depth, 1, dtype, gen)
-    for strategy in (0, SINGLE, SPECULATIVE, BUCKETED, GENERAL):
+    for strategy in (0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, SORTED, *FEW):
         check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy))
+    if dtype != torch.float32 and depth <= 14:
+        check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=SORTED_TENSOR))
     args = make_problem(65, 36, depth, 2, dtype, gen)  # two trees; width 36 is off the 16-bit fast path
     check_against_float64(*args, depth, *run_poisoned(ext, *args, depth))
 
@@ -172,6 +210,11 @@ def test_hidden_sizes(ext, dtype, hidden):
     args = make_problem(133, hidden, 4, 2, dtype, gen)
     check_against_float64(*args, 4, *run_poisoned(ext, *args, 4))
     check_against_float64(*args, 4, *run_poisoned(ext, *args, 4, strategy=GENERAL))
+    if hidden % (16 // args[0].element_size()) == 0 and hidden <= 256 * (16 // args[0].element_size()):
+        for strategy in FEW:
+            check_against_float64(*args, 4, *run_poisoned(ext, *args, 4, strategy=strategy))
+        one_tree = make_problem(133, hidden, 4, 1, dtype, gen)
+        check_against_float64(*one_tree, 4, *run_poisoned(ext, *one_tree, 4, strategy=SORTED))
 
 
 @needs_cuda
@@ -181,6 +224,16 @@ def test_bucket_splits(ext, dtype, split):
     gen = torch.Generator(device="cuda").manual_seed(split)
     args = make_problem(4500, 128, 10, 1, dtype, gen)
     check_against_float64(*args, 10, *run_poisoned(ext, *args, 10, strategy=BUCKETED, split=split))
+    if sorted_bytes(10, split, 128, args[0].element_size()) > smem_limit():  # e.g. split 1: 1023 rows per matrix
+        with pytest.raises(RuntimeError, match="shared memory"):
+            ext.fff_forward(*args, 10, strategy=SORTED, split=split)
+    else:
+        check_against_float64(*args, 10, *run_poisoned(ext, *args, 10, strategy=SORTED, split=split))
+    if sorted_tensor_fits(10, split, 128, args[0].element_size()):
+        check_against_float64(*args, 10, *run_poisoned(ext, *args, 10, strategy=SORTED_TENSOR, split=split))
+    else:  # fp32, or more than 5 levels below the split
+        with pytest.raises(RuntimeError, match="tensor-core"):
+            ext.fff_forward(*args, 10, strategy=SORTED_TENSOR, split=split)
 
 
 @needs_cuda
@@ -189,19 +242,22 @@ def test_skewed_routing(ext):
     gen = torch.Generator(device="cuda").manual_seed(5)
     x, w_in, b_in, w_out = make_problem(6000, 256, 11, 1, torch.bfloat16, gen)
     b_in[:127] = 30.0  # every token goes right through the first 6 levels
-    for strategy in (0, BUCKETED, SINGLE, TENSOR_CORE):
+    for strategy in (0, BUCKETED, SINGLE, TENSOR_CORE, SORTED, SORTED_TENSOR):
         check_against_float64(x, w_in, b_in, w_out, 11, *run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy))
 
 
 @needs_cuda
 def test_plan_matches_measured_choices(ext):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert ext.plan(1, 768, 11, 1, "bfloat16", sms)[0] == SPECULATIVE
-    assert ext.plan(32768, 768, 11, 1, "bfloat16", sms)[0] == SINGLE
-    assert ext.plan(32768, 768, 11, 1, "float32", sms) == (BUCKETED, 7)
-    assert ext.plan(8192, 768, 11, 1, "float16", sms)[0] == BUCKETED
-    assert ext.plan(32768, 768, 11, 2, "float32", sms)[0] == SINGLE
-    assert ext.plan(32768, 769, 11, 1, "float32", sms)[0] == GENERAL
+    smem = smem_limit()
+    assert ext.plan(1, 768, 11, 1, "bfloat16", sms, smem, 9)[0] == CLUSTER
+    assert ext.plan(1, 768, 11, 1, "bfloat16", sms, smem, 8)[0] == SUBTREE  # no clusters before Hopper
+    assert ext.plan(100, 768, 11, 1, "bfloat16", sms, smem)[0] == SUBTREE
+    assert ext.plan(32768, 768, 11, 1, "bfloat16", sms, smem) == (SORTED, 6)
+    assert ext.plan(32768, 768, 11, 1, "float32", sms, smem) == (SORTED, 7)
+    assert ext.plan(8192, 768, 11, 1, "float16", sms, smem) == (SORTED, 6)
+    assert ext.plan(32768, 768, 11, 2, "float32", sms, smem)[0] == SINGLE
+    assert ext.plan(32768, 769, 11, 1, "float32", sms, smem)[0] == GENERAL
 
 
 @needs_cuda
@@ -221,7 +277,10 @@ def test_non_contiguous_inputs(ext, dtype):
     _, w_in, b_in, w_out = make_problem(1, 768, 7, 1, dtype, gen)
     wide = torch.randn(500, 2 * 768, device="cuda", generator=gen).to(dtype)
     cases = {  # name: (x, strategies besides auto that apply)
-        "row slice (row stride 1536)": (wide[:, 768:], (SINGLE, BUCKETED, GENERAL) + ((TENSOR_CORE,) if dtype != torch.float32 else ())),
+        "row slice (row stride 1536)": (
+            wide[:, 768:],
+            (SINGLE, BUCKETED, GENERAL, SORTED, *FEW) + ((TENSOR_CORE, SORTED_TENSOR) if dtype != torch.float32 else ()),
+        ),
         "column stride 2 (copied first)": (wide[:, ::2], (SINGLE, BUCKETED, GENERAL)),
         "transposed (copied first)": (torch.randn(768, 500, device="cuda", generator=gen).to(dtype).t(), (SINGLE, GENERAL)),
         "rows not 16-byte aligned": (wide[:, 1:769], (GENERAL,)),  # auto picks the general path here
@@ -251,6 +310,8 @@ def test_rejects_bad_arguments(ext):
     with pytest.raises(RuntimeError, match="one tree"):
         two = make_problem(4, 64, 3, 2, torch.float32, None)
         ext.fff_forward(*two, 3, strategy=BUCKETED)
+    with pytest.raises(RuntimeError, match="one tree"):
+        ext.fff_forward(*two, 3, strategy=SORTED)
     with pytest.raises(RuntimeError, match="hidden"):
         odd = make_problem(4, 63, 3, 1, torch.float32, None)
         ext.fff_forward(*odd, 3, strategy=SINGLE)
@@ -285,7 +346,7 @@ def test_past_2_pow_31_elements(ext):
     x = torch.randn(tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
     # the tokens checked: the very last ones (offsets past 2^31) and a random sample
     check = torch.cat([torch.arange(tokens - 3000, tokens, device="cuda"), torch.randint(0, tokens, (3000,), device="cuda", generator=gen)])
-    for strategy in (0, SINGLE, BUCKETED, GENERAL, TENSOR_CORE):
+    for strategy in (0, SINGLE, BUCKETED, GENERAL, TENSOR_CORE, SORTED, SORTED_TENSOR, *FEW):
         y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy)
         assert not torch.isnan(y[-4096:]).any()
         check_against_float64(x[check], w_in, b_in, w_out, 11, y[check], leaves[check])

@@ -6,8 +6,8 @@ first CUDA tensor reaches the FFF op. When it cannot happen (no nvcc, no ninja, 
 reference on the GPU.
 
 The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
-environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core) and
-HF_FFF_CUDA_SPLIT (bucket level) force one, read once when the backend loads.
+environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
+subtree, sorted, cluster, sorted_tensor) and HF_FFF_CUDA_SPLIT (bucket level) force one, read once when the backend loads.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ HEADERS = ["fff_cuda.h", "fff_cuda.cuh"]
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 CFLAGS = ["-O3"]
 
-STRATEGIES = {"auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5}
+STRATEGIES = {
+    "auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5, "subtree": 6, "sorted": 7,
+    "cluster": 8, "sorted_tensor": 9,
+}
 STRATEGY_ENV = "HF_FFF_CUDA_STRATEGY"
 SPLIT_ENV = "HF_FFF_CUDA_SPLIT"
 
