@@ -35,7 +35,10 @@ from hf_fff.backends import cuda as cuda_backend  # noqa: E402
 from hf_fff.backends import reference  # noqa: E402
 
 HIDDEN, DEPTH = 768, 11
-STRATEGY = {"auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5}
+STRATEGY = {
+    "auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5, "subtree": 6, "sorted": 7,
+    "cluster": 8, "sorted_tensor": 9,
+}
 RESULTS: dict = {}
 
 
@@ -84,18 +87,44 @@ def bench_layers(ext, quick: bool) -> None:
             x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).to(dtype)
             strategies = ["auto"]
             if tokens <= 512:
-                strategies += ["single", "speculative"]
+                strategies += ["single", "speculative", "subtree", "cluster"]
+            if tokens >= 512:
+                strategies += ["sorted"] + (["sorted_tensor"] if dtype != torch.float32 else [])
             if tokens >= 1024:
                 strategies += ["single", "bucketed"] + (["tensor_core"] if dtype != torch.float32 else [])
             for strategy in strategies:
                 splits = [0]
-                if strategy == "bucketed" and tokens == 32768 and dtype == torch.float32 and not quick:
-                    splits = [6, 7, 8]
+                if strategy == "sorted" and tokens == 32768 and not quick:
+                    splits = [0, 8, 9] if dtype == torch.float32 else [0, 7]
                 for split in splits:
                     label = f"fff {name} M={tokens} {strategy}" + (f" split={split}" if split else "")
                     record(label, us(lambda: ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=STRATEGY[strategy], split=split)))
             plan = ext.plan(tokens, HIDDEN, DEPTH, 1, name, torch.cuda.get_device_properties(0).multi_processor_count)
             RESULTS[f"plan {name} M={tokens}"] = list(plan)
+
+
+def kernel_breakdown(ext) -> None:
+    """Per-kernel GPU time of one automatic call at 32768 tokens (torch.profiler), to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    print("\n# kernel breakdown at 32768 tokens (us per call, torch.profiler, L2 warm)")
+    for dtype in (torch.bfloat16, torch.float32):
+        w_in, b_in, w_out = layer_weights(dtype, gen)
+        x = torch.randn(32768, HIDDEN, device="cuda", generator=gen).to(dtype)
+        for strategy in ("auto", "single"):
+            call = lambda: ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=STRATEGY[strategy])  # noqa: E731
+            call()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+            for event in prof.key_averages():
+                total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+                if total > 0:
+                    name = event.key.split("<")[0].replace("(anonymous namespace)::", "").split("::")[-1][:40]
+                    print(f"  {str(dtype)[6:]:<9s} {strategy:<7s} {name:<40s} {total / 20:9.1f} us")
 
 
 def bench_baselines(naive_dir: str | None) -> None:
@@ -157,6 +186,9 @@ def bench_one_token(ext) -> None:
         record("fff bf16 M=1 eager FastFeedForward module", us(lambda: layer(x)))
         record("fff bf16 M=1 eager extension call", us(lambda: ext.fff_forward(x, layer.weight_in, layer.bias_in, layer.weight_out, DEPTH)))
         record("fff bf16 M=1 graph", graph_us(lambda: layer(x)))
+        for strategy in ("single", "subtree", "cluster"):
+            call = lambda: ext.fff_forward(x, layer.weight_in, layer.bias_in, layer.weight_out, DEPTH, strategy=STRATEGY[strategy])  # noqa: E731
+            record(f"fff bf16 M=1 graph extension call {strategy}", graph_us(call))
 
 
 def bench_encoder(compile_models: bool) -> None:
@@ -259,6 +291,7 @@ def main() -> int:
         return 1
     print(f"# extension ready in {time.time() - start:.0f} s")
     bench_layers(ext, args.quick)
+    kernel_breakdown(ext)
     bench_baselines(args.naive)
     bench_one_token(ext)
     if not args.no_encoder:
