@@ -23,10 +23,14 @@ constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 
 constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
 constexpr int kBucketMinDepth = 6;
 constexpr int kTensorMaxHidden = 2048;      // x tile of 32 tokens in shared memory
-// Automatic choice between the fast strategies (H100, width 768, depth 11; see benchmarks/results_cuda.md).
-constexpr int64_t kSortedMinTokens = 4096;
-constexpr int64_t kSubtreeMaxBlocksPerSm = 2;
-constexpr int64_t kClusterMaxTokens = 16;  // 8 SMs per token: 16 tokens fill an H100
+// Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
+// The sorted strategy pays a fixed ~40 us (four launches, each block staging up to 200 KB of rows), so it
+// wins only on large calls: from 16384 tokens at fp32 and fp16 (113 vs 131 us, 86 vs 95 us) and at 32768
+// at bf16 (129 vs 136 us; at 16384, 81 vs 74 us it still loses).
+constexpr int64_t kSortedMinTokensBf16 = 32768;
+constexpr int64_t kSortedMinTokens = 16384;
+constexpr int64_t kSubtreeMaxBlocksPerSm = 1;  // 128 tokens: 14.3 vs 16.9 us; 512: 36.7 vs 16.4 us (bf16)
+constexpr int64_t kClusterMaxTokens = 16;      // 8 SMs per token: 16 tokens fill an H100
 
 int vectors_for(int64_t hidden, int64_t element_size) {
   const int64_t per_vector = 16 / element_size;
@@ -125,7 +129,8 @@ int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at
                     int num_sms, int64_t smem_limit, int major) {
   if (!fast) return kGeneral;
   const int64_t element_size = c10::elementSize(dtype);
-  if (trees == 1 && depth >= kBucketMinDepth && tokens >= kSortedMinTokens) {
+  const int64_t sorted_min = dtype == at::kBFloat16 ? kSortedMinTokensBf16 : kSortedMinTokens;
+  if (trees == 1 && depth >= kBucketMinDepth && tokens >= sorted_min) {
     if (sorted_split(depth, hidden, element_size, smem_limit) > 0) return kSorted;
   }
   if (major >= 9 && tokens <= kClusterMaxTokens) return kCluster;

@@ -255,7 +255,9 @@ def test_plan_matches_measured_choices(ext):
     assert ext.plan(100, 768, 11, 1, "bfloat16", sms, smem)[0] == SUBTREE
     assert ext.plan(32768, 768, 11, 1, "bfloat16", sms, smem) == (SORTED, 6)
     assert ext.plan(32768, 768, 11, 1, "float32", sms, smem) == (SORTED, 7)
-    assert ext.plan(8192, 768, 11, 1, "float16", sms, smem) == (SORTED, 6)
+    assert ext.plan(16384, 768, 11, 1, "float16", sms, smem) == (SORTED, 6)
+    assert ext.plan(16384, 768, 11, 1, "bfloat16", sms, smem)[0] == SINGLE  # sorted pays off from 32768 at bf16
+    assert ext.plan(8192, 768, 11, 1, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(32768, 768, 11, 2, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(32768, 769, 11, 1, "float32", sms, smem)[0] == GENERAL
 
@@ -406,7 +408,7 @@ def test_torch_compile_dynamic_and_reduce_overhead():
 
 
 @needs_cuda
-@pytest.mark.parametrize("tokens", [3, 20000])  # speculative single launch; bucketed (memset + 3 launches)
+@pytest.mark.parametrize("tokens", [3, 20000])  # a cluster launch; sorted (memset + 3 launches, fp32)
 def test_cuda_graph_capture(tokens):
     layer = make_layer(torch.float32)
     static_x = torch.randn(tokens, 768, device="cuda")
