@@ -123,7 +123,7 @@ def kernel_breakdown(ext) -> None:
             for event in prof.key_averages():
                 total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
                 if total > 0:
-                    name = event.key.split("<")[0].replace("(anonymous namespace)::", "").split("::")[-1][:40]
+                    name = event.key.replace("(anonymous namespace)::", "").split("(")[0].split("<")[0].split("::")[-1][:40]
                     print(f"  {str(dtype)[6:]:<9s} {strategy:<7s} {name:<40s} {total / 20:9.1f} us")
 
 
@@ -268,6 +268,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer token counts and no split sweep")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the encoders")
     parser.add_argument("--no-encoder", action="store_true")
+    parser.add_argument("--encoder-only", action="store_true", help="only the whole-encoder rows (e.g. to compare HF_FFF_CUDA_STRATEGY values)")
     parser.add_argument("--naive", default=None, help="folder with the authors' fff_cuda.cpp and fff_cuda_kernel.cu")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
@@ -290,10 +291,11 @@ def main() -> int:
         print("the CUDA extension did not build")
         return 1
     print(f"# extension ready in {time.time() - start:.0f} s")
-    bench_layers(ext, args.quick)
-    kernel_breakdown(ext)
-    bench_baselines(args.naive)
-    bench_one_token(ext)
+    if not args.encoder_only:
+        bench_layers(ext, args.quick)
+        kernel_breakdown(ext)
+        bench_baselines(args.naive)
+        bench_one_token(ext)
     if not args.no_encoder:
         bench_encoder(not args.no_compile)
     table = target_table()

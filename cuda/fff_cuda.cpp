@@ -25,9 +25,10 @@ constexpr int kBucketMinDepth = 6;
 constexpr int kTensorMaxHidden = 2048;      // x tile of 32 tokens in shared memory
 // Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
 // The sorted strategy pays a fixed ~40 us (four launches, each block staging up to 200 KB of rows), so it
-// wins only on large calls: from 16384 tokens at fp32 and fp16 (113 vs 131 us, 86 vs 95 us) and at 32768
-// at bf16 (129 vs 136 us; at 16384, 81 vs 74 us it still loses).
-constexpr int64_t kSortedMinTokensBf16 = 32768;
+// wins only on large calls: from 16384 tokens at fp32 and fp16 (110 vs 132 us, 81 vs 95 us). At bf16 it
+// wins alone at 32768 tokens (129 vs 136 us) but loses inside the compiled 256 x 128 encoder (10.1-10.3
+// vs 9.8-10.0 ms, alternating runs), so bf16 keeps the single walk.
+constexpr int64_t kSortedMinTokensBf16 = std::numeric_limits<int64_t>::max();
 constexpr int64_t kSortedMinTokens = 16384;
 constexpr int64_t kSubtreeMaxBlocksPerSm = 1;  // 128 tokens: 14.3 vs 16.9 us; 512: 36.7 vs 16.4 us (bf16)
 constexpr int64_t kClusterMaxTokens = 16;      // 8 SMs per token: 16 tokens fill an H100

@@ -253,10 +253,9 @@ def test_plan_matches_measured_choices(ext):
     assert ext.plan(1, 768, 11, 1, "bfloat16", sms, smem, 9)[0] == CLUSTER
     assert ext.plan(1, 768, 11, 1, "bfloat16", sms, smem, 8)[0] == SUBTREE  # no clusters before Hopper
     assert ext.plan(100, 768, 11, 1, "bfloat16", sms, smem)[0] == SUBTREE
-    assert ext.plan(32768, 768, 11, 1, "bfloat16", sms, smem) == (SORTED, 6)
+    assert ext.plan(32768, 768, 11, 1, "bfloat16", sms, smem)[0] == SINGLE  # see kSortedMinTokensBf16
     assert ext.plan(32768, 768, 11, 1, "float32", sms, smem) == (SORTED, 7)
     assert ext.plan(16384, 768, 11, 1, "float16", sms, smem) == (SORTED, 6)
-    assert ext.plan(16384, 768, 11, 1, "bfloat16", sms, smem)[0] == SINGLE  # sorted pays off from 32768 at bf16
     assert ext.plan(8192, 768, 11, 1, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(32768, 768, 11, 2, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(32768, 769, 11, 1, "float32", sms, smem)[0] == GENERAL
