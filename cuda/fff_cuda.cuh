@@ -14,12 +14,17 @@
 // * GELU (erfc form) is off the serial chain: each lane evaluates its own level's GELU once, after routing.
 // * Weights (12.6 MB at bf16) are read through L1/L2 with ld.global.nc; x and y stream past L1 with
 //   evict-first hints so that they do not push the weights out.
-// * kBucketed (many tokens, one tree): the deep levels of a random walk read 3 KB of rows per token and
-//   level from L2 (0.6 GB at 32768 tokens), more than L2 can serve quickly. Routing only the top
-//   `split` levels first, then sorting tokens by the node they reached (a counting sort: histogram,
-//   scan, scatter) makes the tokens an SM finishes share one subtree, whose rows stay in its L1.
-//   Measured, the bf16 walk turned out latency-bound rather than L2-bound, so sorting pays only where
-//   rows are wider or registers scarcer (fp32 from 16384 tokens, fp16 from 4096; see fff_cuda.cpp).
+// * Strategies for other sizes (the automatic choice is choose_strategy in fff_cuda.cpp):
+//   - kCluster / kSubtree (few tokens): a cluster of 8 blocks, or one block, per token computes the
+//     logits of a whole subtree (6 or 5 levels) per round, so a depth-11 walk waits on 2 or 3 rounds of
+//     row fetches instead of 12.
+//   - kBucketed / kSorted (many tokens, one tree): route the top `split` levels, sort tokens by the node
+//     reached (counting sort: histogram, scan, scatter), then finish each bucket together: through L1
+//     (kBucketed) or with the bucket's rows held in shared memory (kSorted).
+//   - kTensorCore / kSortedTensor (opt-in): the bucketed schemes with dense tensor-core products.
+//   Measured with Nsight Compute, the CUDA-core walks at 32768 tokens are bound by instruction issue
+//   (a widening and an FMA per weight element), not by L2: sorting removes the deep rows' L2 traffic but
+//   pays off only where rows are wide or registers scarce (fp32, fp16; see results_cuda.md).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -1287,9 +1292,11 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
 //   w_out of the subtree and of the split ancestors,
 // 203 KB at bf16, width 768, depth 11, split 6 (212 KB at fp32 with split 7). One block per SM stages
 // them once per bucket with cp.async, then its warps walk tokens with every row read from shared memory:
-// x is the only global read per token (prefetched one token ahead) and y the only write. This removes
-// the deep rows' L2 traffic (0.6 GB at 32768 tokens, bf16) that bounds kSingle. Blocks take contiguous
-// runs of the sorted order (one or two buckets each). Same arithmetic and order as kSingle: same bits.
+// x is the only global read per token (prefetched one token ahead where registers allow) and y the only
+// write, so the deep rows' L2 traffic of kSingle (0.6 GB at 32768 tokens, bf16) is gone; what remains is
+// the CUDA-core arithmetic, which bounds it (about 1100 instructions per token at bf16). Blocks take
+// contiguous runs of the sorted order (one or two buckets each). Same arithmetic and order as kSingle:
+// same bits.
 template <typename T, int NV>
 struct SortedThreads {  // 85 registers per thread while x is at most 24 floats per lane, else 128
   static constexpr int value = NV * Elem<T>::kVec <= 24 ? 768 : 512;
