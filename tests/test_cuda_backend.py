@@ -518,6 +518,12 @@ def test_strategy_environment(monkeypatch):
     monkeypatch.setenv(cuda_backend.STRATEGY_ENV, "bucketed")
     monkeypatch.setenv(cuda_backend.SPLIT_ENV, "5")
     assert cuda_backend.forced_strategy() == (BUCKETED, 5)
+    monkeypatch.delenv(cuda_backend.SPLIT_ENV)
+    # the names match the binding's Strategy enum (cuda/fff_cuda.h), which the constants above mirror
+    expected = {"subtree": SUBTREE, "sorted": SORTED, "cluster": CLUSTER, "sorted_tensor": SORTED_TENSOR, " Cluster ": CLUSTER}
+    for name, value in expected.items():
+        monkeypatch.setenv(cuda_backend.STRATEGY_ENV, name)
+        assert cuda_backend.forced_strategy() == (value, 0)
     monkeypatch.setenv(cuda_backend.STRATEGY_ENV, "fastest")
     with pytest.raises(ValueError, match="HF_FFF_CUDA_STRATEGY"):
         cuda_backend.forced_strategy()
@@ -552,3 +558,14 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     first = result.stdout.splitlines()[0]
     assert first == "backend reference warnings 1 equal True", result.stdout + result.stderr
     assert "plain torch" in result.stdout
+
+
+def test_strategy_names_match_the_native_enum():
+    """hf_fff.backends.cuda.STRATEGIES (what HF_FFF_CUDA_STRATEGY accepts) names every Strategy of the binding."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parent.parent / "cuda" / "fff_cuda.h").read_text()
+    enum = header[header.index("enum Strategy") : header.index("};", header.index("enum Strategy"))]
+    native = {re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower(): int(value) for name, value in re.findall(r"\bk(\w+) = (\d+)", enum)}
+    assert native == cuda_backend.STRATEGIES
