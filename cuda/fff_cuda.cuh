@@ -415,6 +415,39 @@ __global__ void __launch_bounds__(kThreads, RouteMinBlocks<NV>::value) route_top
     if (hist[i] != 0) atomicAdd(&p.counts[i], hist[i]);
 }
 
+// Exclusive prefix sums of counts[0, n) into offsets[0, n) by one warp (every lane calls it; n <= 1024):
+// each lane sums a run of n / 32 counts, a warp scan offsets the runs. Returns this lane's inclusive sum,
+// so lane 31 holds the total.
+__device__ __forceinline__ int warp_exclusive_scan(const int* counts, int n, int* offsets, int lane) {
+  const int per_lane = (n + 31) / 32;
+  const int begin = min(lane * per_lane, n), end = min(begin + per_lane, n);
+  int total = 0;
+  for (int i = begin; i < end; ++i) total += counts[i];
+  int inclusive = total;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += other;
+  }
+  int running = inclusive - total;
+  for (int i = begin; i < end; ++i) {
+    offsets[i] = running;
+    running += counts[i];
+  }
+  return inclusive;
+}
+
+// The bucket holding sorted position pos: the last b with offsets[b] <= pos (offsets ascending, n_buckets long).
+__device__ __forceinline__ int bucket_at(const int* offsets, int n_buckets, int64_t pos) {
+  int b = 0;
+  for (int lo = 0, hi = n_buckets - 1; lo <= hi;) {
+    const int mid = (lo + hi) >> 1;
+    if (offsets[mid] <= pos) b = mid, lo = mid + 1;
+    else hi = mid - 1;
+  }
+  return b;
+}
+
 // kBucketed, step 2: exclusive scan of the bucket counts (each block redoes it: at most 1024 entries),
 // then scatter token ids to order[offset[bucket] + rank]. Ranks come from one atomic per bucket and warp
 // (lanes with the same bucket are found with __match_any_sync); order within a bucket is arbitrary and
@@ -423,23 +456,7 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const Params p) {
   extern __shared__ int offset[];
   const int n_buckets = 1 << p.split;
   const int lane = threadIdx.x & 31;
-  if (threadIdx.x < 32) {
-    const int per_lane = (n_buckets + 31) / 32;
-    const int begin = min(lane * per_lane, n_buckets), end = min(begin + per_lane, n_buckets);
-    int total = 0;
-    for (int i = begin; i < end; ++i) total += p.counts[i];
-    int inclusive = total;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int other = __shfl_up_sync(kFullMask, inclusive, d);
-      if (lane >= d) inclusive += other;
-    }
-    int running = inclusive - total;
-    for (int i = begin; i < end; ++i) {
-      offset[i] = running;
-      running += p.counts[i];
-    }
-  }
+  if (threadIdx.x < 32) warp_exclusive_scan(p.counts, n_buckets, offset, lane);
   __syncthreads();
   int* cursor = p.counts + n_buckets;
   const unsigned lower_lanes = (1u << lane) - 1u;
@@ -913,13 +930,14 @@ __device__ __forceinline__ void load_x_shared(float (&xf)[NV][Elem<T>::kVec], co
   }
 }
 
-// yv += g(level) * w_out row vector, for levels [first, end) whose vectors are in raw[0, end - first), in order.
-template <typename T>
-__device__ __forceinline__ void accumulate_levels(float (&yv)[Elem<T>::kVec], const uint4 (&raw)[st::kRound],
-                                                  const float* path_g, int first, int end) {
+// yv += g(level) * w_out row vector, levels [first, end) with their vectors in raw[0, end - first), in
+// level order (the order kSingle sums in). Shared by the few-token kernels (kSubtree, kCluster).
+template <typename T, int N>
+__device__ __forceinline__ void accumulate_levels(float (&yv)[Elem<T>::kVec], const uint4 (&raw)[N], const float* path_g,
+                                                  int first, int end) {
   constexpr int V = Elem<T>::kVec;
 #pragma unroll
-  for (int u = 0; u < st::kRound; ++u) {
+  for (int u = 0; u < N; ++u) {
     if (first + u < end) {
       const float g = path_g[first + u];
       float w[V];
@@ -1001,7 +1019,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
           if (lane == 0) logit_s[j] = logit;
         }
       }
-      if (tid < nvec) accumulate_levels<T>(yv, out_raw, path_g, done, level0);
+      if (tid < nvec) accumulate_levels<T, st::kRound>(yv, out_raw, path_g, done, level0);
       done = level0;
       __syncthreads();
       if (warp == 0) {
@@ -1028,7 +1046,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
 #pragma unroll
       for (int u = 0; u < st::kRound; ++u)
         if (done + u <= depth) out_raw[u] = __ldg(reinterpret_cast<const uint4*>(tw_out + static_cast<int64_t>(path_node[done + u]) * p.hidden) + tid);
-      accumulate_levels<T>(yv, out_raw, path_g, done, depth + 1);
+      accumulate_levels<T, st::kRound>(yv, out_raw, path_g, done, depth + 1);
     }
     __syncthreads();  // the next tree reuses the path arrays
   }
@@ -1090,23 +1108,6 @@ __device__ __forceinline__ void store_remote(float* local, unsigned rank, float 
 #endif
 }
 
-// yv += g(level) * w_out vector, levels [first, end) with vectors in raw[0, end - first), in order.
-template <typename T, int N>
-__device__ __forceinline__ void accumulate_raw(float (&yv)[Elem<T>::kVec], const uint4 (&raw)[N], const float* path_g,
-                                               int first, int end) {
-  constexpr int V = Elem<T>::kVec;
-#pragma unroll
-  for (int u = 0; u < N; ++u) {
-    if (first + u < end) {
-      const float g = path_g[first + u];
-      float w[V];
-      Elem<T>::unpack(raw[u], w);
-#pragma unroll
-      for (int e = 0; e < V; ++e) yv[e] = fmaf(g, w[e], yv[e]);
-    }
-  }
-}
-
 template <typename T, int NV>
 __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
   constexpr int V = Elem<T>::kVec;
@@ -1165,7 +1166,7 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
         load_row<T, NV>(row, tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
         logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
       }
-      if (outputs) accumulate_raw<T, cl::kRound>(yv, out_raw, path_g, done, level0);
+      if (outputs) accumulate_levels<T, cl::kRound>(yv, out_raw, path_g, done, level0);
       done = level0;
       if (first_exchange) {
         cluster_wait();
@@ -1197,7 +1198,7 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
       for (int u = 0; u < cl::kRound; ++u)
         if (done + u <= depth)
           out_raw[u] = __ldg(reinterpret_cast<const uint4*>(tw_out + static_cast<int64_t>(path_node[done + u]) * p.hidden) + my_vec);
-      accumulate_raw<T, cl::kRound>(yv, out_raw, path_g, done, depth + 1);
+      accumulate_levels<T, cl::kRound>(yv, out_raw, path_g, done, depth + 1);
     }
     __syncthreads();  // path arrays are rewritten by the next tree
   }
@@ -1334,31 +1335,12 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int64_t end = min(begin + chunk, p.tokens);
   if (begin >= end) return;  // block-uniform
-  if (warp == 0) {  // exclusive scan of the bucket counts (at most 1024): lane-sized runs, then a warp scan
-    const int per_lane = (n_buckets + 31) / 32;
-    const int b0 = min(lane * per_lane, n_buckets), b1 = min(b0 + per_lane, n_buckets);
-    int total = 0;
-    for (int i = b0; i < b1; ++i) total += p.counts[i];
-    int inclusive = total;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int other = __shfl_up_sync(kFullMask, inclusive, d);
-      if (lane >= d) inclusive += other;
-    }
-    int running = inclusive - total;
-    for (int i = b0; i < b1; ++i) {
-      offs[i] = running;
-      running += p.counts[i];
-    }
+  if (warp == 0) {  // bucket offsets, and their end
+    const int inclusive = warp_exclusive_scan(p.counts, n_buckets, offs, lane);
     if (lane == 31) offs[n_buckets] = inclusive;
   }
   __syncthreads();
-  int b = 0;  // the bucket holding sorted position `begin`: the last b with offs[b] <= begin
-  for (int lo = 0, hi = n_buckets - 1; lo <= hi;) {
-    const int mid = (lo + hi) >> 1;
-    if (offs[mid] <= begin) b = mid, lo = mid + 1;
-    else hi = mid - 1;
-  }
+  int b = bucket_at(offs, n_buckets, begin);
   const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
   for (int64_t pos = begin; pos < end; ++b) {
     const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
@@ -1496,31 +1478,12 @@ __global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(cons
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int64_t end = min(begin + chunk, p.tokens);
   if (begin >= end) return;  // block-uniform
-  if (warp == 0) {  // exclusive scan of the bucket counts, as in sorted_finish_kernel
-    const int per_lane = (n_buckets + 31) / 32;
-    const int b0 = min(lane * per_lane, n_buckets), b1 = min(b0 + per_lane, n_buckets);
-    int total = 0;
-    for (int i = b0; i < b1; ++i) total += p.counts[i];
-    int inclusive = total;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int other = __shfl_up_sync(kFullMask, inclusive, d);
-      if (lane >= d) inclusive += other;
-    }
-    int running = inclusive - total;
-    for (int i = b0; i < b1; ++i) {
-      offs[i] = running;
-      running += p.counts[i];
-    }
+  if (warp == 0) {  // bucket offsets, and their end
+    const int inclusive = warp_exclusive_scan(p.counts, n_buckets, offs, lane);
     if (lane == 31) offs[n_buckets] = inclusive;
   }
   __syncthreads();
-  int b = 0;
-  for (int lo = 0, hi = n_buckets - 1; lo <= hi;) {
-    const int mid = (lo + hi) >> 1;
-    if (offs[mid] <= begin) b = mid, lo = mid + 1;
-    else hi = mid - 1;
-  }
+  int b = bucket_at(offs, n_buckets, begin);
   const int pieces = hidden / 8;  // 16-byte pieces per row
   for (int64_t pos = begin; pos < end; ++b) {
     const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
@@ -1700,6 +1663,15 @@ void allow_smem(Kernel kernel, size_t bytes, int (&done)[64]) {
   done[device] = static_cast<int>(bytes);
 }
 
+// Step 2 of every bucketed strategy: one thread per token (at most 8 blocks per SM, grid-stride beyond),
+// the bucket offsets in shared memory.
+inline void launch_scatter(const Params& p, cudaStream_t stream) {
+  const int64_t blocks = (p.tokens + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(p.num_sms) * 8;
+  scatter_kernel<<<blocks < cap ? blocks : cap, kThreads, sizeof(int) * (size_t{1} << p.split), stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Steps 1 and 2 of the sorted strategies: route the top `split` levels (their rows in shared memory as far
 // as they fit), then the counting sort.
 template <typename T, int NV>
@@ -1722,10 +1694,7 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
     route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t scatter_blocks = (p.tokens + kThreads - 1) / kThreads;
-  const int64_t scatter_cap = static_cast<int64_t>(p.num_sms) * 8;
-  scatter_kernel<<<scatter_blocks < scatter_cap ? scatter_blocks : scatter_cap, kThreads, hist_bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_scatter(p, stream);
 }
 
 // Contiguous runs of the sorted tokens, at least 64 per block so that staging a bucket's rows pays off.
@@ -1761,10 +1730,7 @@ void launch_fast(const Params& p, cudaStream_t stream) {
       const auto route_kernel = route_top_kernel<T, NV>;
       route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t scatter_blocks = (p.tokens + kThreads - 1) / kThreads;
-      const int64_t scatter_cap = static_cast<int64_t>(p.num_sms) * 8;
-      scatter_kernel<<<scatter_blocks < scatter_cap ? scatter_blocks : scatter_cap, kThreads, hist_bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_scatter(p, stream);
       const auto finish = finish_kernel<T, NV>;
       const int64_t blocks = token_grid(finish, p, 0, finish_per_sm);
       const int64_t chunk = (p.tokens + blocks - 1) / blocks;
@@ -1841,10 +1807,7 @@ void launch_tensor_core(const Params& p, cudaStream_t stream) {
   const int64_t tiles = (p.tokens + tc::kTok - 1) / tc::kTok;
   route<<<tiles, tc::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t scatter_blocks = (p.tokens + kThreads - 1) / kThreads;
-  const int64_t scatter_cap = static_cast<int64_t>(p.num_sms) * 8;
-  scatter_kernel<<<scatter_blocks < scatter_cap ? scatter_blocks : scatter_cap, kThreads, sizeof(int) * n_buckets, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_scatter(p, stream);
   // sum over buckets of ceil(count / kTok) <= tokens / kTok + buckets: extra blocks exit at once
   finish<<<tiles + n_buckets, tc::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
