@@ -22,7 +22,6 @@ constexpr int kMaxDepth = 30;        // node indices are int32 heap indices; lan
 constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 16-byte vectors per lane
 constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
 constexpr int kBucketMinDepth = 6;
-constexpr int kTensorMaxHidden = 2048;      // x tile of 32 tokens in shared memory
 // Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
 // The sorted strategy pays a fixed ~40 us (four launches, each block staging up to 200 KB of rows), so it
 // wins only on large calls: from 16384 tokens at fp32 and fp16 (110 vs 132 us, 81 vs 95 us). At bf16 it
@@ -103,14 +102,15 @@ bool sorted_tensor_ok(bool half_precision, int64_t hidden, int depth, int split,
 
 int sorted_tensor_split(int depth) { return std::max(1, depth - 4); }
 
-// The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6), k steps of 16.
-bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t trees, bool fast) {
-  return fast && half_precision && trees == 1 && depth >= 6 && depth <= 11 && hidden % 16 == 0 &&
-         hidden <= kTensorMaxHidden;
+// The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6); any width the
+// fast path takes (hidden % 8 == 0, 16-byte aligned rows) whose blocks' rows fit in shared memory (<= 960
+// on H100).
+bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t trees, bool fast, int64_t smem_limit) {
+  constexpr int64_t kStatic = 1024;  // the kernels' static shared memory (bucket offsets, biases, counters)
+  return fast && half_precision && trees == 1 && depth >= 6 && depth <= 11 &&
+         tc_logits_smem_bytes(hidden) + kStatic <= smem_limit && tc_output_smem_bytes(hidden) + kStatic <= smem_limit;
 }
 
-// kTensorCore is never chosen automatically: measured slower than kSingle (204 vs 135 us, bf16, 32768
-// tokens), its 32-token tiles wait on 13 dependent weight-chunk loads each (see results_cuda.md).
 int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at::ScalarType dtype, bool fast,
                     int num_sms, int64_t smem_limit, int major) {
   if (!fast) return kGeneral;
@@ -228,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
     TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 8, "hf_fff CUDA: the cluster strategy takes at most 2^28 tokens");
   }
   if (p.strategy == kTensorCore)
-    TORCH_CHECK(tensor_core_ok(element_size == 2, hidden, static_cast<int>(depth), trees, fast),
-                "hf_fff CUDA: the tensor-core strategy needs float16/bfloat16, one tree, depth 6..11 and hidden % 16 == 0 "
-                "(at most ", num(kTensorMaxHidden), ")");
+    TORCH_CHECK(tensor_core_ok(element_size == 2, hidden, static_cast<int>(depth), trees, fast, smem_limit),
+                "hf_fff CUDA: the tensor-core strategy needs float16/bfloat16, one tree, depth 6..11 and a width whose "
+                "rows fit in shared memory (", num(tc_logits_smem_bytes(hidden)), " bytes needed, ", num(smem_limit), " here)");
 
   at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
   if (p.strategy == kBucketed || p.strategy == kSorted || p.strategy == kTensorCore || p.strategy == kSortedTensor) {
@@ -258,12 +258,22 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                   num(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size)),
                   " bytes of shared memory per block, more than the device's ", num(smem_limit), "; use a deeper split");
     const int64_t n_buckets = int64_t{1} << p.split;
-    scratch_int = at::empty({2 * tokens + 2 * n_buckets}, x.options().dtype(at::kInt));
-    scratch_float = at::empty({tokens * p.split}, x.options().dtype(at::kFloat));
+    // Strategies whose step 1 ranks tokens within their bucket (kSorted, kSortedTensor, kTensorCore) keep the
+    // ranks (tokens) and each step-1 block's first rank per bucket (at most num_sms blocks); kTensorCore also
+    // the subtree GELU values (tokens x 6).
+    const bool tensor = p.strategy == kTensorCore;
+    const bool ranked = p.strategy != kBucketed;
+    const int64_t ranks = ranked ? tokens : 0, bases = ranked ? kMaxRankedBlocksPerSm * num_sms * n_buckets : 0;
+    const int64_t subs = tensor ? tokens * 6 : 0;
+    scratch_int = at::empty({2 * tokens + ranks + 2 * n_buckets + bases}, x.options().dtype(at::kInt));
+    scratch_float = at::empty({tokens * p.split + subs}, x.options().dtype(at::kFloat));
     p.bucket = scratch_int.data_ptr<int>();
     p.order = p.bucket + tokens;
-    p.counts = p.order + tokens;
+    p.rank = ranked ? p.order + tokens : nullptr;
+    p.counts = p.order + tokens + ranks;
+    p.block_base = ranked ? p.counts + 2 * n_buckets : nullptr;
     p.g_top = scratch_float.data_ptr<float>();
+    p.g_sub = tensor ? p.g_top + tokens * p.split : nullptr;
   } else if (p.strategy == kGeneral) {
     const int64_t records = tokens * trees * (depth + 1);
     scratch_int = at::empty({records}, x.options().dtype(at::kInt));

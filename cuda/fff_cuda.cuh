@@ -475,6 +475,21 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const Params p) {
   }
 }
 
+// Step 2 after a step 1 that ranked each token within its bucket among its block's tokens (kSorted's shared-
+// memory routing, kTensorCore): order[offset[bucket] + block_base[block][bucket] + rank] = token, no
+// atomics. Token m was routed by block (m / per) % blocks.
+__global__ void __launch_bounds__(kThreads) scatter_ranked_kernel(const Params p, int64_t per, int64_t blocks) {
+  extern __shared__ int offset[];
+  const int n_buckets = 1 << p.split;
+  if (threadIdx.x < 32) warp_exclusive_scan(p.counts, n_buckets, offset, threadIdx.x & 31);
+  __syncthreads();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; m < p.tokens; m += stride) {
+    const int b = p.bucket[m];
+    p.order[offset[b] + p.block_base[(m / per) % blocks * n_buckets + b] + p.rank[m]] = static_cast<int>(m);
+  }
+}
+
 // kBucketed, step 3: each block finishes a contiguous run of the sorted tokens (so an SM works on one or
 // two subtrees at a time): levels split..depth, then the output over all levels.
 template <typename T, int NV>
@@ -566,52 +581,57 @@ __global__ void __launch_bounds__(kThreads) general_kernel(const Params p) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// kTensorCore (bf16/fp16, one tree, depth 6..11, hidden % 16 == 0): the bucketed scheme with every dot
-// product on tensor cores (mma.sync m16n8k16, fp32 accumulation). The tree is cut into two blocks of
-// levels: the top `split` = depth - 5 levels (at most 63 nodes) and the 6 levels below (the 63-node
-// subtree of the bucket node). All tokens share the top block, and after the counting sort all tokens
-// of a tile share one subtree, so each block is a small dense product computed in full:
-//   step 1 (tiles of 32 tokens in order):  L = X W_top^T + b  (32 x 64), route the top levels from L
-//   step 2: counting sort by bucket (scatter_kernel above)
-//   step 3 (tiles of <= 32 tokens of one bucket): L = X W_sub^T + b, route the 6 levels from L, then
-//           Y = G W_out[path rows + subtree rows], G the GELU values (zero where not visited)
-// Dense costs 64 dot products per token and block instead of 6, cheap on tensor cores. G is split into
-// hi + lo halves in the input dtype (two products) so that the output keeps fp32-accurate GELU values.
-// Measured on H100 (benchmarks/results_cuda.md) this is slower than kSingle (about 205 vs 135 us, bf16,
-// 32768 tokens): each tile waits on a chain of 13 weight-chunk loads with only 8 warps per SM, and re-reads
-// its rows for every 32 tokens. It is therefore opt-in (HF_FFF_CUDA_STRATEGY=tensor_core), never automatic.
+// kTensorCore (float16 / bfloat16, one tree, depth 6..11, hidden % 8 == 0 and small enough that a block's
+// rows fit in shared memory: <= 960 on H100): the tree as two dense blocks of levels on tensor cores
+// (mma.sync m16n8k16, fp32 accumulation). The top `split` = depth - 5 levels (at most 63 nodes) are shared
+// by every token; after a counting sort by the node reached at level `split`, all tokens of a bucket share
+// the 63-node subtree below it. So each block of levels is a small dense product, 64 logits per token where
+// 6 are used (cheap on tensor cores), and each weight row is read once per bucket and SM:
+//   step 1 logits_kernel<TOP>  tokens in order, the top block's rows in shared memory: L = X W_top^T + b,
+//                              route `split` levels, record bucket, rank, GELU of the top logits
+//   step 2 scatter_ranked_kernel  order[offset[bucket] + rank] = token
+//   step 3 logits_kernel<SUB>  sorted tokens, each bucket's subtree rows in shared memory: route 6 levels,
+//                              record the leaf and the 6 GELU values
+//   step 4 output_kernel       Y = G W_out[80 slots: the subtree's 63 nodes, the split ancestors], each
+//                              bucket's slot rows in shared memory; G (GELU values, zero off the path) is
+//                              split into hi + lo halves in the input dtype (two products), so the output
+//                              keeps fp32-accurate coefficients
+// Each block owns a contiguous run of positions (token order in step 1, sorted order after), so blocks carry
+// equal work whatever the routing. Inside a block, warps are independent: each takes 16-token groups of the
+// current bucket and streams their x through its own 4-stage cp.async ring (logits) or its own output stage,
+// synchronizing with the other warps only when the bucket (and so the rows in shared memory) changes. (A
+// first version with block-wide 128-token tiles and barriers between pipeline stages measured 165 us at
+// 32768 tokens, bf16: Nsight Compute showed 0.24 instructions issued per scheduler cycle, 9% tensor use.)
 namespace tc {
-constexpr int kTok = 32;          // tokens per tile
-constexpr int kThreads = 128;     // 4 warps: 2 along tokens x 2 along nodes / output columns
-constexpr int kBlockLevels = 6;   // levels per subtree block: 63 nodes + 1 zero row = 64 columns
-constexpr int kNodes = 64;
-constexpr int kOutSlots = 80;     // 63 subtree rows + up to 6 path rows, padded to a multiple of 16
-constexpr int kChunk = 128;       // x / w_in columns (step 1, 3) and output columns (step 3) per stage
-constexpr int kPad = 8;           // row padding (16 bytes): consecutive rows land in different banks
-constexpr int kWStride = kChunk + kPad;
-constexpr int kChunkRows = kOutSlots;  // >= kNodes
-constexpr int kLStride = kNodes + 1;
-constexpr int kGStride = kOutSlots + kPad;
-constexpr int kMaxHidden = 2048;
-
-__host__ __device__ constexpr size_t region0_bytes(int hidden) {  // x tile, later logits + G (aliased)
-  const size_t x_bytes = size_t(kTok) * (hidden + kPad) * 2;
-  const size_t alias = size_t(kTok) * kLStride * 4 + 2 * size_t(kTok) * kGStride * 2;
-  return x_bytes > alias ? x_bytes : alias;
-}
-__host__ __device__ constexpr size_t smem_bytes(int hidden) {
-  return region0_bytes(hidden) + size_t(2) * kChunkRows * kWStride * 2;
-}
+constexpr int kGroup = 16;            // tokens per warp group: the mma M
+constexpr int kBlockLevels = 6;       // levels of the lower block (63 nodes), and at most of the top block
+constexpr int kNodes = 64;            // logit columns: a block's 63 nodes + 1 zero row
+constexpr int kSlots = 80;            // output slots: 63 subtree nodes + up to 6 ancestors, 5 k steps of 16
+constexpr int kAncestorSlot = kNodes - 1;
+constexpr int kChunk = 64;            // columns per x stage (logits kernel) and per output unit
+constexpr int kStages = 4;            // x ring depth per warp
+constexpr int kLStride = kNodes + 1;  // fp32 logit tile row
+constexpr int kChunkStride = kChunk + 8;  // 144-byte rows: the 8 rows of an ldmatrix land in distinct banks
+constexpr int kInfo = 16;             // per token: 6 subtree GELUs, 6 ancestor GELUs, leaf slot (output kernel)
+constexpr int kMaxBuckets = 64;
+constexpr int kLogitsThreads = kTcLogitsWarps * 32;
+constexpr int kOutputThreads = kTcOutputWarps * 32;
+constexpr int kRingBytes = kStages * kGroup * kChunkStride * 2;
+constexpr int kLogitTileBytes = kGroup * kLStride * 4;
+constexpr int kOutStageBytes = kGroup * kChunkStride * 2;
+static_assert(tc_logits_smem_bytes(0) == kNodes * 8 * 2 + kTcLogitsWarps * (kRingBytes + kLogitTileBytes), "layout");
+static_assert(tc_output_smem_bytes(0) == kSlots * 8 * 2 + kTcOutputWarps * (kOutStageBytes + kGroup * kInfo * 4), "layout");
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows).
+// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows and columns).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
@@ -621,6 +641,12 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+// Four 8x8 16-bit matrices from mma accumulator layout (lane = row group * 4 + column pair) to shared memory.
+__device__ __forceinline__ void stmatrix_x4(void* p, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(p)), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
 }
 
 template <typename T>
@@ -652,254 +678,329 @@ __device__ __forceinline__ int subtree_node(int root, int j) {
   return (root << level) + j;
 }
 
-// Copy columns [k0, k0 + width) of `rows` (global row index, or -1 for a zero row) into a stage buffer.
+// Two coefficients as (hi, lo) pairs in the input dtype: v = hi + lo to about 16 significant bits.
 template <typename T>
-__device__ __forceinline__ void load_rows(T* stage, const T* base, const int* rows, int n_rows, int hidden, int k0,
-                                          int width) {
-  const int pieces = width / 8;
-  for (int i = threadIdx.x; i < n_rows * pieces; i += kThreads) {
-    const int r = i / pieces, c = (i - r * pieces) * 8;
-    const int row = rows[r];
-    cp_async16(stage + r * kWStride + c, base + (row >= 0 ? static_cast<int64_t>(row) * hidden + k0 + c : 0), row >= 0);
+__device__ __forceinline__ void split_pair(float v0, float v1, unsigned& hi, unsigned& lo) {
+  hi = Elem<T>::pack2(v0, v1);
+  float h0, h1;
+  Elem<T>::unpack2(hi, h0, h1);
+  lo = Elem<T>::pack2(v0 - h0, v1 - h1);
+}
+
+// Coefficient of output slot s for a token whose walk reached local node j5 (level 5 of the subtree), with
+// info = its 6 subtree GELU values then its 6 ancestor GELU values (zero past the split).
+__device__ __forceinline__ float slot_coefficient(const float* info, int j5, int s) {
+  if (s < kAncestorSlot) {
+    const int level = 31 - __clz(s + 1);
+    const int on_path = ((j5 + 1) >> (kBlockLevels - 1 - level)) - 1;
+    return on_path == s ? info[level] : 0.f;
+  }
+  const int l = s - kAncestorSlot;
+  return l < kBlockLevels ? info[kBlockLevels + l] : 0.f;
+}
+
+// Bucket offsets (exclusive scan of the counts, and the total at [n_buckets]) into shared memory, by warp 0.
+__device__ __forceinline__ void bucket_offsets(const Params& p, int n_buckets, int* offs) {
+  if (threadIdx.x < 32) {
+    const int total = warp_exclusive_scan(p.counts, n_buckets, offs, threadIdx.x);
+    if (threadIdx.x == 31) offs[n_buckets] = total;
   }
 }
 
-// Step 1 (FINISH = false) and step 3 (FINISH = true).
-template <typename T, bool FINISH>
-__global__ void __launch_bounds__(kThreads) tc_kernel(const Params p) {
+// This block's run of positions: [begin, end), `run` positions per block (a multiple of kGroup).
+struct Run {
+  int64_t begin, end;
+};
+__device__ __forceinline__ Run block_run(const Params& p, int64_t run) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * run;
+  return {begin, begin + run < p.tokens ? begin + run : p.tokens};
+}
+
+// Steps 1 (TOP) and 3: logits of a 6-level block for 16-token groups, then routing through them.
+template <typename T, bool TOP>
+__global__ void __launch_bounds__(kLogitsThreads, 1) logits_kernel(const Params p, int64_t run) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float bias_s[kNodes];
-  __shared__ int rows_in[kNodes];
-  __shared__ int rows_out[kOutSlots];
-  __shared__ int tok_s[kTok];
-  __shared__ int tile_s[3];  // FINISH: bucket, first sorted position, end of the bucket
-
-  const int hidden = p.hidden, xs_stride = hidden + kPad;
-  T* xs = reinterpret_cast<T*>(smem);
-  float* ls = reinterpret_cast<float*>(smem);  // after the logits product, x is dead
-  T* g_hi = reinterpret_cast<T*>(smem + size_t(kTok) * kLStride * 4);
-  T* g_lo = g_hi + kTok * kGStride;
-  T* wbuf = reinterpret_cast<T*>(smem + region0_bytes(hidden));
+  __shared__ int offs[kMaxBuckets + 1];
+  __shared__ int hist_s[kMaxBuckets];
+  const int hidden = p.hidden, split = p.split, n_buckets = 1 << split;
+  const int ws = hidden + 8;  // weight row stride (elements): odd multiple of 16 bytes when hidden % 16 == 0
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair
+  T* const w_s = reinterpret_cast<T*>(smem);
+  unsigned char* const mine = smem + kNodes * ws * 2 + warp * (kRingBytes + kLogitTileBytes);
+  T* const ring = reinterpret_cast<T*>(mine);
+  float* const lt = reinterpret_cast<float*>(mine + kRingBytes);
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
   const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int split = p.split;
-  const int levels = FINISH ? kBlockLevels : split;  // levels of this block
-  const int n_buckets = 1 << split;
 
-  // --- which tokens and which subtree ---------------------------------------------------------------
-  int root, count;
-  int64_t first;
-  if (FINISH) {
-    if (warp == 0) {  // find this tile's bucket (buckets hold ceil(count / kTok) tiles each, in order):
-      // lane l owns buckets 2l and 2l + 1 (at most 64), a warp scan gives each bucket's first tile
-      int c[2], tiles[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int b = 2 * lane + i;
-        c[i] = b < n_buckets ? p.counts[b] : 0;
-        tiles[i] = (c[i] + kTok - 1) / kTok;
-      }
-      int tile_end = tiles[0] + tiles[1], token_end = c[0] + c[1];
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int t = __shfl_up_sync(kFullMask, tile_end, d), e = __shfl_up_sync(kFullMask, token_end, d);
-        if (lane >= d) tile_end += t, token_end += e;
-      }
-      const int tile_begin = tile_end - tiles[0] - tiles[1], token_begin = token_end - c[0] - c[1];
-      const int tile = blockIdx.x;
-      const unsigned owner = __ballot_sync(kFullMask, tile >= tile_begin && tile < tile_end);
-      if (owner == 0) {
-        if (lane == 0) tile_s[0] = -1;
-      } else if (lane == __ffs(owner) - 1) {
-        const bool second = tile >= tile_begin + tiles[0];
-        const int bucket_tile = tile - tile_begin - (second ? tiles[0] : 0);
-        const int bucket_start = token_begin + (second ? c[0] : 0);
-        tile_s[0] = 2 * lane + (second ? 1 : 0);
-        tile_s[1] = bucket_start + bucket_tile * kTok;       // first sorted position of the tile
-        tile_s[2] = bucket_start + c[second ? 1 : 0];        // end of the bucket
-      }
-    }
-    __syncthreads();
-    if (tile_s[0] < 0) return;  // the grid is an upper bound on the number of tiles
-    const int b = tile_s[0];
-    root = (n_buckets - 1) + b;
-    first = tile_s[1];
-    count = min(kTok, tile_s[2] - static_cast<int>(first));
-    if (tid < kTok) tok_s[tid] = tid < count ? p.order[first + tid] : -1;
+  const Run r = block_run(p, run);
+  if (r.begin >= r.end) return;  // block-uniform
+  if (TOP) {
+    if (tid < kMaxBuckets) hist_s[tid] = 0;
   } else {
-    root = 0;
-    first = static_cast<int64_t>(blockIdx.x) * kTok;
-    count = static_cast<int>(p.tokens - first < kTok ? p.tokens - first : kTok);
-    if (tid < kTok) tok_s[tid] = tid < count ? static_cast<int>(first + tid) : -1;
+    bucket_offsets(p, n_buckets, offs);
   }
-  const int block_nodes = (1 << levels) - 1;
-  if (tid < kNodes) {
-    const int node = tid < block_nodes ? tc::subtree_node(root, tid) : -1;
-    rows_in[tid] = node;
-    bias_s[tid] = node >= 0 ? Elem<T>::load(b_in + node) : 0.f;
-  }
-  if (FINISH && tid < kOutSlots) {
-    int row = -1;
-    if (tid < kNodes - 1) row = tc::subtree_node(root, tid);
-    else if (tid - (kNodes - 1) < split) row = ((root + 1) >> (split - (tid - (kNodes - 1)))) - 1;  // path above
-    rows_out[tid] = row;
+  if (tid < kNodes) {  // the padding columns [hidden, hidden + 8) of the weight rows: read by a partial k step
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w_s[tid * ws + hidden + e] = Mma<T>::from(0.f);
   }
   __syncthreads();
 
-  // --- L = X W^T over k chunks (x tile once, w_in chunks double-buffered) ----------------------------
-  {
-    const int pieces = hidden / 8;
-    for (int i = tid; i < kTok * pieces; i += kThreads) {
-      const int r = i / pieces, c = (i - r * pieces) * 8;
-      const int m = tok_s[r];
-      cp_async16(xs + r * xs_stride + c, x + (m >= 0 ? static_cast<int64_t>(m) * p.ldx + c : 0), m >= 0);
-    }
-  }
-  load_rows<T>(wbuf, w_in, rows_in, kNodes, hidden, 0, min(kChunk, hidden));
-  cp_async_commit();
-  const int m0 = (warp & 1) * 16, n0 = (warp >> 1) * 32;
-  float acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-  const int k_chunks = (hidden + kChunk - 1) / kChunk;
-  for (int c = 0; c < k_chunks; ++c) {
-    if (c + 1 < k_chunks)
-      load_rows<T>(wbuf + ((c + 1) & 1) * kChunkRows * kWStride, w_in, rows_in, kNodes, hidden, (c + 1) * kChunk,
-                   min(kChunk, hidden - (c + 1) * kChunk));
-    cp_async_commit();
-    cp_async_wait_one();
-    __syncthreads();
-    const T* wb = wbuf + (c & 1) * kChunkRows * kWStride;
-    const int width = min(kChunk, hidden - c * kChunk);
-    for (int kk = 0; kk < width; kk += 16) {
-      unsigned a[4];
-      ldmatrix_x4(a, xs + (m0 + (lane & 15)) * xs_stride + c * kChunk + kk + 8 * (lane >> 4));
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        unsigned b[4];
-        ldmatrix_x4(b, wb + (n0 + np * 16 + (lane & 7) + 8 * (lane >> 4)) * kWStride + kk + 8 * ((lane >> 3) & 1));
-        Mma<T>::run(acc[2 * np], a, b[0], b[1]);
-        Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    __syncthreads();  // everyone is done with this stage before it is refilled
-  }
-  cp_async_wait_all();
-
-  // --- logits to shared memory (over the dead x tile), then route ------------------------------------
-  {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int col = n0 + nt * 8 + 2 * t;
-      ls[(m0 + g) * kLStride + col] = acc[nt][0] + bias_s[col];
-      ls[(m0 + g) * kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
-      ls[(m0 + g + 8) * kLStride + col] = acc[nt][2] + bias_s[col];
-      ls[(m0 + g + 8) * kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
-    }
-  }
-  if (FINISH)
-    for (int i = tid; i < kTok * kGStride; i += kThreads) g_hi[i] = g_lo[i] = Mma<T>::from(0.f);
-  __syncthreads();
-
-  if (warp == 0) {  // one thread per token walks its block of levels in the logits
-    const int t = lane;
-    const int m = tok_s[t];
-    int j = 0;
-    if (m >= 0) {
-      for (int level = 0; level < levels; ++level) {
-        const float logit = ls[t * kLStride + j];
-        const float g = gelu(logit);
-        if (FINISH) {
-          const T hi = Mma<T>::from(g);
-          g_hi[t * kGStride + j] = hi;
-          g_lo[t * kGStride + j] = Mma<T>::from(g - Mma<T>::to(hi));
-        } else {
-          p.g_top[static_cast<int64_t>(m) * split + level] = g;
-        }
-        if (!FINISH || level + 1 < levels) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);
-      }
-      if (FINISH) {
-        for (int l = 0; l < split; ++l) {  // the path above the bucket: GELU values from step 1
-          const float g = p.g_top[static_cast<int64_t>(m) * split + l];
-          const T hi = Mma<T>::from(g);
-          g_hi[t * kGStride + kNodes - 1 + l] = hi;
-          g_lo[t * kGStride + kNodes - 1 + l] = Mma<T>::from(g - Mma<T>::to(hi));
-        }
-        p.leaves[m] = tc::subtree_node(root, j) - ((int64_t{1} << p.depth) - 1);
-      }
-    }
-    if (!FINISH) {  // bucket = node reached at level `split`; one atomic per bucket and warp
-      const int b = m >= 0 ? j - (n_buckets - 1) : -1 - lane;
-      if (m >= 0) p.bucket[m] = b;
-      const unsigned peers = __match_any_sync(kFullMask, b);
-      if (m >= 0 && lane == __ffs(peers) - 1) atomicAdd(&p.counts[b], __popc(peers));
-    }
-  }
-  if (!FINISH) return;
-  __syncthreads();
-
-  // --- Y = G W_out[rows_out] over output column chunks --------------------------------------------
-  unsigned a_hi[kOutSlots / 16][4], a_lo[kOutSlots / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < kOutSlots / 16; ++ks) {
-    ldmatrix_x4(a_hi[ks], g_hi + (m0 + (lane & 15)) * kGStride + ks * 16 + 8 * (lane >> 4));
-    ldmatrix_x4(a_lo[ks], g_lo + (m0 + (lane & 15)) * kGStride + ks * 16 + 8 * (lane >> 4));
-  }
-  T* __restrict__ y = static_cast<T*>(p.y);
-  const int c0 = (warp >> 1) * 64;  // this warp's 64 columns of each chunk
   const int n_chunks = (hidden + kChunk - 1) / kChunk;
-  load_rows<T>(wbuf, w_out, rows_out, kOutSlots, hidden, 0, min(kChunk, hidden));
-  cp_async_commit();
-  for (int c = 0; c < n_chunks; ++c) {
-    if (c + 1 < n_chunks)
-      load_rows<T>(wbuf + ((c + 1) & 1) * kChunkRows * kWStride, w_out, rows_out, kOutSlots, hidden,
-                   (c + 1) * kChunk, min(kChunk, hidden - (c + 1) * kChunk));
-    cp_async_commit();
-    cp_async_wait_one();
+  const int pieces = hidden / 8;  // 16-byte pieces per row
+  int b = TOP ? 0 : bucket_at(offs, n_buckets, r.begin);
+  for (int64_t pos = r.begin; pos < r.end; ++b) {
+    const int64_t seg_end = TOP ? r.end : min(r.end, static_cast<int64_t>(offs[b + 1]));
+    if (seg_end <= pos) continue;  // empty bucket
+    const int root = TOP ? 0 : n_buckets - 1 + b;
+    const int block_nodes = (1 << (TOP ? split : kBlockLevels)) - 1;
+    // --- this block of levels' rows into shared memory (every warp is done with the previous ones) ------
     __syncthreads();
-    const T* wb = wbuf + (c & 1) * kChunkRows * kWStride;
-    const int width = min(kChunk, hidden - c * kChunk);
-    if (c0 < width) {
-      float out[8][4];
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < kOutSlots / 16; ++ks) {
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          unsigned b[4];
-          ldmatrix_x4_trans(b, wb + (ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * kWStride + c0 + np * 16 + 8 * (lane >> 4));
-          Mma<T>::run(out[2 * np], a_hi[ks], b[0], b[1]);
-          Mma<T>::run(out[2 * np], a_lo[ks], b[0], b[1]);
-          Mma<T>::run(out[2 * np + 1], a_hi[ks], b[2], b[3]);
-          Mma<T>::run(out[2 * np + 1], a_lo[ks], b[2], b[3]);
-        }
-      }
-      const int g = lane >> 2, t = lane & 3;
-      const int tok_a = tok_s[m0 + g], tok_b = tok_s[m0 + g + 8];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int col = c0 + nt * 8 + 2 * t;
-        if (col < width) {
-          const int64_t h = static_cast<int64_t>(c) * kChunk + col;
-          if (tok_a >= 0)
-            *reinterpret_cast<unsigned*>(y + static_cast<int64_t>(tok_a) * hidden + h) = Elem<T>::pack2(out[nt][0], out[nt][1]);
-          if (tok_b >= 0)
-            *reinterpret_cast<unsigned*>(y + static_cast<int64_t>(tok_b) * hidden + h) = Elem<T>::pack2(out[nt][2], out[nt][3]);
-        }
-      }
+    for (int i = tid; i < kNodes * pieces; i += kLogitsThreads) {
+      const int row = i / pieces, c = (i - row * pieces) * 8;
+      const int node = row < block_nodes ? subtree_node(root, row) : -1;
+      cp_async16(w_s + row * ws + c, node >= 0 ? w_in + static_cast<int64_t>(node) * hidden + c : w_in, node >= 0);
     }
+    cp_async_commit();
+    if (tid < kNodes) bias_s[tid] = tid < block_nodes ? Elem<T>::load(b_in + subtree_node(root, tid)) : 0.f;
+    cp_async_wait_all();
     __syncthreads();
+
+    // --- this warp's groups: items (group, column chunk) through a 4-stage ring --------------------------
+    const int64_t n_groups = (seg_end - pos + kGroup - 1) / kGroup;
+    const int my_groups = n_groups > warp ? static_cast<int>((n_groups - warp + kTcLogitsWarps - 1) / kTcLogitsWarps) : 0;
+    const int n_items = my_groups * n_chunks;
+    auto token_at = [&](int g, int row) -> int {  // token of row `row` of this warp's group g, or -1
+      const int64_t q = pos + (static_cast<int64_t>(g) * kTcLogitsWarps + warp) * kGroup + row;
+      return q < seg_end ? (TOP ? static_cast<int>(q) : p.order[q]) : -1;
+    };
+    int tok_issue = -1;  // lane i < 16: token of row i of the group being loaded
+    auto issue = [&](int item) {  // warp-uniform
+      const int g = item / n_chunks, c = item - g * n_chunks;
+      if (c == 0) tok_issue = lane < kGroup ? token_at(g, lane) : -1;
+      T* st = ring + (item % kStages) * kGroup * kChunkStride;
+#pragma unroll
+      for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i) {
+        const int piece = lane + 32 * i, row = piece / (kChunk / 8), col = (piece % (kChunk / 8)) * 8;
+        const int m = __shfl_sync(kFullMask, tok_issue, row);
+        const int k = c * kChunk + col;
+        const bool ok = m >= 0 && k < hidden;
+        cp_async16(st + row * kChunkStride + col, ok ? x + static_cast<int64_t>(m) * p.ldx + k : x, ok);
+      }
+    };
+    float acc[kNodes / 8][4];
+#pragma unroll
+    for (int i = 0; i < kNodes / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_items) issue(s);
+      cp_async_commit();
+    }
+    for (int item = 0; item < n_items; ++item) {
+      if (item + kStages - 1 < n_items) issue(item + kStages - 1);  // into the stage item - 1 used
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();  // item's stage has landed (this lane's copies) ...
+      __syncwarp();                  // ... and every lane's
+      const int g = item / n_chunks, c = item - g * n_chunks;
+      const T* st = ring + (item % kStages) * kGroup * kChunkStride;
+#pragma unroll
+      for (int kk = 0; kk < kChunk; kk += 16) {
+        const int k = c * kChunk + kk;
+        if (k < hidden) {  // a step over [hidden - 8, hidden + 8) reads zeros from both operands' padding
+          unsigned a[4];
+          ldmatrix_x4(a, st + (lane & 15) * kChunkStride + kk + 8 * (lane >> 4));
+#pragma unroll
+          for (int np = 0; np < kNodes / 16; ++np) {
+            unsigned bf[4];
+            ldmatrix_x4(bf, w_s + (16 * np + (lane & 7) + 8 * (lane >> 4)) * ws + k + 8 * ((lane >> 3) & 1));
+            Mma<T>::run(acc[2 * np], a, bf[0], bf[1]);
+            Mma<T>::run(acc[2 * np + 1], a, bf[2], bf[3]);
+          }
+        }
+      }
+      if (c == n_chunks - 1) {  // the group's logits are complete: route its tokens
+#pragma unroll
+        for (int nt = 0; nt < kNodes / 8; ++nt) {
+          const int col = 8 * nt + 2 * tq;
+          lt[gq * kLStride + col] = acc[nt][0] + bias_s[col];
+          lt[gq * kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
+          lt[(gq + 8) * kLStride + col] = acc[nt][2] + bias_s[col];
+          lt[(gq + 8) * kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+        }
+        __syncwarp();
+        const int m = lane < kGroup ? token_at(g, lane) : -1;
+        if (m >= 0) {
+          int j = 0;
+          if (TOP) {
+            for (int level = 0; level < split; ++level) {
+              const float logit = lt[lane * kLStride + j];
+              p.g_top[static_cast<int64_t>(m) * split + level] = gelu(logit);
+              j = 2 * j + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 and NaN
+            }
+            const int bucket = j - (n_buckets - 1);
+            p.bucket[m] = bucket;
+            p.rank[m] = atomicAdd(&hist_s[bucket], 1);  // rank among this block's tokens of the bucket
+          } else {
+#pragma unroll
+            for (int level = 0; level < kBlockLevels; ++level) {
+              const float logit = lt[lane * kLStride + j];
+              p.g_sub[static_cast<int64_t>(m) * kBlockLevels + level] = gelu(logit);
+              if (level + 1 < kBlockLevels) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);
+            }
+            p.leaves[m] = subtree_node(root, j) - ((int64_t{1} << p.depth) - 1);
+          }
+        }
+      }
+      __syncwarp();  // the stage (and the logit tile) may be rewritten from here on
+    }
+    cp_async_wait_all();
+    pos = seg_end;
   }
-  cp_async_wait_all();
+  if (TOP) {  // this block's first rank in each bucket: one atomic per bucket and block
+    __syncthreads();
+    if (tid < n_buckets)
+      p.block_base[static_cast<int64_t>(blockIdx.x) * n_buckets + tid] = hist_s[tid] > 0 ? atomicAdd(&p.counts[tid], hist_s[tid]) : 0;
+  }
+}
+
+// Step 4: Y = G W_out[slots]. Work units are (16-token group, 64 columns) of the current bucket, split evenly
+// over the 16 warps; a warp builds a group's coefficient fragments when it reaches the group.
+template <typename T>
+__global__ void __launch_bounds__(kOutputThreads, 1) output_kernel(const Params p, int64_t run) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int offs[kMaxBuckets + 1];
+  const int hidden = p.hidden, split = p.split, n_buckets = 1 << split;
+  const int ws = hidden + 8;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  T* const w_s = reinterpret_cast<T*>(smem);
+  unsigned char* const mine = smem + kSlots * ws * 2 + warp * (kOutStageBytes + kGroup * kInfo * 4);
+  T* const stage = reinterpret_cast<T*>(mine);
+  float* const infos = reinterpret_cast<float*>(mine + kOutStageBytes);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
+  // per-lane shared-memory addresses: B fragments (ldmatrix.trans of 16 slots x 16 columns), the output stage
+  const T* const b_lane = w_s + ((lane & 7) + 8 * ((lane >> 3) & 1)) * ws + 8 * (lane >> 4);
+  T* const st_lane = stage + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kChunkStride + 8 * (lane >> 4);
+  const int out_row = lane >> 3, out_col = (lane & 7) * 8;  // this lane's 16-byte pieces: rows out_row + 4 i
+
+  const Run r = block_run(p, run);
+  if (r.begin >= r.end) return;
+  bucket_offsets(p, n_buckets, offs);
+  __syncthreads();
+  const int n_chunks = (hidden + kChunk - 1) / kChunk;
+  const int pieces = hidden / 8;
+  int b = bucket_at(offs, n_buckets, r.begin);
+  for (int64_t pos = r.begin; pos < r.end; ++b) {
+    const int64_t seg_end = min(r.end, static_cast<int64_t>(offs[b + 1]));
+    if (seg_end <= pos) continue;
+    const int root = n_buckets - 1 + b;
+    __syncthreads();  // every warp is done with the previous bucket's rows
+    for (int i = tid; i < kSlots * pieces; i += kOutputThreads) {
+      const int slot = i / pieces, c = (i - slot * pieces) * 8;
+      int row = -1;
+      if (slot < kAncestorSlot) row = subtree_node(root, slot);
+      else if (slot - kAncestorSlot < split) row = ((root + 1) >> (split - (slot - kAncestorSlot))) - 1;  // ancestor
+      cp_async16(w_s + slot * ws + c, row >= 0 ? w_out + static_cast<int64_t>(row) * hidden + c : w_out, row >= 0);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    const int64_t n_units = (seg_end - pos + kGroup - 1) / kGroup * n_chunks;
+    const int64_t u_begin = n_units * warp / kTcOutputWarps, u_end = n_units * (warp + 1) / kTcOutputWarps;
+    int64_t g = -1;
+    int c = 0;
+    unsigned a_hi[kSlots / 16][4], a_lo[kSlots / 16][4];
+    T* y_rows[kGroup * (kChunk / 8) / 32];  // this lane's output rows of the group (nullptr: padding)
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      if (g < 0 || ++c == n_chunks) {  // a new group: gather its coefficients, build the A fragments
+        g = u / n_chunks;
+        c = static_cast<int>(u - g * n_chunks);
+        const int64_t q = pos + g * kGroup + lane;
+        const int m = lane < kGroup && q < seg_end ? p.order[q] : -1;
+        __syncwarp();  // the previous group's infos are no longer read
+        if (lane < kGroup) {
+          float* info = infos + lane * kInfo;
+          if (m >= 0) {
+#pragma unroll
+            for (int l = 0; l < kBlockLevels; ++l) {
+              info[l] = p.g_sub[static_cast<int64_t>(m) * kBlockLevels + l];
+              info[kBlockLevels + l] = l < split ? p.g_top[static_cast<int64_t>(m) * split + l] : 0.f;
+            }
+            info[2 * kBlockLevels] =
+                __int_as_float(static_cast<int>(p.leaves[m] + first_leaf - (static_cast<int64_t>(root) << (kBlockLevels - 1))));
+          } else {  // padding row: all coefficients zero
+#pragma unroll
+            for (int i = 0; i <= 2 * kBlockLevels; ++i) info[i] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i) {
+          const int tok = __shfl_sync(kFullMask, m, out_row + 4 * i);
+          y_rows[i] = tok >= 0 ? y + static_cast<int64_t>(tok) * hidden + out_col : nullptr;
+        }
+        __syncwarp();
+        const float* info_a = infos + gq * kInfo;
+        const float* info_b = infos + (gq + 8) * kInfo;
+        const int j_a = __float_as_int(info_a[2 * kBlockLevels]), j_b = __float_as_int(info_b[2 * kBlockLevels]);
+#pragma unroll
+        for (int ks = 0; ks < kSlots / 16; ++ks)
+#pragma unroll
+          for (int f = 0; f < 4; ++f) {  // fragment register f: row gq (+ 8 if f odd), slots 2 tq (+ 8 if f >= 2)
+            const float* info = f & 1 ? info_b : info_a;
+            const int j5 = f & 1 ? j_b : j_a;
+            const int s = 16 * ks + 2 * tq + (f & 2 ? 8 : 0);
+            split_pair<T>(slot_coefficient(info, j5, s), slot_coefficient(info, j5, s + 1), a_hi[ks][f], a_lo[ks][f]);
+          }
+      }
+      // --- columns [c0, c0 + 64): products, then the 16 x 64 tile through the stage as 16-byte stores -----
+      const int c0 = c * kChunk;
+      float out[kChunk / 8][4];
+#pragma unroll
+      for (int i = 0; i < kChunk / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[i][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kSlots / 16; ++ks) {
+        unsigned bf[kChunk / 16][4];
+#pragma unroll
+        for (int np = 0; np < kChunk / 16; ++np)  // column blocks past the row end hold no output: skipped
+          if (c0 + 16 * np < hidden) ldmatrix_x4_trans(bf[np], b_lane + 16 * ks * ws + c0 + 16 * np);
+#pragma unroll
+        for (int np = 0; np < kChunk / 16; ++np)
+          if (c0 + 16 * np < hidden) {
+            Mma<T>::run(out[2 * np], a_hi[ks], bf[np][0], bf[np][1]);
+            Mma<T>::run(out[2 * np + 1], a_hi[ks], bf[np][2], bf[np][3]);
+          }
+#pragma unroll
+        for (int np = 0; np < kChunk / 16; ++np)
+          if (c0 + 16 * np < hidden) {
+            Mma<T>::run(out[2 * np], a_lo[ks], bf[np][0], bf[np][1]);
+            Mma<T>::run(out[2 * np + 1], a_lo[ks], bf[np][2], bf[np][3]);
+          }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kChunk / 8; nt += 2)  // lane l addresses row l % 8 (+ 8) of column block nt (+ 1)
+        stmatrix_x4(st_lane + 8 * nt, Elem<T>::pack2(out[nt][0], out[nt][1]), Elem<T>::pack2(out[nt][2], out[nt][3]),
+                    Elem<T>::pack2(out[nt + 1][0], out[nt + 1][1]), Elem<T>::pack2(out[nt + 1][2], out[nt + 1][3]));
+      __syncwarp();
+      const bool in = c0 + out_col < hidden;
+#pragma unroll
+      for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i)
+        if (in && y_rows[i] != nullptr)
+          __stcs(reinterpret_cast<uint4*>(y_rows[i] + c0), *reinterpret_cast<const uint4*>(stage + (out_row + 4 * i) * kChunkStride + out_col));
+      __syncwarp();  // the stage is rewritten by the next unit
+    }
+    pos = seg_end;
+  }
 }
 }  // namespace tc
 
@@ -1277,12 +1378,12 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
     if (lane == 0) {
       const int b = n - (n_buckets - 1);
       p.bucket[m] = b;
-      atomicAdd(&hist[b], 1);
+      p.rank[m] = atomicAdd(&hist[b], 1);  // rank among this block's tokens of the bucket
     }
   }
   __syncthreads();
-  for (int i = tid; i < n_buckets; i += kRouteSharedThreads)
-    if (hist[i] != 0) atomicAdd(&p.counts[i], hist[i]);
+  for (int i = tid; i < n_buckets; i += kRouteSharedThreads)  // this block's first rank in each bucket
+    p.block_base[static_cast<int64_t>(blockIdx.x) * n_buckets + i] = hist[i] != 0 ? atomicAdd(&p.counts[i], hist[i]) : 0;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1672,6 +1773,14 @@ inline void launch_scatter(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Step 2 after a ranking step 1 whose block (m / per) % blocks routed token m.
+inline void launch_scatter_ranked(const Params& p, int64_t per, int64_t blocks, cudaStream_t stream) {
+  const int64_t grid = (p.tokens + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(p.num_sms) * 8;
+  scatter_ranked_kernel<<<grid < cap ? grid : cap, kThreads, sizeof(int) * (size_t{1} << p.split), stream>>>(p, per, blocks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Steps 1 and 2 of the sorted strategies: route the top `split` levels (their rows in shared memory as far
 // as they fit), then the counting sort.
 template <typename T, int NV>
@@ -1687,14 +1796,17 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
     static int route_done[64] = {};
     allow_smem(route_kernel, route_smem, route_done);
     const int64_t wanted = (p.tokens + 31) / 32;
-    route_kernel<<<wanted < p.num_sms ? wanted : p.num_sms, RouteSharedThreads<T, NV>::value, route_smem, stream>>>(p, top);
+    const int64_t blocks = wanted < p.num_sms ? wanted : p.num_sms;  // <= num_sms rows of block_base
+    route_kernel<<<blocks, RouteSharedThreads<T, NV>::value, route_smem, stream>>>(p, top);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_scatter_ranked(p, RouteSharedThreads<T, NV>::value / 32, blocks, stream);
   } else {
     static int route_per_sm = 0;
     const auto route_kernel = route_top_kernel<T, NV>;
     route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_scatter(p, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_scatter(p, stream);
 }
 
 // Contiguous runs of the sorted tokens, at least 64 per block so that staging a bucket's rows pays off.
@@ -1794,22 +1906,40 @@ void launch_sorted_tensor(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Positions per block for kTensorCore's steps: `blocks` blocks share the tokens in runs of whole 16-token groups.
+inline int64_t tc_run(const Params& p, int64_t blocks) {
+  const int64_t groups = (p.tokens + tc::kGroup - 1) / tc::kGroup;
+  return (groups + blocks - 1) / blocks * tc::kGroup;
+}
+
 template <typename T>
 void launch_tensor_core(const Params& p, cudaStream_t stream) {
-  const size_t smem = tc::smem_bytes(p.hidden);
-  static int route_done[64] = {}, finish_done[64] = {};
-  const auto route = tc::tc_kernel<T, false>;
-  const auto finish = tc::tc_kernel<T, true>;
-  allow_smem(route, smem, route_done);
-  allow_smem(finish, smem, finish_done);
-  const int n_buckets = 1 << p.split;
-  C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * sizeof(int) * n_buckets, stream));
-  const int64_t tiles = (p.tokens + tc::kTok - 1) / tc::kTok;
-  route<<<tiles, tc::kThreads, smem, stream>>>(p);
+  static int top_done[64] = {}, sub_done[64] = {}, out_done[64] = {};
+  const auto top = tc::logits_kernel<T, true>;
+  const auto sub = tc::logits_kernel<T, false>;
+  const auto out = tc::output_kernel<T>;
+  const size_t logits_smem = static_cast<size_t>(tc_logits_smem_bytes(p.hidden));
+  const size_t output_smem = static_cast<size_t>(tc_output_smem_bytes(p.hidden));
+  allow_smem(top, logits_smem, top_done);
+  allow_smem(sub, logits_smem, sub_done);
+  allow_smem(out, output_smem, out_done);
+  static size_t occupancy_smem = 0;  // logits blocks per SM for the last shared-memory size asked (host cache)
+  static int logits_per_sm = 0;
+  if (occupancy_smem != logits_smem) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&logits_per_sm, top, tc::kLogitsThreads, logits_smem));
+    occupancy_smem = logits_smem;
+  }
+  const int per_sm = logits_per_sm < 1 ? 1 : (logits_per_sm > kMaxRankedBlocksPerSm ? kMaxRankedBlocksPerSm : logits_per_sm);
+  C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, sizeof(int) * (size_t{1} << p.split), stream));
+  const int64_t logits_run = tc_run(p, static_cast<int64_t>(per_sm) * p.num_sms);
+  const int64_t logits_blocks = (p.tokens + logits_run - 1) / logits_run;  // <= per_sm * num_sms rows of block_base
+  top<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_scatter(p, stream);
-  // sum over buckets of ceil(count / kTok) <= tokens / kTok + buckets: extra blocks exit at once
-  finish<<<tiles + n_buckets, tc::kThreads, smem, stream>>>(p);
+  launch_scatter_ranked(p, logits_run, logits_blocks, stream);
+  sub<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t output_run = tc_run(p, p.num_sms);
+  out<<<(p.tokens + output_run - 1) / output_run, tc::kOutputThreads, output_smem, stream>>>(p, output_run);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -27,8 +27,8 @@ enum Strategy : int {
                      // are read from L2 once per SM instead of once per token
   kGeneral = 4,      // any hidden size, stride or alignment: scalar loads, nothing held in registers
   kTensorCore = 5,   // kBucketed with every dot product on tensor cores (float16/bfloat16, one tree,
-                     // depth 6..11, hidden % 16 == 0): the top depth-5 levels and the 6 below are each
-                     // computed densely for a tile of 32 tokens (see tc_kernel in fff_cuda.cuh)
+                     // depth 6..11): the top depth-5 levels and the 6 below are each computed densely for a
+                     // tile of 128 tokens (see tc_kernel in fff_cuda.cuh)
   kSubtree = 6,      // few tokens: a block per token computes the logits of 5 levels of subtree at once, then
                      // routes through them in shared memory (3 dependent rounds of fetches at depth 11, not 12)
   kSorted = 7,       // kBucketed whose finishing blocks hold the bucket's rows (its subtree's w_in, w_out and
@@ -61,6 +61,11 @@ struct Params {
   int* order;
   int* counts;
   float* g_top;
+  // kTensorCore scratch: rank of each token within its bucket among its step-1 block's tokens (tokens),
+  // each step-1 block's first rank per bucket (blocks * 2^split), the subtree GELU values (tokens * 6)
+  int* rank;
+  int* block_base;
+  float* g_sub;
   // kGeneral scratch: visited rows and their GELU values, (tokens, trees * (depth + 1)) each
   int* rec_row;
   float* rec_g;
@@ -83,6 +88,21 @@ inline int64_t sorted_tc_smem_bytes(int depth, int split, int64_t hidden) {
   const int64_t slots = sorted_tc_slots(sub, split);
   const int64_t stride = hidden + 8;
   return (32 + slots) * stride * 2 + 16 * (2 * 16 * (slots + 8) * 2 + 16 * 33 * 4) + 4 * 32 + 4 * ((int64_t{1} << split) + 1);
+}
+
+// kTensorCore's shared memory per block. Logits kernel: the block of levels' 64 w_in rows (padded by 8
+// elements, for ldmatrix), then per warp a ring of 4 x stages (16 tokens x 64 columns, padded) and a 16 x 65
+// fp32 logit tile. Output kernel: the 80 w_out slot rows (padded by 8 elements, for ldmatrix), then per warp a 16 x 64 output
+// stage and 16 x 16 floats of per-token coefficients. Both grow with hidden; the strategy takes widths
+// whose rows fit.
+constexpr int kTcLogitsWarps = 8;
+constexpr int kMaxRankedBlocksPerSm = 1;  // ranking step-1 blocks per SM: block_base has num_sms rows
+constexpr int kTcOutputWarps = 16;
+HF_FFF_HOST_DEVICE constexpr int64_t tc_logits_smem_bytes(int64_t hidden) {
+  return 64 * (hidden + 8) * 2 + kTcLogitsWarps * (4 * 16 * 72 * 2 + 16 * 65 * 4);
+}
+HF_FFF_HOST_DEVICE constexpr int64_t tc_output_smem_bytes(int64_t hidden) {
+  return 80 * (hidden + 8) * 2 + kTcOutputWarps * (16 * 72 * 2 + 16 * 16 * 4);
 }
 
 void launch_f32(const Params& p, cudaStream_t stream);

@@ -57,6 +57,13 @@ def sorted_tensor_fits(depth: int, split: int, hidden: int, element_size: int) -
     return need <= smem_limit()
 
 
+def tensor_core_fits(hidden: int) -> bool:
+    """Whether the tensor-core strategy's rows fit (tc_logits_smem_bytes / tc_output_smem_bytes in cuda/fff_cuda.h)."""
+    logits = 64 * (hidden + 8) * 2 + 8 * (4 * 16 * 72 * 2 + 16 * 65 * 4)
+    output = 80 * (hidden + 8) * 2 + 16 * (16 * 72 * 2 + 16 * 16 * 4)
+    return max(logits, output) + 1024 <= smem_limit()  # + the kernels' static shared memory
+
+
 def smem_limit() -> int:
     return getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 227 * 1024)
 
@@ -157,23 +164,29 @@ def test_bert_geometry(ext, dtype, strategy, tokens):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("depth", [6, 7, 8, 9, 10, 11])
-@pytest.mark.parametrize("hidden", [16, 48, 768, 1040, 2048])
+@pytest.mark.parametrize("hidden", [16, 48, 768, 776, 960, 968, 1040, 2048])
 def test_tensor_core_shapes(ext, dtype, depth, hidden):
-    """Every depth the tensor-core path takes, widths with partial 128-column chunks, partial tiles."""
+    """Every depth the tensor-core path takes; widths with partial 32-column blocks and partial 64-column
+    chunks (776); partial groups; buckets spread over many blocks (9000 tokens); the widest that fits
+    on an H100 (960) and refusals past it."""
     gen = torch.Generator(device="cuda").manual_seed(depth * 10000 + hidden)
-    for tokens in (1, 33, 1500):
+    for tokens in (1, 33, 1500) + ((9000,) if hidden in (48, 768) else ()):
         args = make_problem(tokens, hidden, depth, 1, dtype, gen)
-        check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=TENSOR_CORE))
+        if tensor_core_fits(hidden):
+            check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=TENSOR_CORE))
+        else:
+            with pytest.raises(RuntimeError, match="tensor-core"):
+                ext.fff_forward(*args, depth, strategy=TENSOR_CORE)
         if sorted_tensor_fits(depth, depth - 4, hidden, 2):
             check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=SORTED_TENSOR))
         else:
             with pytest.raises(RuntimeError, match="tensor-core"):
                 ext.fff_forward(*args, depth, strategy=SORTED_TENSOR)
-    if hidden == 768:  # one tree and hidden % 16 == 0 are required; other paths take the rest
+    if hidden == 768:  # one tree and depth 6..11 are required; other paths take the rest
         with pytest.raises(RuntimeError, match="tensor-core"):
             ext.fff_forward(*make_problem(4, 768, depth, 2, dtype, gen), depth, strategy=TENSOR_CORE)
         with pytest.raises(RuntimeError, match="tensor-core"):
-            ext.fff_forward(*make_problem(4, 776, depth, 1, dtype, gen), depth, strategy=TENSOR_CORE)
+            ext.fff_forward(*make_problem(4, 768, 5, 1, dtype, gen), 5, strategy=TENSOR_CORE)
 
 
 @needs_cuda
