@@ -599,9 +599,14 @@ __global__ void __launch_bounds__(kThreads) general_kernel(const Params p) {
 // Each block owns a contiguous run of positions (token order in step 1, sorted order after), so blocks carry
 // equal work whatever the routing. Inside a block, warps are independent: each takes 16-token groups of the
 // current bucket and streams their x through its own 4-stage cp.async ring (logits) or its own output stage,
-// synchronizing with the other warps only when the bucket (and so the rows in shared memory) changes. (A
-// first version with block-wide 128-token tiles and barriers between pipeline stages measured 165 us at
-// 32768 tokens, bf16: Nsight Compute showed 0.24 instructions issued per scheduler cycle, 9% tensor use.)
+// synchronizing with the other warps only when the bucket (and so the rows in shared memory) changes.
+// Measured on H100 at 32768 tokens, bf16 (benchmarks/results_cuda.md): 134 us = step 1 35 + scatter 3 +
+// step 3 47 + step 4 39; the sorted CUDA-core strategy takes 127, so this one stays opt-in. Step 1 reads x at
+// about the rate torch reads 50 MB under the same L2 flush (31 us); steps 3 and 4 are bound by per-warp
+// latency and by the output's 10 products (hi + lo, 5 k steps) per 12 useful coefficients. Earlier designs:
+// block-wide tiles of 32 or 128 tokens with barriers between pipeline stages (215 and 165 us: 0.24
+// instructions issued per scheduler cycle, 9% tensor use), and x fragments loaded straight from global
+// memory into a register ring (153 us: more warps, but 64-byte pieces of each row scattered in time).
 namespace tc {
 constexpr int kGroup = 16;            // tokens per warp group: the mma M
 constexpr int kBlockLevels = 6;       // levels of the lower block (63 nodes), and at most of the top block
