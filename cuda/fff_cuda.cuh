@@ -1928,16 +1928,10 @@ void launch_tensor_core(const Params& p, cudaStream_t stream) {
   allow_smem(top, logits_smem, top_done);
   allow_smem(sub, logits_smem, sub_done);
   allow_smem(out, output_smem, out_done);
-  static size_t occupancy_smem = 0;  // logits blocks per SM for the last shared-memory size asked (host cache)
-  static int logits_per_sm = 0;
-  if (occupancy_smem != logits_smem) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&logits_per_sm, top, tc::kLogitsThreads, logits_smem));
-    occupancy_smem = logits_smem;
-  }
-  const int per_sm = logits_per_sm < 1 ? 1 : (logits_per_sm > kMaxRankedBlocksPerSm ? kMaxRankedBlocksPerSm : logits_per_sm);
   C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, sizeof(int) * (size_t{1} << p.split), stream));
-  const int64_t logits_run = tc_run(p, static_cast<int64_t>(per_sm) * p.num_sms);
-  const int64_t logits_blocks = (p.tokens + logits_run - 1) / logits_run;  // <= per_sm * num_sms rows of block_base
+  // one logits block per SM (each holds ~200 KB of shared memory): at most num_sms rows of block_base
+  const int64_t logits_run = tc_run(p, static_cast<int64_t>(kMaxRankedBlocksPerSm) * p.num_sms);
+  const int64_t logits_blocks = (p.tokens + logits_run - 1) / logits_run;
   top<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_scatter_ranked(p, logits_run, logits_blocks, stream);
