@@ -448,6 +448,23 @@ __device__ __forceinline__ int bucket_at(const int* offsets, int n_buckets, int6
   return b;
 }
 
+// Bucket offsets (exclusive scan of the counts, and the total at [n_buckets]) into shared memory, by warp 0.
+__device__ __forceinline__ void bucket_offsets(const Params& p, int n_buckets, int* offs) {
+  if (threadIdx.x < 32) {
+    const int total = warp_exclusive_scan(p.counts, n_buckets, offs, threadIdx.x);
+    if (threadIdx.x == 31) offs[n_buckets] = total;
+  }
+}
+
+// This block's run of positions: [begin, end), `run` positions per block.
+struct Run {
+  int64_t begin, end;
+};
+__device__ __forceinline__ Run block_run(const Params& p, int64_t run) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * run;
+  return {begin, begin + run < p.tokens ? begin + run : p.tokens};
+}
+
 // kBucketed, step 2: exclusive scan of the bucket counts (each block redoes it: at most 1024 entries),
 // then scatter token ids to order[offset[bucket] + rank]. Ranks come from one atomic per bucket and warp
 // (lanes with the same bucket are found with __match_any_sync); order within a bucket is arbitrary and
@@ -702,23 +719,6 @@ __device__ __forceinline__ float slot_coefficient(const float* info, int j5, int
   }
   const int l = s - kAncestorSlot;
   return l < kBlockLevels ? info[kBlockLevels + l] : 0.f;
-}
-
-// Bucket offsets (exclusive scan of the counts, and the total at [n_buckets]) into shared memory, by warp 0.
-__device__ __forceinline__ void bucket_offsets(const Params& p, int n_buckets, int* offs) {
-  if (threadIdx.x < 32) {
-    const int total = warp_exclusive_scan(p.counts, n_buckets, offs, threadIdx.x);
-    if (threadIdx.x == 31) offs[n_buckets] = total;
-  }
-}
-
-// This block's run of positions: [begin, end), `run` positions per block (a multiple of kGroup).
-struct Run {
-  int64_t begin, end;
-};
-__device__ __forceinline__ Run block_run(const Params& p, int64_t run) {
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * run;
-  return {begin, begin + run < p.tokens ? begin + run : p.tokens};
 }
 
 // Steps 1 (TOP) and 3: logits of a 6-level block for 16-token groups, then routing through them.
@@ -1438,13 +1438,10 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   const int nvec = hidden / V;
   const int64_t first_leaf = (int64_t{1} << depth) - 1;
 
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
-  const int64_t end = min(begin + chunk, p.tokens);
+  const Run r = block_run(p, chunk);
+  const int64_t begin = r.begin, end = r.end;
   if (begin >= end) return;  // block-uniform
-  if (warp == 0) {  // bucket offsets, and their end
-    const int inclusive = warp_exclusive_scan(p.counts, n_buckets, offs, lane);
-    if (lane == 31) offs[n_buckets] = inclusive;
-  }
+  bucket_offsets(p, n_buckets, offs);
   __syncthreads();
   int b = bucket_at(offs, n_buckets, begin);
   const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
@@ -1581,13 +1578,10 @@ __global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(cons
   T* g_lo = g_hi + stc::kTok * gstride;
   float* lt = l_tiles + warp * stc::kTok * stc::kLStride;
 
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
-  const int64_t end = min(begin + chunk, p.tokens);
+  const Run r = block_run(p, chunk);
+  const int64_t begin = r.begin, end = r.end;
   if (begin >= end) return;  // block-uniform
-  if (warp == 0) {  // bucket offsets, and their end
-    const int inclusive = warp_exclusive_scan(p.counts, n_buckets, offs, lane);
-    if (lane == 31) offs[n_buckets] = inclusive;
-  }
+  bucket_offsets(p, n_buckets, offs);
   __syncthreads();
   int b = bucket_at(offs, n_buckets, begin);
   const int pieces = hidden / 8;  // 16-byte pieces per row
