@@ -106,11 +106,10 @@ int sorted_tensor_split(int depth) { return std::max(1, depth - 4); }
 // The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6); any width the
 // fast path takes (hidden % 8 == 0, 16-byte aligned rows) whose blocks' rows fit in shared memory (<= 960
 // on H100).
-constexpr int64_t kTcStaticSmem = 1024;  // the tensor-core kernels' static shared memory (offsets, biases, counters)
 bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t trees, bool fast, int64_t smem_limit) {
-  constexpr int64_t kStatic = kTcStaticSmem;
+  constexpr int64_t kStatic = 1024;  // the kernels' static shared memory (bucket offsets, biases, counters)
   return fast && half_precision && trees == 1 && depth >= 6 && depth <= 11 &&
-         tc_logits_smem_bytes(hidden) + kStatic <= smem_limit && tc_finish_parts(hidden, smem_limit - kStatic).parts > 0;
+         tc_logits_smem_bytes(hidden) + kStatic <= smem_limit && tc_output_smem_bytes(hidden) + kStatic <= smem_limit;
 }
 
 int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at::ScalarType dtype, bool fast,
@@ -238,12 +237,8 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   if (p.strategy == kBucketed || p.strategy == kSorted || p.strategy == kTensorCore || p.strategy == kSortedTensor) {
     TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategies take one tree, got ", num(trees));
     TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategies need depth >= 1");
-    if (p.strategy == kTensorCore) {
+    if (p.strategy == kTensorCore)
       p.split = static_cast<int>(depth) - 5;  // the lower block is always 6 levels (63 nodes)
-      const TcParts parts = tc_finish_parts(hidden, smem_limit - kTcStaticSmem);
-      p.tc_parts = parts.parts;
-      p.tc_part_chunks = parts.part_chunks;
-    }
     else if (split > 0)
       p.split = static_cast<int>(split);
     else if (p.strategy == kSorted)

@@ -1007,291 +1007,6 @@ __global__ void __launch_bounds__(kOutputThreads, 1) output_kernel(const Params 
     pos = seg_end;
   }
 }
-// Step 3 (fused): each bucket's subtree logits, routing and output in one pass over the sorted x.
-// `parts` blocks share each run of sorted positions (blockIdx.x / parts); all of them compute the run's
-// logits and routing (identical arithmetic, so identical decisions), and block `part` writes only its own
-// part_chunks 64-column chunks of y, so that its w_out slot rows fit in shared memory beside the subtree's
-// w_in rows (at width 768: 2 parts, 99 + 63 KB of rows). x is read from HBM once per run: the blocks of a
-// run stream the same rows at the same pace, so all but the first read hit L2. Each warp takes 16-token
-// groups of the current bucket: x streams through its 3-stage cp.async ring into L = X W_sub^T (64 logits,
-// fp32), one quad per token pair walks the 6 levels over quad shuffles of the accumulators, the GELU values
-// of the path (and of the split ancestors, from step 1) become hi + lo coefficient fragments, and
-// Y = G W_out[slots] is written 64 columns at a time through the ring stage the logits just released, while
-// the next group's x is already on its way.
-// Whether the 8 logit columns of accumulator tile nt (nodes 8 nt .. 8 nt + 7) can hold a node of local level l
-// (nodes 2^l - 1 .. 2^(l+1) - 2): a compile-time filter once the loops over nt and l are unrolled.
-__host__ __device__ constexpr bool tile_meets_level(int nt, int l) { return 8 * nt <= (2 << l) - 2 && 8 * nt + 7 >= (1 << l) - 1; }
-
-// The split ancestor's GELU value for output slot kAncestorSlot + l of token m (zero past the split).
-__device__ __forceinline__ float ancestor_g(const Params& p, int m, int l) {
-  return m >= 0 && l < p.split ? p.g_top[static_cast<int64_t>(m) * p.split + l] : 0.f;
-}
-
-constexpr int kFinishThreads = kTcFinishWarps * 32;
-constexpr int kFinishStages = kTcFinishStages;
-constexpr int kStageElems = kGroup * kChunkStride;
-
-template <typename T>
-__global__ void __launch_bounds__(kFinishThreads, 1) finish_kernel(const Params p, int64_t run) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float bias_s[kNodes];
-  __shared__ int offs[kMaxBuckets + 1];
-  const int hidden = p.hidden, split = p.split, n_buckets = 1 << split;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gq = lane >> 2, tq = lane & 3;
-  const int part = blockIdx.x % p.tc_parts;
-  const int n_chunks = (hidden + kChunk - 1) / kChunk;
-  const int col_begin = part * p.tc_part_chunks * kChunk;
-  const int col_end = min(hidden, col_begin + p.tc_part_chunks * kChunk);
-  const int ws = hidden + 8;                          // w_in row stride (elements)
-  const int os = p.tc_part_chunks * kChunk + 8;       // w_out slot row stride: an odd multiple of 16 bytes
-  T* const w_s = reinterpret_cast<T*>(smem);
-  T* const o_s = w_s + kNodes * ws;
-  T* const ring = o_s + kSlots * os + warp * kFinishStages * kStageElems;
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  T* __restrict__ y = static_cast<T*>(p.y);
-  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
-  // per-lane shared-memory addresses: w_out B fragments (ldmatrix.trans of 16 slots x 16 columns), and the
-  // lane's rows/columns of a 16 x 64 output tile for stmatrix and for the 16-byte stores
-  const T* const ob_lane = o_s + ((lane & 7) + 8 * ((lane >> 3) & 1)) * os + 8 * (lane >> 4);
-  const int st_off = ((lane & 7) + 8 * ((lane >> 3) & 1)) * kChunkStride + 8 * (lane >> 4);
-  const int out_row = lane >> 3, out_col = (lane & 7) * 8;
-
-  const int64_t begin = static_cast<int64_t>(blockIdx.x / p.tc_parts) * run;
-  const int64_t end = begin + run < p.tokens ? begin + run : p.tokens;
-  if (begin >= end) return;  // block-uniform
-  bucket_offsets(p, n_buckets, offs);
-  if (tid < kNodes) {  // the padding columns [hidden, hidden + 8) of the w_in rows: read by a partial k step
-#pragma unroll
-    for (int e = 0; e < 8; ++e) w_s[tid * ws + hidden + e] = Mma<T>::from(0.f);
-  }
-  __syncthreads();
-
-  const int pieces = hidden / 8, out_pieces = (col_end - col_begin) / 8;  // 16-byte pieces per row
-  int b = bucket_at(offs, n_buckets, begin);
-  for (int64_t pos = begin; pos < end; ++b) {
-    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
-    if (seg_end <= pos) continue;  // empty bucket
-    const int root = n_buckets - 1 + b;
-    // --- the bucket's rows into shared memory (every warp is done with the previous bucket's) -------------
-    __syncthreads();
-    for (int i = tid; i < kNodes * pieces; i += kFinishThreads) {
-      const int row = i / pieces, c = (i - row * pieces) * 8;
-      const int node = row < kAncestorSlot ? subtree_node(root, row) : -1;  // row 63: zeros
-      cp_async16(w_s + row * ws + c, node >= 0 ? w_in + static_cast<int64_t>(node) * hidden + c : w_in, node >= 0);
-    }
-    for (int i = tid; i < kSlots * out_pieces; i += kFinishThreads) {
-      const int slot = i / out_pieces, c = (i - slot * out_pieces) * 8;
-      int row = -1;  // no row: zeros (its coefficient is zero too, but 0 * garbage could be NaN)
-      if (slot < kAncestorSlot) row = subtree_node(root, slot);
-      else if (slot - kAncestorSlot < split) row = ((root + 1) >> (split - (slot - kAncestorSlot))) - 1;  // ancestor
-      cp_async16(o_s + slot * os + c, row >= 0 ? w_out + static_cast<int64_t>(row) * hidden + col_begin + c : w_out,
-                 row >= 0);
-    }
-    cp_async_commit();
-    if (tid < kNodes) bias_s[tid] = tid < kAncestorSlot ? Elem<T>::load(b_in + subtree_node(root, tid)) : 0.f;
-    cp_async_wait_all();
-    __syncthreads();
-
-    // --- this warp's groups: items (group, column chunk of x) through the ring ------------------------------
-    const int64_t n_groups = (seg_end - pos + kGroup - 1) / kGroup;
-    const int my_groups =
-        n_groups > warp ? static_cast<int>((n_groups - warp + kTcFinishWarps - 1) / kTcFinishWarps) : 0;
-    const int n_items = my_groups * n_chunks;
-    auto token_at = [&](int g, int row) -> int {  // token of row `row` of this warp's group g, or -1
-      const int64_t q = pos + (static_cast<int64_t>(g) * kTcFinishWarps + warp) * kGroup + row;
-      return q < seg_end ? p.order[q] : -1;
-    };
-    int tok_issue = -1;  // lane i < 16: token of row i of the group being loaded
-    auto issue = [&](int item) {  // warp-uniform
-      const int g = item / n_chunks, c = item - g * n_chunks;
-      if (c == 0) tok_issue = lane < kGroup ? token_at(g, lane) : -1;
-      T* st = ring + (item % kFinishStages) * kStageElems;
-#pragma unroll
-      for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i) {
-        const int piece = lane + 32 * i, row = piece / (kChunk / 8), col = (piece % (kChunk / 8)) * 8;
-        const int m = __shfl_sync(kFullMask, tok_issue, row);
-        const int k = c * kChunk + col;
-        const bool ok = m >= 0 && k < hidden;
-        cp_async16(st + row * kChunkStride + col, ok ? x + static_cast<int64_t>(m) * p.ldx + k : x, ok);
-      }
-    };
-    float acc[kNodes / 8][4];
-#pragma unroll
-    for (int i = 0; i < kNodes / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-#pragma unroll
-    for (int s = 0; s < kFinishStages - 1; ++s) {
-      if (s < n_items) issue(s);
-      cp_async_commit();
-    }
-    for (int item = 0; item < n_items; ++item) {
-      if (item + kFinishStages - 1 < n_items) issue(item + kFinishStages - 1);  // into the stage item - 1 used
-      cp_async_commit();
-      cp_async_wait<kFinishStages - 1>();  // item's stage has landed (this lane's copies) ...
-      __syncwarp();                        // ... and every lane's
-      const int g = item / n_chunks, c = item - g * n_chunks;
-      T* const st = ring + (item % kFinishStages) * kStageElems;
-#pragma unroll
-      for (int kk = 0; kk < kChunk; kk += 16) {
-        const int k = c * kChunk + kk;
-        if (k < hidden) {  // a step over [hidden - 8, hidden + 8) reads zeros from both operands' padding
-          unsigned a[4];
-          ldmatrix_x4(a, st + (lane & 15) * kChunkStride + kk + 8 * (lane >> 4));
-#pragma unroll
-          for (int np = 0; np < kNodes / 16; ++np) {
-            unsigned bf[4];
-            ldmatrix_x4(bf, w_s + (16 * np + (lane & 7) + 8 * (lane >> 4)) * ws + k + 8 * ((lane >> 3) & 1));
-            Mma<T>::run(acc[2 * np], a, bf[0], bf[1]);
-            Mma<T>::run(acc[2 * np + 1], a, bf[2], bf[3]);
-          }
-        }
-      }
-      if (c == n_chunks - 1) {  // the group's logits are complete
-        __syncwarp();           // every lane's ldmatrix of this stage is done: it becomes the output stage
-        const int tok_row = lane < kGroup ? token_at(g, lane) : -1;
-        const int m_a = __shfl_sync(kFullMask, tok_row, gq), m_b = __shfl_sync(kFullMask, tok_row, gq + 8);
-        // --- route in fp32. Lane (gq, tq) holds the logits of rows gq (a) and gq + 8 (b) at nodes
-        // 8 nt + 2 tq + {0, 1}; their signs, ORed over the quad, give each row's 64 branch bits -------------
-#pragma unroll
-        for (int nt = 0; nt < kNodes / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[nt][e] += bias_s[8 * nt + 2 * tq + (e & 1)];
-        unsigned long long right_a = 0, right_b = 0;  // bit n: the logit of node n is > 0 (NaN goes left)
-#pragma unroll
-        for (int nt = 0; nt < kNodes / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int n = 8 * nt + 2 * tq + e;
-            right_a |= static_cast<unsigned long long>(acc[nt][e] > 0.f) << n;
-            right_b |= static_cast<unsigned long long>(acc[nt][2 + e] > 0.f) << n;
-          }
-        right_a |= __shfl_xor_sync(kFullMask, right_a, 1);
-        right_a |= __shfl_xor_sync(kFullMask, right_a, 2);
-        right_b |= __shfl_xor_sync(kFullMask, right_b, 1);
-        right_b |= __shfl_xor_sync(kFullMask, right_b, 2);
-        int path_a[kBlockLevels], path_b[kBlockLevels];  // local node at each level
-        path_a[0] = path_b[0] = 0;
-#pragma unroll
-        for (int l = 1; l < kBlockLevels; ++l) {
-          path_a[l] = 2 * path_a[l - 1] + 1 + static_cast<int>((right_a >> path_a[l - 1]) & 1);
-          path_b[l] = 2 * path_b[l - 1] + 1 + static_cast<int>((right_b >> path_b[l - 1]) & 1);
-        }
-        // the path's GELU values: the lane holding node path[l] contributes its logit's bits, the quad ORs
-        // them (selecting by bits, not by a run-time array index, keeps acc in registers)
-        float g_a[kBlockLevels], g_b[kBlockLevels];
-#pragma unroll
-        for (int l = 0; l < kBlockLevels; ++l) {
-          unsigned bits_a = 0, bits_b = 0;
-#pragma unroll
-          for (int nt = 0; nt < kNodes / 8; ++nt)
-            if (tile_meets_level(nt, l)) {
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int n = 8 * nt + 2 * tq + e;
-                bits_a |= n == path_a[l] ? __float_as_uint(acc[nt][e]) : 0u;
-                bits_b |= n == path_b[l] ? __float_as_uint(acc[nt][2 + e]) : 0u;
-              }
-            }
-          bits_a |= __shfl_xor_sync(kFullMask, bits_a, 1);
-          bits_a |= __shfl_xor_sync(kFullMask, bits_a, 2);
-          bits_b |= __shfl_xor_sync(kFullMask, bits_b, 1);
-          bits_b |= __shfl_xor_sync(kFullMask, bits_b, 2);
-          g_a[l] = gelu(__uint_as_float(bits_a));
-          g_b[l] = gelu(__uint_as_float(bits_b));
-        }
-#pragma unroll
-        for (int i = 0; i < kNodes / 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-        if (part == 0 && tq == 0) {
-          if (m_a >= 0) p.leaves[m_a] = subtree_node(root, path_a[kBlockLevels - 1]) - first_leaf;
-          if (m_b >= 0) p.leaves[m_b] = subtree_node(root, path_b[kBlockLevels - 1]) - first_leaf;
-        }
-        // --- coefficient fragments: register f of k step ks holds row gq (+ 8 if f odd) at slots
-        // 8 nt + 2 tq + {0, 1}, nt = 2 ks + f / 2: the same lane and columns as logit tile nt ---------------
-        unsigned a_hi[kSlots / 16][4], a_lo[kSlots / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kSlots / 16; ++ks)
-#pragma unroll
-          for (int f = 0; f < 4; ++f) {
-            const int nt = 2 * ks + (f >> 1);
-            const bool row_b = f & 1;
-            float v[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int slot = 8 * nt + 2 * tq + e;
-              float c = 0.f;
-              if (nt < kNodes / 8) {  // subtree nodes (and slot 63, the first ancestor)
-#pragma unroll
-                for (int l = 0; l < kBlockLevels; ++l)
-                  if (tile_meets_level(nt, l)) c = slot == (row_b ? path_b[l] : path_a[l]) ? (row_b ? g_b[l] : g_a[l]) : c;
-                if (nt == kNodes / 8 - 1 && slot == kAncestorSlot) c = ancestor_g(p, row_b ? m_b : m_a, 0);
-              } else if (8 * nt <= kAncestorSlot + kBlockLevels) {  // the other ancestors
-                c = ancestor_g(p, row_b ? m_b : m_a, slot - kAncestorSlot);
-              }
-              v[e] = c;
-            }
-            split_pair<T>(v[0], v[1], a_hi[ks][f], a_lo[ks][f]);
-          }
-        T* y_rows[kGroup * (kChunk / 8) / 32];  // this lane's output rows (nullptr: padding)
-#pragma unroll
-        for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i) {
-          const int tok = __shfl_sync(kFullMask, tok_row, out_row + 4 * i);
-          y_rows[i] = tok >= 0 ? y + static_cast<int64_t>(tok) * hidden + out_col : nullptr;
-        }
-        // --- output: this part's columns, 64 at a time, through the released stage -------------------------
-        for (int c0 = col_begin; c0 < col_end; c0 += kChunk) {
-          const int lc = c0 - col_begin;
-          float out[kChunk / 8][4];
-#pragma unroll
-          for (int i = 0; i < kChunk / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) out[i][e] = 0.f;
-#pragma unroll
-          for (int ks = 0; ks < kSlots / 16; ++ks) {
-            unsigned bf[kChunk / 16][4];
-#pragma unroll
-            for (int np = 0; np < kChunk / 16; ++np)  // column blocks past the row end hold no output: skipped
-              if (c0 + 16 * np < hidden) ldmatrix_x4_trans(bf[np], ob_lane + 16 * ks * os + lc + 16 * np);
-#pragma unroll
-            for (int np = 0; np < kChunk / 16; ++np)
-              if (c0 + 16 * np < hidden) {
-                Mma<T>::run(out[2 * np], a_hi[ks], bf[np][0], bf[np][1]);
-                Mma<T>::run(out[2 * np + 1], a_hi[ks], bf[np][2], bf[np][3]);
-              }
-#pragma unroll
-            for (int np = 0; np < kChunk / 16; ++np)
-              if (c0 + 16 * np < hidden) {
-                Mma<T>::run(out[2 * np], a_lo[ks], bf[np][0], bf[np][1]);
-                Mma<T>::run(out[2 * np + 1], a_lo[ks], bf[np][2], bf[np][3]);
-              }
-          }
-#pragma unroll
-          for (int nt = 0; nt < kChunk / 8; nt += 2)  // lane l addresses row l % 8 (+ 8) of column block nt (+ 1)
-            stmatrix_x4(st + st_off + 8 * nt, Elem<T>::pack2(out[nt][0], out[nt][1]),
-                        Elem<T>::pack2(out[nt][2], out[nt][3]), Elem<T>::pack2(out[nt + 1][0], out[nt + 1][1]),
-                        Elem<T>::pack2(out[nt + 1][2], out[nt + 1][3]));
-          __syncwarp();
-          const bool in = c0 + out_col < hidden;
-#pragma unroll
-          for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i)
-            if (in && y_rows[i] != nullptr)
-              __stcs(reinterpret_cast<uint4*>(y_rows[i] + c0),
-                     *reinterpret_cast<const uint4*>(st + (out_row + 4 * i) * kChunkStride + out_col));
-          __syncwarp();  // the stage is rewritten by the next chunk (or the next issue)
-        }
-      }
-      __syncwarp();  // the stage may be rewritten from here on
-    }
-    cp_async_wait_all();
-    pos = seg_end;
-  }
-}
 }  // namespace tc
 
 // ---------------------------------------------------------------------------------------------------
@@ -2198,13 +1913,15 @@ inline int64_t tc_run(const Params& p, int64_t blocks) {
 
 template <typename T>
 void launch_tensor_core(const Params& p, cudaStream_t stream) {
-  static int top_done[64] = {}, finish_done[64] = {};
+  static int top_done[64] = {}, sub_done[64] = {}, out_done[64] = {};
   const auto top = tc::logits_kernel<T, true>;
-  const auto finish = tc::finish_kernel<T>;
+  const auto sub = tc::logits_kernel<T, false>;
+  const auto out = tc::output_kernel<T>;
   const size_t logits_smem = static_cast<size_t>(tc_logits_smem_bytes(p.hidden));
-  const size_t finish_smem = static_cast<size_t>(tc_finish_smem_bytes(p.hidden, p.tc_part_chunks));
+  const size_t output_smem = static_cast<size_t>(tc_output_smem_bytes(p.hidden));
   allow_smem(top, logits_smem, top_done);
-  allow_smem(finish, finish_smem, finish_done);
+  allow_smem(sub, logits_smem, sub_done);
+  allow_smem(out, output_smem, out_done);
   C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, sizeof(int) * (size_t{1} << p.split), stream));
   // one logits block per SM (each holds ~200 KB of shared memory): at most num_sms rows of block_base
   const int64_t logits_run = tc_run(p, static_cast<int64_t>(kMaxRankedBlocksPerSm) * p.num_sms);
@@ -2212,11 +1929,10 @@ void launch_tensor_core(const Params& p, cudaStream_t stream) {
   top<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_scatter_ranked(p, logits_run, logits_blocks, stream);
-  // one finishing block per SM, tc_parts of them per run of sorted positions
-  const int64_t runs_wanted = p.num_sms / p.tc_parts > 0 ? p.num_sms / p.tc_parts : 1;
-  const int64_t finish_run = tc_run(p, runs_wanted);
-  const int64_t runs = (p.tokens + finish_run - 1) / finish_run;
-  finish<<<runs * p.tc_parts, tc::kFinishThreads, finish_smem, stream>>>(p, finish_run);
+  sub<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t output_run = tc_run(p, p.num_sms);
+  out<<<(p.tokens + output_run - 1) / output_run, tc::kOutputThreads, output_smem, stream>>>(p, output_run);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

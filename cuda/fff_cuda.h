@@ -66,10 +66,6 @@ struct Params {
   int* rank;
   int* block_base;
   float* g_sub;
-  // kTensorCore's finishing step: `tc_parts` blocks share each run of sorted tokens, each writing its own
-  // `tc_part_chunks` 64-column chunks of y (so that a block's w_out rows fit beside the w_in rows)
-  int tc_parts;
-  int tc_part_chunks;
   // kGeneral scratch: visited rows and their GELU values, (tokens, trees * (depth + 1)) each
   int* rec_row;
   float* rec_g;
@@ -107,31 +103,6 @@ HF_FFF_HOST_DEVICE constexpr int64_t tc_logits_smem_bytes(int64_t hidden) {
 }
 HF_FFF_HOST_DEVICE constexpr int64_t tc_output_smem_bytes(int64_t hidden) {
   return 80 * (hidden + 8) * 2 + kTcOutputWarps * (16 * 72 * 2 + 16 * 16 * 4);
-}
-
-// kTensorCore's fused finishing block (subtree logits, routing and output in one pass over the sorted x):
-// the subtree's 64 w_in rows (padded by 8 elements), the 80 w_out slot rows of this block's part_chunks
-// 64-column chunks (padded by 8), and per warp a ring of kTcFinishStages x stages (16 tokens x 64 columns,
-// padded). `part_chunks` is the largest that fits; blocks in groups of ceil(chunks / part_chunks) share a run.
-constexpr int kTcFinishWarps = 8;
-constexpr int kTcFinishStages = 3;
-HF_FFF_HOST_DEVICE constexpr int64_t tc_finish_smem_bytes(int64_t hidden, int64_t part_chunks) {
-  return 64 * (hidden + 8) * 2 + 80 * (part_chunks * 64 + 8) * 2 + kTcFinishWarps * kTcFinishStages * 16 * 72 * 2;
-}
-// (parts, chunks per part) for this width and shared-memory budget, balanced so that no part is empty;
-// (0, 0) when not even one chunk's rows fit.
-struct TcParts {
-  int parts, part_chunks;
-};
-inline TcParts tc_finish_parts(int64_t hidden, int64_t smem_budget) {
-  const int chunks = static_cast<int>((hidden + 63) / 64);
-  int widest = 0;
-  for (int c = chunks; c >= 1 && widest == 0; --c)
-    if (tc_finish_smem_bytes(hidden, c) <= smem_budget) widest = c;
-  if (widest == 0) return {0, 0};
-  const int parts = (chunks + widest - 1) / widest;
-  const int part_chunks = (chunks + parts - 1) / parts;
-  return {(chunks + part_chunks - 1) / part_chunks, part_chunks};
 }
 
 void launch_f32(const Params& p, cudaStream_t stream);

@@ -58,10 +58,10 @@ def sorted_tensor_fits(depth: int, split: int, hidden: int, element_size: int) -
 
 
 def tensor_core_fits(hidden: int) -> bool:
-    """Whether the tensor-core strategy's rows fit (tc_logits_smem_bytes / tc_finish_smem_bytes in cuda/fff_cuda.h)."""
+    """Whether the tensor-core strategy's rows fit (tc_logits_smem_bytes / tc_output_smem_bytes in cuda/fff_cuda.h)."""
     logits = 64 * (hidden + 8) * 2 + 8 * (4 * 16 * 72 * 2 + 16 * 65 * 4)
-    finish_one_chunk = 64 * (hidden + 8) * 2 + 80 * (64 + 8) * 2 + 8 * 3 * 16 * 72 * 2  # w_out rows split into parts
-    return max(logits, finish_one_chunk) + 1024 <= smem_limit()  # + the kernels' static shared memory
+    output = 80 * (hidden + 8) * 2 + 16 * (16 * 72 * 2 + 16 * 16 * 4)
+    return max(logits, output) + 1024 <= smem_limit()  # + the kernels' static shared memory
 
 
 def smem_limit() -> int:
