@@ -141,6 +141,19 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __host__ __device__ __forceinline__ int64_t nodes_per_tree(int depth) { return (int64_t{2} << depth) - 1; }
 
+// Zero a register array: accumulators of the output rows and of the mma tiles (fully unrolled, so the array
+// stays in registers).
+template <int N>
+__device__ __forceinline__ void zero(float (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) a[i] = 0.f;
+}
+template <int N, int M>
+__device__ __forceinline__ void zero(float (&a)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) zero(a[i]);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Fast path: a row is NV 16-byte vectors per lane; vector c of lane l covers elements
 // [(32 c + l) * kVec, (32 c + l + 1) * kVec). Vectors past the row end (nvec = hidden / kVec) read as 0.
@@ -351,10 +364,7 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : MinBlocks<NV>::val
     float xf[NV][V];
     load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
     float yf[NV][V];
-#pragma unroll
-    for (int c = 0; c < NV; ++c)
-#pragma unroll
-      for (int e = 0; e < V; ++e) yf[c][e] = 0.f;
+    zero(yf);
     for (int t = 0; t < p.trees; ++t) {
       const int64_t base = t * n_nodes;
       int my_node = 0;
@@ -540,10 +550,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<NV>::value) finish_kernel(
                                my_node, my_logit);
     if (lane >= split) my_g = gelu(my_logit);
     float yf[NV][V];
-#pragma unroll
-    for (int c = 0; c < NV; ++c)
-#pragma unroll
-      for (int e = 0; e < V; ++e) yf[c][e] = 0.f;
+    zero(yf);
     accumulate_out<T, NV>(yf, w_out, p.hidden, nvec, lane, p.depth, my_node, my_g);
     store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
     if (lane == 0) p.leaves[m] = n - first_leaf;
@@ -796,10 +803,7 @@ __global__ void __launch_bounds__(kLogitsThreads, 1) logits_kernel(const Params 
       }
     };
     float acc[kNodes / 8][4];
-#pragma unroll
-    for (int i = 0; i < kNodes / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+    zero(acc);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < n_items) issue(s);
@@ -835,8 +839,7 @@ __global__ void __launch_bounds__(kLogitsThreads, 1) logits_kernel(const Params 
           lt[gq * kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
           lt[(gq + 8) * kLStride + col] = acc[nt][2] + bias_s[col];
           lt[(gq + 8) * kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+          zero(acc[nt]);
         }
         __syncwarp();
         const int m = lane < kGroup ? token_at(g, lane) : -1;
@@ -969,10 +972,7 @@ __global__ void __launch_bounds__(kOutputThreads, 1) output_kernel(const Params 
       // --- columns [c0, c0 + 64): products, then the 16 x 64 tile through the stage as 16-byte stores -----
       const int c0 = c * kChunk;
       float out[kChunk / 8][4];
-#pragma unroll
-      for (int i = 0; i < kChunk / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) out[i][e] = 0.f;
+      zero(out);
 #pragma unroll
       for (int ks = 0; ks < kSlots / 16; ++ks) {
         unsigned bf[kChunk / 16][4];
@@ -1076,8 +1076,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
   float xf[NV][V];
   load_x_shared<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
   float yv[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) yv[e] = 0.f;
+  zero(yv);
 
   for (int t = 0; t < p.trees; ++t) {
     const T* tw_in = w_in + t * n_nodes * p.hidden;
@@ -1239,8 +1238,7 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
   float xf[NV][V];
   load_x_shared<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
   float yv[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) yv[e] = 0.f;
+  zero(yv);
   bool first_exchange = true;
   int parity = 0;
 
@@ -1501,10 +1499,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       }
       if (lane >= split) my_g = gelu(my_logit);
       float yf[NV][V];
-#pragma unroll
-      for (int c = 0; c < NV; ++c)
-#pragma unroll
-        for (int e = 0; e < V; ++e) yf[c][e] = 0.f;
+      zero(yf);
       for (int level = 0; level <= depth; ++level) {
         const int slot = __shfl_sync(kFullMask, my_slot, level);
         const float g = __shfl_sync(kFullMask, my_g, level);
@@ -1616,10 +1611,7 @@ __global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(cons
       const unsigned* xb = reinterpret_cast<const unsigned*>(x + (m_b >= 0 ? m_b : 0) * p.ldx);
       // --- logits: L = X W_sub^T ------------------------------------------------------------------
       float acc[4][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+      zero(acc);
       // x fragments come straight from global memory, kKc k steps at a time, the next batch in flight while
       // the current one multiplies (one batch per global round trip instead of one k step)
       constexpr int kKc = 6;
@@ -1700,10 +1692,7 @@ __global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(cons
       }
       for (int c0 = 0; c0 < hidden; c0 += 64) {
         float out[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) out[i][j] = 0.f;
+        zero(out);
 #pragma unroll
         for (int ks = 0; ks < stc::kMaxSlotSteps; ++ks) {
           if (ks < n_steps) {
