@@ -1,6 +1,8 @@
 """A small workload for compute-sanitizer (memcheck, racecheck): every kernel and strategy, every dtype.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py [STRATEGY ...]
+
+With strategy numbers (e.g. 8 for cluster) only those strategies' cases run.
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cover partial vectors, tails of the token
 loops, several trees, the bucketed sort (with a split at every level) and the general path. Exits
@@ -29,7 +31,7 @@ from test_cuda_backend import (  # noqa: E402
 )
 
 
-def main() -> int:
+def main(only: list[int]) -> int:
     print("sanitizer workload: loading the extension", flush=True)
     ext = cuda_backend.load_module()
     if ext is None:
@@ -54,7 +56,7 @@ def main() -> int:
                 strategies.append(9)
             if tokens > 1000:  # many groups and buckets: the large-token strategies only (memcheck is slow)
                 strategies = [s for s in strategies if s in (5, 7)]
-            for strategy in strategies:
+            for strategy in (s for s in strategies if not only or s in only):
                 splits = range(1, min(depth, 10) + 1) if strategy == 3 else [0]
                 if strategy == 7:  # the splits whose bucket rows fit in shared memory, then automatic
                     splits = [sp for sp in range(1, min(depth, 10) + 1) if sorted_bytes(depth, sp, hidden, args[0].element_size()) <= smem] + [0]
@@ -67,4 +69,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main([int(a) for a in sys.argv[1:]]))
