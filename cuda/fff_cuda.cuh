@@ -162,13 +162,17 @@ struct Row {
   uint4 v[NV];
 };
 
-template <typename T, int NV>
+// Rows come from global memory through the read-only path, or from shared memory where a block staged them.
+enum class From { kGlobal, kShared };
+
+template <typename T, int NV, From kFrom = From::kGlobal>
 __device__ __forceinline__ void load_row(Row<T, NV>& r, const T* row, int lane, int nvec) {
   const uint4* p = reinterpret_cast<const uint4*>(row);
 #pragma unroll
   for (int c = 0; c < NV; ++c) {
     const int v = c * 32 + lane;
-    r.v[c] = v < nvec ? __ldg(p + v) : make_uint4(0u, 0u, 0u, 0u);
+    if constexpr (kFrom == From::kGlobal) r.v[c] = v < nvec ? __ldg(p + v) : make_uint4(0u, 0u, 0u, 0u);
+    else r.v[c] = v < nvec ? p[v] : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -1325,16 +1329,6 @@ __host__ __device__ inline int64_t route_shared_bytes(int top, int split, int64_
 }
 
 template <typename T, int NV>
-__device__ __forceinline__ void load_row_shared(Row<T, NV>& r, const T* row, int lane, int nvec) {
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-  for (int c = 0; c < NV; ++c) {
-    const int v = c * 32 + lane;
-    r.v[c] = v < nvec ? p[v] : make_uint4(0u, 0u, 0u, 0u);
-  }
-}
-
-template <typename T, int NV>
 __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top_shared_kernel(const Params p, int top) {
   constexpr int V = Elem<T>::kVec;
   constexpr int kRouteSharedThreads = RouteSharedThreads<T, NV>::value;
@@ -1368,7 +1362,7 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
     float my_logit = 0.f;
     for (int level = 0; level < top; ++level) {  // same arithmetic as route(), rows from shared memory
       Row<T, NV> r;
-      load_row_shared<T, NV>(r, rows_s + static_cast<int64_t>(n) * hidden, lane, nvec);
+      load_row<T, NV, From::kShared>(r, rows_s + static_cast<int64_t>(n) * hidden, lane, nvec);
       const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias_s[n];
       if (lane == level) {
         my_node = n;
@@ -1489,7 +1483,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       int j = 0;
       for (int level = split; level <= depth; ++level) {
         Row<T, NV> r;
-        load_row_shared<T, NV>(r, rows_in + static_cast<int64_t>(j) * hidden, lane, nvec);
+        load_row<T, NV, From::kShared>(r, rows_in + static_cast<int64_t>(j) * hidden, lane, nvec);
         const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias_s[j];
         if (lane == level) {
           my_slot = j;
@@ -1504,7 +1498,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
         const int slot = __shfl_sync(kFullMask, my_slot, level);
         const float g = __shfl_sync(kFullMask, my_g, level);
         Row<T, NV> r;
-        load_row_shared<T, NV>(r, rows_out + static_cast<int64_t>(slot) * hidden, lane, nvec);
+        load_row<T, NV, From::kShared>(r, rows_out + static_cast<int64_t>(slot) * hidden, lane, nvec);
 #pragma unroll
         for (int c = 0; c < NV; ++c) {
           float w[V];
