@@ -176,14 +176,22 @@ __device__ __forceinline__ void load_row(Row<T, NV>& r, const T* row, int lane, 
   }
 }
 
-template <typename T, int NV>
+// x widened to fp32. Read once by default (evict first); kReused keeps it cached for the few-token kernels,
+// whose warps all read the same token's x.
+enum class XUse { kOnce, kReused };
+
+template <typename T, int NV, XUse kUse = XUse::kOnce>
 __device__ __forceinline__ void load_x(float (&xf)[NV][Elem<T>::kVec], const T* row, int lane, int nvec) {
   const uint4* p = reinterpret_cast<const uint4*>(row);
 #pragma unroll
   for (int c = 0; c < NV; ++c) {
     const int v = c * 32 + lane;
-    const uint4 raw = v < nvec ? __ldcs(p + v) : make_uint4(0u, 0u, 0u, 0u);  // read once: evict first
-    Elem<T>::unpack(raw, xf[c]);
+    if constexpr (kUse == XUse::kOnce) {  // (two spellings of one load: each compiles to the code measured)
+      const uint4 raw = v < nvec ? __ldcs(p + v) : make_uint4(0u, 0u, 0u, 0u);
+      Elem<T>::unpack(raw, xf[c]);
+    } else {
+      Elem<T>::unpack(v < nvec ? __ldg(p + v) : make_uint4(0u, 0u, 0u, 0u), xf[c]);
+    }
   }
 }
 
@@ -1030,16 +1038,6 @@ constexpr int kRoundNodes = (1 << kRound) - 1;   // 31: at most two per warp
 constexpr int kMaxLevels = 32;                   // depth <= 30
 }  // namespace st
 
-template <typename T, int NV>
-__device__ __forceinline__ void load_x_shared(float (&xf)[NV][Elem<T>::kVec], const T* row, int lane, int nvec) {
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-  for (int c = 0; c < NV; ++c) {
-    const int v = c * 32 + lane;
-    Elem<T>::unpack(v < nvec ? __ldg(p + v) : make_uint4(0u, 0u, 0u, 0u), xf[c]);  // every warp reads it: keep
-  }
-}
-
 // yv += g(level) * w_out row vector, levels [first, end) with their vectors in raw[0, end - first), in
 // level order (the order kSingle sums in). Shared by the few-token kernels (kSubtree, kCluster).
 template <typename T, int N>
@@ -1078,7 +1076,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
   const int64_t first_leaf = (int64_t{1} << depth) - 1;
 
   float xf[NV][V];
-  load_x_shared<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
+  load_x<T, NV, XUse::kReused>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
   float yv[V];
   zero(yv);
 
@@ -1240,7 +1238,7 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
 
   cluster_arrive_relaxed();  // every block of the cluster has started before the first remote store
   float xf[NV][V];
-  load_x_shared<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
+  load_x<T, NV, XUse::kReused>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
   float yv[V];
   zero(yv);
   bool first_exchange = true;
