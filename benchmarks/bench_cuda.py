@@ -35,10 +35,7 @@ from hf_fff.backends import cuda as cuda_backend  # noqa: E402
 from hf_fff.backends import reference  # noqa: E402
 
 HIDDEN, DEPTH = 768, 11
-STRATEGY = {
-    "auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5, "subtree": 6, "sorted": 7,
-    "cluster": 8, "sorted_tensor": 9,
-}
+STRATEGY = cuda_backend.STRATEGIES  # name -> the binding's strategy number (what HF_FFF_CUDA_STRATEGY accepts)
 RESULTS: dict = {}
 
 
