@@ -529,44 +529,41 @@ __global__ void __launch_bounds__(kThreads) scatter_ranked_kernel(const Params p
   }
 }
 
+// Finish one token of a bucketed strategy (one warp) with its rows read through L1/L2: levels split..depth
+// from the bucket node that step 1 recorded, then the output over all levels. kSingle's arithmetic.
+template <typename T, int NV>
+__device__ __forceinline__ void finish_token(const Params& p, int64_t m, int lane, int nvec) {
+  constexpr int V = Elem<T>::kVec;
+  const int split = p.split;
+  const int node_at_split = (1 << split) - 1 + p.bucket[m];
+  float xf[NV][V];
+  load_x<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
+  // the path above the bucket node is implied by it: ancestor at level l = ((node + 1) >> (split - l)) - 1
+  int my_node = 0;
+  float my_g = 0.f, my_logit = 0.f;
+  if (lane < split) {
+    my_node = ((node_at_split + 1) >> (split - lane)) - 1;
+    my_g = p.g_top[m * split + lane];
+  }
+  const int n = route<T, NV>(xf, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in), p.hidden, nvec, lane,
+                             split, p.depth + 1, p.depth, node_at_split, my_node, my_logit);
+  if (lane >= split) my_g = gelu(my_logit);
+  float yf[NV][V];
+  zero(yf);
+  accumulate_out<T, NV>(yf, static_cast<const T*>(p.w_out), p.hidden, nvec, lane, p.depth, my_node, my_g);
+  store_y<T, NV>(static_cast<T*>(p.y) + m * p.hidden, yf, lane, nvec);
+  if (lane == 0) p.leaves[m] = n - ((int64_t{1} << p.depth) - 1);
+}
+
 // kBucketed, step 3: each block finishes a contiguous run of the sorted tokens (so an SM works on one or
-// two subtrees at a time): levels split..depth, then the output over all levels.
+// two subtrees at a time).
 template <typename T, int NV>
 __global__ void __launch_bounds__(kThreads, MinBlocks<NV>::value) finish_kernel(const Params p, int64_t chunk) {
-  constexpr int V = Elem<T>::kVec;
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  T* __restrict__ y = static_cast<T*>(p.y);
   const int lane = threadIdx.x & 31;
-  const int nvec = p.hidden / V;
-  const int split = p.split;
-  const int bucket_base = (1 << split) - 1;  // heap index of the first node at level `split`
-  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
+  const int nvec = p.hidden / Elem<T>::kVec;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int64_t end = min(begin + chunk, p.tokens);
-  for (int64_t pos = begin + (threadIdx.x >> 5); pos < end; pos += kWarps) {
-    const int64_t m = p.order[pos];
-    const int node_at_split = bucket_base + p.bucket[m];
-    float xf[NV][V];
-    load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
-    // the path above the bucket node is implied by it: ancestor at level l = ((node + 1) >> (split - l)) - 1
-    int my_node = 0;
-    float my_g = 0.f, my_logit = 0.f;
-    if (lane < split) {
-      my_node = ((node_at_split + 1) >> (split - lane)) - 1;
-      my_g = p.g_top[m * split + lane];
-    }
-    const int n = route<T, NV>(xf, w_in, b_in, p.hidden, nvec, lane, split, p.depth + 1, p.depth, node_at_split,
-                               my_node, my_logit);
-    if (lane >= split) my_g = gelu(my_logit);
-    float yf[NV][V];
-    zero(yf);
-    accumulate_out<T, NV>(yf, w_out, p.hidden, nvec, lane, p.depth, my_node, my_g);
-    store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
-    if (lane == 0) p.leaves[m] = n - first_leaf;
-  }
+  for (int64_t pos = begin + (threadIdx.x >> 5); pos < end; pos += kWarps) finish_token<T, NV>(p, p.order[pos], lane, nvec);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1392,8 +1389,10 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
 // x is the only global read per token (prefetched one token ahead where registers allow) and y the only
 // write, so the deep rows' L2 traffic of kSingle (0.6 GB at 32768 tokens, bf16) is gone; what remains is
 // the CUDA-core arithmetic, which bounds it (about 1100 instructions per token at bf16). Blocks take
-// contiguous runs of the sorted order (one or two buckets each). Same arithmetic and order as kSingle:
-// same bits.
+// contiguous runs of the sorted order (one or two buckets each under uniform routing). Routing far from
+// uniform (an encoder's own FFF inputs) leaves many small buckets, each of which would cost a run a restage
+// of ~200 KB behind two barriers: at 16-bit, buckets under kSortedStageMin tokens are left to a second pass
+// that reads their rows through L1/L2. Same arithmetic and order as kSingle: same bits.
 template <typename T, int NV>
 struct SortedThreads {  // 85 registers per thread while x is at most 24 floats per lane, else 128
   static constexpr int value = NV * Elem<T>::kVec <= 24 ? 768 : 512;
@@ -1405,6 +1404,10 @@ struct SortedPrefetch {
 };
 
 __host__ __device__ inline int64_t sorted_subtree_rows(int depth, int split) { return (int64_t{2} << (depth - split)) - 1; }
+
+// A bucket with fewer tokens than this is finished with its rows read through L1/L2 instead of staged in shared
+// memory (sorted_finish_kernel's second pass); see benchmarks/results_cuda.md, item 13.
+constexpr int kSortedStageMin = 32;
 
 
 template <typename T, int NV>
@@ -1435,9 +1438,18 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   __syncthreads();
   int b = bucket_at(offs, n_buckets, begin);
   const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
+  // 16-bit types only: at fp32 (width 768) the staged loop has no registers to spare, and the second pass cost
+  // it 7% (174 -> 186 us at 32768 tokens with uniform routing).
+  constexpr bool kSmallPass = sizeof(T) == 2;
+  bool any_small = false;
   for (int64_t pos = begin; pos < end; ++b) {
     const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
     if (seg_end <= pos) continue;  // an empty bucket
+    if (kSmallPass && offs[b + 1] - offs[b] < kSortedStageMin) {  // a small bucket: the second pass below
+      any_small = true;
+      pos = seg_end;
+      continue;
+    }
     const int root = n_buckets - 1 + b;  // heap index of the bucket node
     __syncthreads();                     // the previous bucket's rows are no longer read
     const int staged = 2 * sub + split;
@@ -1509,6 +1521,14 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
     }
     pos = seg_end;
+  }
+  // Second pass: the tokens of small buckets (fewer than kSortedStageMin tokens in all; routing far from
+  // uniform makes many). Staging their rows would cost more than reading them through L1/L2, and the barriers
+  // around it would idle every warp without a token: here each warp takes such tokens by position, no barrier.
+  if (!kSmallPass || !any_small) return;  // block-uniform: every thread walked the same buckets
+  for (int64_t q = begin + warp; q < end; q += kW) {
+    const int bq = bucket_at(offs, n_buckets, q);
+    if (offs[bq + 1] - offs[bq] < kSortedStageMin) finish_token<T, NV>(p, p.order[q], lane, nvec);
   }
 }
 
