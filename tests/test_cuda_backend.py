@@ -276,7 +276,7 @@ def test_sorted_small_buckets(ext, dtype):
     split = next(s for s in range(1, 11) if sorted_bytes(10, s, 256, x.element_size()) <= smem_limit())
     buckets = torch.bincount(leaves[:, 0] >> (10 - split), minlength=2**split)
     small = ((buckets > 0) & (buckets < 32)).sum().item()
-    assert buckets.max() >= 1000 and small >= 2**split // 2, buckets.tolist()  # both kernels had work
+    assert buckets.max() >= 1000 and small >= 2**split // 2, buckets.tolist()  # both passes had work
 
 
 @needs_cuda
