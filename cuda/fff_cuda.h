@@ -27,8 +27,8 @@ enum Strategy : int {
                      // are read from L2 once per SM instead of once per token
   kGeneral = 4,      // any hidden size, stride or alignment: scalar loads, nothing held in registers
   kTensorCore = 5,   // kBucketed with every dot product on tensor cores (float16/bfloat16, one tree,
-                     // depth 6..11): the top depth-5 levels and the 6 below are each computed densely for a
-                     // tile of 128 tokens (see tc_kernel in fff_cuda.cuh)
+                     // depth 6..11): the top depth-5 levels and the 6 below are each computed densely for
+                     // 16-token groups per warp (tc::logits_kernel, tc::output_kernel in fff_cuda.cuh)
   kSubtree = 6,      // few tokens: a block per token computes the logits of 5 levels of subtree at once, then
                      // routes through them in shared memory (3 dependent rounds of fetches at depth 11, not 12)
   kSorted = 7,       // kBucketed whose finishing blocks hold the bucket's rows (its subtree's w_in, w_out and
@@ -61,8 +61,9 @@ struct Params {
   int* order;
   int* counts;
   float* g_top;
-  // kTensorCore scratch: rank of each token within its bucket among its step-1 block's tokens (tokens),
-  // each step-1 block's first rank per bucket (blocks * 2^split), the subtree GELU values (tokens * 6)
+  // Scratch of the strategies whose step 1 ranks tokens (kSorted, kSortedTensor, kTensorCore): each token's
+  // rank within its bucket among its step-1 block's tokens (tokens), each step-1 block's first rank per
+  // bucket (blocks * 2^split); kTensorCore only: the subtree GELU values (tokens * 6)
   int* rank;
   int* block_base;
   float* g_sub;
