@@ -165,15 +165,43 @@ struct Row {
 // Rows come from global memory through the read-only path, or from shared memory where a block staged them.
 enum class From { kGlobal, kShared };
 
-template <typename T, int NV, From kFrom = From::kGlobal>
-__device__ __forceinline__ void load_row(Row<T, NV>& r, const T* row, int lane, int nvec) {
-  const uint4* p = reinterpret_cast<const uint4*>(row);
+// Vectors [0, AlwaysInside) of every lane lie inside the row: vectors_for() (fff_cuda.cpp) picks the smallest
+// NV of {1, 2, 3, 4, 6, 8} that covers the row, so only the last one (NV <= 4) or two (NV = 6, 8) may not.
+template <int NV>
+struct AlwaysInside {
+  static constexpr int value = NV <= 4 ? NV - 1 : NV - 2;
+};
+
+// Vectors past the row end read as zeros. Only the last one or two vectors of a lane can be past it, so only
+// those loads are predicated and zero-filled: doing so for every vector cost 10-16 instructions per row (about
+// 15% of kSorted's finishing instructions at bf16). `at` points at this lane's first vector of the row.
+template <int NV, From kFrom = From::kGlobal>
+__device__ __forceinline__ void load_lane_row(uint4 (&r)[NV], const uint4* at, int lane, int nvec) {
 #pragma unroll
   for (int c = 0; c < NV; ++c) {
-    const int v = c * 32 + lane;
-    if constexpr (kFrom == From::kGlobal) r.v[c] = v < nvec ? __ldg(p + v) : make_uint4(0u, 0u, 0u, 0u);
-    else r.v[c] = v < nvec ? p[v] : make_uint4(0u, 0u, 0u, 0u);
+    const bool inside = c < AlwaysInside<NV>::value || c * 32 + lane < nvec;
+    if constexpr (kFrom == From::kGlobal) r[c] = inside ? __ldg(at + c * 32) : make_uint4(0u, 0u, 0u, 0u);
+    else r[c] = inside ? at[c * 32] : make_uint4(0u, 0u, 0u, 0u);
   }
+}
+
+template <typename T, int NV, From kFrom = From::kGlobal>
+__device__ __forceinline__ void load_row(Row<T, NV>& r, const T* row, int lane, int nvec) {
+  load_lane_row<NV, kFrom>(r.v, reinterpret_cast<const uint4*>(row) + lane, lane, nvec);
+}
+
+// This lane's first vector of row n, from its first vector of row 0 (`lane_base` = matrix + lane vectors): node
+// indices and row lengths are non-negative 32-bit values, so this is one 32 x 32 + 64-bit multiply-add, where
+// forming the row's address from a signed 64-bit product and then adding the lane cost about 8 more
+// instructions per row visited.
+__device__ __forceinline__ const uint4* lane_row(const uint4* lane_base, int n, int nvec) {
+  return lane_base + static_cast<uint64_t>(static_cast<uint32_t>(n)) * static_cast<uint32_t>(nvec);
+}
+
+// Row n of a matrix of rows of `hidden` elements (the same 32-bit reasoning as lane_row).
+template <typename T>
+__device__ __forceinline__ const T* row_at(const T* base, int n, int hidden) {
+  return base + static_cast<uint64_t>(static_cast<uint32_t>(n)) * static_cast<uint32_t>(hidden);
 }
 
 // x widened to fp32. Read once by default (evict first); kReused keeps it cached for the few-token kernels,
@@ -250,11 +278,12 @@ __device__ __forceinline__ float partial_dot(const float (&xf)[NV][Elem<T>::kVec
 // level < depth, else the node itself).
 template <typename T, int NV>
 __device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
-                                     const T* __restrict__ b_in, int hidden, int nvec, int lane, int level_begin,
-                                     int level_end, int depth, int n, int& my_node, float& my_logit) {
+                                     const T* __restrict__ b_in, int nvec, int lane, int level_begin, int level_end,
+                                     int depth, int n, int& my_node, float& my_logit) {
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
   for (int level = level_begin; level < level_end; ++level) {
     Row<T, NV> r;
-    load_row<T, NV>(r, w_in + static_cast<int64_t>(n) * hidden, lane, nvec);
+    load_lane_row<NV>(r.v, lane_row(w_lane, n, nvec), lane, nvec);
     const float bias = Elem<T>::load(b_in + n);
     const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias;
     if (lane == level) {
@@ -320,47 +349,62 @@ __device__ __forceinline__ int route_speculative(const float (&xf)[NV][Elem<T>::
   return n;
 }
 
-// y += sum over levels 0..depth of g(level) * w_out[node(level)], where lane `level` holds node and g.
-// U levels per step: their U * NV loads are independent and in flight together.
+// y += g * row for one level's w_out row (already loaded).
 template <typename T, int NV>
-__device__ __forceinline__ void accumulate_out(float (&yf)[NV][Elem<T>::kVec], const T* __restrict__ w_out,
-                                               int hidden, int nvec, int lane, int depth, int my_node, float my_g) {
+__device__ __forceinline__ void axpy_row(float (&yf)[NV][Elem<T>::kVec], float g, const Row<T, NV>& r) {
   constexpr int V = Elem<T>::kVec;
+#pragma unroll
+  for (int c = 0; c < NV; ++c) {
+    float w[V];
+    Elem<T>::unpack(r.v[c], w);
+#pragma unroll
+    for (int e = 0; e < V; ++e) yf[c][e] = fmaf(g, w[e], yf[c][e]);
+  }
+}
+
+// y += sum over levels 0..depth of g(level) * w_out[node(level)], where lane `level` holds node and g.
+// U levels per step: their U * NV loads are independent and in flight together; the levels that do not fill a
+// last step go one at a time (a guarded step would cost each row a predicated load and zeroing).
+template <typename T, int NV>
+__device__ __forceinline__ void accumulate_out(float (&yf)[NV][Elem<T>::kVec], const T* __restrict__ w_out, int nvec,
+                                               int lane, int depth, int my_node, float my_g) {
   constexpr int U = NV <= 2 ? 4 : (NV <= 4 ? 2 : 1);  // levels whose loads are in flight together
-  for (int level0 = 0; level0 <= depth; level0 += U) {
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w_out) + lane;
+  int level0 = 0;
+  for (; level0 + U <= depth + 1; level0 += U) {
     Row<T, NV> r[U];
     float g[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int level = level0 + u;
-      const int node = __shfl_sync(kFullMask, my_node, level & 31);
-      g[u] = __shfl_sync(kFullMask, my_g, level & 31);
-      if (level <= depth) {
-        load_row<T, NV>(r[u], w_out + static_cast<int64_t>(node) * hidden, lane, nvec);
-      } else {
-        g[u] = 0.f;
-#pragma unroll
-        for (int c = 0; c < NV; ++c) r[u].v[c] = make_uint4(0u, 0u, 0u, 0u);
-      }
+      const int node = __shfl_sync(kFullMask, my_node, level0 + u);
+      g[u] = __shfl_sync(kFullMask, my_g, level0 + u);
+      load_lane_row<NV>(r[u].v, lane_row(w_lane, node, nvec), lane, nvec);
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int c = 0; c < NV; ++c) {
-        float w[V];
-        Elem<T>::unpack(r[u].v[c], w);
-#pragma unroll
-        for (int e = 0; e < V; ++e) yf[c][e] = fmaf(g[u], w[e], yf[c][e]);
-      }
-    }
+    for (int u = 0; u < U; ++u) axpy_row<T, NV>(yf, g[u], r[u]);
+  }
+  for (; level0 <= depth; ++level0) {
+    const int node = __shfl_sync(kFullMask, my_node, level0);
+    const float g = __shfl_sync(kFullMask, my_g, level0);
+    Row<T, NV> r;
+    load_lane_row<NV>(r.v, lane_row(w_lane, node, nvec), lane, nvec);
+    axpy_row<T, NV>(yf, g, r);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // kSingle / kSpeculative: one warp per token, all trees, one launch.
+// Blocks per SM the walk is compiled for. At width 768 the bf16 walk fits 80 registers (3 blocks) as long as x is
+// left for the compiler to keep packed (widened again at each level); pinning it widened spilled (125 -> 157 us
+// at 32768 tokens). The fp16 walk spills at 80 registers either way, so it gets 104 at 2 blocks (151 -> 135 us).
+template <typename T, int NV>
+struct SingleMinBlocks {
+  static constexpr int value = std::is_same<T, __half>::value && NV == 3 ? 2 : MinBlocks<NV>::value;
+};
+
 // The speculative variant serves few tokens (latency-bound, few warps), so it may use every register.
 template <typename T, int NV, bool SPECULATIVE>
-__global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : MinBlocks<NV>::value) single_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : SingleMinBlocks<T, NV>::value) single_kernel(const Params p) {
   constexpr int V = Elem<T>::kVec;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
@@ -374,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : MinBlocks<NV>::val
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); m < p.tokens; m += stride) {
     float xf[NV][V];
-    load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
+    load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);  // not pinned (pin_x): see SingleMinBlocks
     float yf[NV][V];
     zero(yf);
     for (int t = 0; t < p.trees; ++t) {
@@ -386,10 +430,10 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : MinBlocks<NV>::val
         n = route_speculative<T, NV>(xf, w_in + base * p.hidden, b_in + base, w_out + base * p.hidden, p.hidden, nvec,
                                      lane, p.depth, my_node, my_logit);
       } else {
-        n = route<T, NV>(xf, w_in + base * p.hidden, b_in + base, p.hidden, nvec, lane, 0, p.depth + 1, p.depth, 0,
+        n = route<T, NV>(xf, w_in + base * p.hidden, b_in + base, nvec, lane, 0, p.depth + 1, p.depth, 0,
                          my_node, my_logit);
       }
-      accumulate_out<T, NV>(yf, w_out + base * p.hidden, p.hidden, nvec, lane, p.depth, my_node, gelu(my_logit));
+      accumulate_out<T, NV>(yf, w_out + base * p.hidden, nvec, lane, p.depth, my_node, gelu(my_logit));
       if (lane == 0) p.leaves[m * p.trees + t] = n - first_leaf;
     }
     store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
@@ -424,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, RouteMinBlocks<NV>::value) route_top
     load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
     int my_node = 0;
     float my_logit = 0.f;
-    const int n = route<T, NV>(xf, w_in, b_in, p.hidden, nvec, lane, 0, p.split, p.depth, 0, my_node, my_logit);
+    const int n = route<T, NV>(xf, w_in, b_in, nvec, lane, 0, p.split, p.depth, 0, my_node, my_logit);
     if (lane < p.split) p.g_top[m * p.split + lane] = gelu(my_logit);
     if (lane == 0) {
       const int b = n - (n_buckets - 1);
@@ -545,12 +589,12 @@ __device__ __forceinline__ void finish_token(const Params& p, int64_t m, int lan
     my_node = ((node_at_split + 1) >> (split - lane)) - 1;
     my_g = p.g_top[m * split + lane];
   }
-  const int n = route<T, NV>(xf, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in), p.hidden, nvec, lane,
+  const int n = route<T, NV>(xf, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in), nvec, lane,
                              split, p.depth + 1, p.depth, node_at_split, my_node, my_logit);
   if (lane >= split) my_g = gelu(my_logit);
   float yf[NV][V];
   zero(yf);
-  accumulate_out<T, NV>(yf, static_cast<const T*>(p.w_out), p.hidden, nvec, lane, p.depth, my_node, my_g);
+  accumulate_out<T, NV>(yf, static_cast<const T*>(p.w_out), nvec, lane, p.depth, my_node, my_g);
   store_y<T, NV>(static_cast<T*>(p.y) + m * p.hidden, yf, lane, nvec);
   if (lane == 0) p.leaves[m] = n - ((int64_t{1} << p.depth) - 1);
 }
@@ -1101,7 +1145,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
           const int j = warp + k * st::kWarps;
           if (j < count) {
             const int node = tc::subtree_node(n, j);
-            load_row<T, NV>(rows[k], tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
+            load_row<T, NV>(rows[k], row_at(tw_in, node, p.hidden), lane, nvec);
             bias[k] = Elem<T>::load(tb_in + node);
           }
         }
@@ -1118,7 +1162,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
         for (int j = warp; j < count; j += st::kWarps) {
           const int node = tc::subtree_node(n, j);
           Row<T, NV> row;
-          load_row<T, NV>(row, tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
+          load_row<T, NV>(row, row_at(tw_in, node, p.hidden), lane, nvec);
           const float logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
           if (lane == 0) logit_s[j] = logit;
         }
@@ -1266,7 +1310,7 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
       if (my_j < count) {
         const int node = tc::subtree_node(n, my_j);
         Row<T, NV> row;
-        load_row<T, NV>(row, tw_in + static_cast<int64_t>(node) * p.hidden, lane, nvec);
+        load_row<T, NV>(row, row_at(tw_in, node, p.hidden), lane, nvec);
         logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
       }
       if (outputs) accumulate_levels<T, cl::kRound>(yv, out_raw, path_g, done, level0);
@@ -1365,7 +1409,7 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
       }
       if (level < p.depth) n = 2 * n + 1 + (logit > 0.f ? 1 : 0);
     }
-    n = route<T, NV>(xf, w_in, b_in, hidden, nvec, lane, top, split, p.depth, n, my_node, my_logit);
+    n = route<T, NV>(xf, w_in, b_in, nvec, lane, top, split, p.depth, n, my_node, my_logit);
     if (lane < split) p.g_top[m * split + lane] = gelu(my_logit);
     if (lane == 0) {
       const int b = n - (n_buckets - 1);
@@ -1492,9 +1536,9 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       }
       int j = 0;
       for (int level = split; level <= depth; ++level) {
-        Row<T, NV> r;
-        load_row<T, NV, From::kShared>(r, rows_in + static_cast<int64_t>(j) * hidden, lane, nvec);
-        const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias_s[j];
+        Row<T, NV> row;
+        load_row<T, NV, From::kShared>(row, rows_in + static_cast<int64_t>(j) * hidden, lane, nvec);
+        const float logit = warp_sum(partial_dot<T, NV>(xf, row)) + bias_s[j];
         if (lane == level) {
           my_slot = j;
           my_logit = logit;
@@ -1507,15 +1551,9 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       for (int level = 0; level <= depth; ++level) {
         const int slot = __shfl_sync(kFullMask, my_slot, level);
         const float g = __shfl_sync(kFullMask, my_g, level);
-        Row<T, NV> r;
-        load_row<T, NV, From::kShared>(r, rows_out + static_cast<int64_t>(slot) * hidden, lane, nvec);
-#pragma unroll
-        for (int c = 0; c < NV; ++c) {
-          float w[V];
-          Elem<T>::unpack(r.v[c], w);
-#pragma unroll
-          for (int e = 0; e < V; ++e) yf[c][e] = fmaf(g, w[e], yf[c][e]);
-        }
+        Row<T, NV> row;
+        load_row<T, NV, From::kShared>(row, rows_out + static_cast<int64_t>(slot) * hidden, lane, nvec);
+        axpy_row<T, NV>(yf, g, row);
       }
       store_y<T, NV>(y + m * hidden, yf, lane, nvec);
       if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
@@ -1894,9 +1932,24 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   }
 }
 
+// Calls f(std::integral_constant<int, NV>{}) with NV = p.vectors, the fast path's 16-byte vectors per lane: the
+// smallest of {1, 2, 3, 4, 6, 8} that covers a row (vectors_for in fff_cuda.cpp), which load_lane_row relies on.
+template <typename F>
+void with_vectors(const Params& p, F&& f) {
+  switch (p.vectors) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "hf_fff CUDA: unsupported vectors per lane (", std::to_string(p.vectors), ")");
+  }
+}
+
 template <typename T>
 void launch_sorted_tensor(const Params& p, cudaStream_t stream) {
-  launch_route_and_sort<T, 3>(p, stream);  // NV only sizes step 1's registers: take hidden <= 768's
+  with_vectors(p, [&](auto nv) { launch_route_and_sort<T, decltype(nv)::value>(p, stream); });
   const auto finish = sorted_tc_finish_kernel<T>;
   const size_t smem = static_cast<size_t>(sorted_tc_smem_bytes(p.depth, p.split, p.hidden));
   static int smem_done[64] = {};
@@ -1957,15 +2010,7 @@ void launch(const Params& p, cudaStream_t stream) {
     }
     return;
   }
-  switch (p.vectors) {
-    case 1: launch_fast<T, 1>(p, stream); break;
-    case 2: launch_fast<T, 2>(p, stream); break;
-    case 3: launch_fast<T, 3>(p, stream); break;
-    case 4: launch_fast<T, 4>(p, stream); break;
-    case 6: launch_fast<T, 6>(p, stream); break;
-    case 8: launch_fast<T, 8>(p, stream); break;
-    default: TORCH_CHECK(false, "hf_fff CUDA: unsupported vectors per lane (", std::to_string(p.vectors), ")");
-  }
+  with_vectors(p, [&](auto nv) { launch_fast<T, decltype(nv)::value>(p, stream); });
 }
 
 }  // namespace
