@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
 from .ops import check_fff_arguments
-from .ops import run_fff
+from .ops import leaves_like, run_fff
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
@@ -74,8 +74,8 @@ class FastFeedForward(nn.Module):
         if self._checked_signature != self._signature(x, weights):
             check_fff_arguments(x, *weights, self.depth)  # full checks once per shape/dtype/device, not per call
             self._checked_signature = self._signature(x, weights)
-        y, leaves = run_fff(x, *weights, self.depth, self.trees)
-        return (y, leaves) if return_leaves else y
+        y, leaves = run_fff(x, *weights, self.depth)
+        return (y, leaves_like(x, leaves, self.trees)) if return_leaves else y
 
     @staticmethod
     def _signature(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple:

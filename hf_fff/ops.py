@@ -71,9 +71,13 @@ def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def run_fff(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor, depth: int, trees: int):
-    """fast_feedforward without argument checks, for callers that already validated (the module)."""
-    x2d = x.reshape(-1, x.shape[-1])
+def run_fff(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor, depth: int):
+    """fast_feedforward without argument checks, for callers that already validated (the module).
+
+    Returns y shaped like x and the leaves as (tokens, trees): shaping them costs a view call (~1.5 us on the
+    host, a sizeable part of a one-token call), so callers that want them shape them (`leaves_like`).
+    """
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     x2d = x2d if x2d.is_contiguous() else x2d.contiguous()
     weights = tuple(w if w.is_contiguous() else w.contiguous() for w in (weight_in, bias_in, weight_out))
     if _needs_dispatcher(x2d, *weights):
@@ -81,7 +85,12 @@ def run_fff(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, wei
     else:
         _, forward = backends.resolve(x2d.device.type)
         y, leaves = forward(x2d, *weights, depth)
-    return y.view(x.shape), leaves.view(*x.shape[:-1], trees)
+    return (y if y.shape == x.shape else y.view(x.shape)), leaves
+
+
+def leaves_like(x: torch.Tensor, leaves: torch.Tensor, trees: int) -> torch.Tensor:
+    """run_fff's (tokens, trees) leaves shaped (..., trees) after x's leading dimensions."""
+    return leaves if x.dim() == 2 else leaves.view(*x.shape[:-1], trees)
 
 
 def fast_feedforward(
@@ -97,4 +106,5 @@ def fast_feedforward(
     node's output direction (the transpose of the original `linear_out.weight`).
     """
     trees = check_fff_arguments(x, weight_in, bias_in, weight_out, depth)
-    return run_fff(x, weight_in, bias_in, weight_out, depth, trees)
+    y, leaves = run_fff(x, weight_in, bias_in, weight_out, depth)
+    return y, leaves_like(x, leaves, trees)

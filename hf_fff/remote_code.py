@@ -24,15 +24,21 @@ _REMOTE_OPS_SHIM = '''
 # ---- no custom op, no native kernels
 
 
-def run_fff(x, weight_in, bias_in, weight_out, depth: int, trees: int):
-    """x (..., H) -> (y (..., H), leaves (..., trees) int64). Autograd runs through the gathers of
+def run_fff(x, weight_in, bias_in, weight_out, depth: int):
+    """x (..., H) -> (y (..., H), leaves (tokens, trees) int64). Autograd runs through the gathers of
     `fff_forward`; routing decisions are constants, so the gradient is that of the path each token took."""
     y, leaves = fff_forward(x.reshape(-1, x.shape[-1]), weight_in, bias_in, weight_out, depth)
-    return y.view(x.shape), leaves.view(*x.shape[:-1], trees)
+    return y.view(x.shape), leaves
+
+
+def leaves_like(x, leaves, trees: int):
+    return leaves.view(*x.shape[:-1], trees)
 
 
 def fast_feedforward(x, weight_in, bias_in, weight_out, depth: int):
-    return run_fff(x, weight_in, bias_in, weight_out, depth, check_fff_arguments(x, weight_in, bias_in, weight_out, depth))
+    trees = check_fff_arguments(x, weight_in, bias_in, weight_out, depth)
+    y, leaves = run_fff(x, weight_in, bias_in, weight_out, depth)
+    return y, leaves_like(x, leaves, trees)
 '''
 
 
