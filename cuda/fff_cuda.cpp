@@ -24,10 +24,11 @@ constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory 
 constexpr int kBucketMinDepth = 6;
 // Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
 // The sorted strategy pays a fixed ~40 us (four launches, each block staging up to 200 KB of rows), so it
-// wins only on large calls: from 16384 tokens at fp32 and fp16 (110 vs 132 us, 79 vs 95 us). At bf16 it
-// wins alone at 32768 tokens (127 vs 137 us) but loses inside the compiled 256 x 128 encoder, where the
-// layer's input is still in L2 (10.39 / 10.38 vs 9.87 / 10.02 ms, alternating runs), so bf16 keeps the
-// single walk. The tensor-core strategy (134 us at bf16 32768) is never faster than both; opt-in.
+// wins only on large calls: from 16384 tokens at fp32 (108 vs 125 us, run 21) and fp16 (tied at 16384, 78 vs
+// 78 us; 121 vs 141 us at 32768). At bf16 it ties with the single walk at 32768 tokens (123 vs 124 us; 127 vs
+// 137 before the walks' instruction trimming) and lost inside the compiled 256 x 128 encoder, where the layer's
+// input is still in L2 (10.39 / 10.38 vs 9.87 / 10.02 ms, alternating runs), so bf16 keeps the single walk.
+// The tensor-core strategy (134 us at bf16 32768) is never faster than both; opt-in.
 constexpr int64_t kSortedMinTokensBf16 = std::numeric_limits<int64_t>::max();
 constexpr int64_t kSortedMinTokens = 16384;
 constexpr int64_t kSubtreeMaxBlocksPerSm = 1;  // 128 tokens: 14.3 vs 16.9 us; 512: 36.7 vs 16.4 us (bf16)
