@@ -85,7 +85,7 @@ def run_fff(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, wei
     else:
         _, forward = backends.resolve(x2d.device.type)
         y, leaves = forward(x2d, *weights, depth)
-    return (y if y.shape == x.shape else y.view(x.shape)), leaves
+    return (y if x.dim() == 2 else y.view(x.shape)), leaves
 
 
 def leaves_like(x: torch.Tensor, leaves: torch.Tensor, trees: int) -> torch.Tensor:
