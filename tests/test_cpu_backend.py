@@ -135,7 +135,9 @@ def test_kernel_matches_reference(cpp_module, tokens, hidden, trees, depth, dtyp
     except AssertionError as failure:
         raise AssertionError(f"{failure}\n(replay with HF_FFF_TEST_SEED={SESSION_SEED})") from None
     if tokens >= 10:  # the doubtful-token split must not hide the comparison
-        assert clear.float().mean() >= 0.9, f"too many doubtful tokens (HF_FFF_TEST_SEED={SESSION_SEED})"
+        # About 0.1% of tokens have a near-tie at fp32 (400 seeds of the 17 x 8-tree case: mean 99.87% clear), so
+        # 90% failed whenever 2 of 17 tokens were in doubt (seed 678745046); 75% still catches a vacuous check.
+        assert clear.float().mean() >= 0.75, f"too many doubtful tokens (HF_FFF_TEST_SEED={SESSION_SEED})"
 
 
 def test_fp32_relative_error_over_a_big_random_layer(cpp_module):
