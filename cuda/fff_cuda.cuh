@@ -1432,8 +1432,9 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
 // them once per bucket with cp.async, then its warps walk tokens with every row read from shared memory:
 // x is the only global read per token (prefetched one token ahead where registers allow) and y the only
 // write, so the deep rows' L2 traffic of kSingle (0.6 GB at 32768 tokens, bf16) is gone; what remains is
-// the CUDA-core arithmetic, which bounds it (about 1100 instructions per token at bf16). Blocks take
-// contiguous runs of the sorted order (one or two buckets each under uniform routing). Routing far from
+// the CUDA-core arithmetic (about 1860 warp instructions per token at bf16 by Nsight Compute, ~9% fewer
+// since the row loads were trimmed: benchmarks/results_cuda.md, item 14). Blocks take contiguous runs of
+// the sorted order (one or two buckets each under uniform routing). Routing far from
 // uniform (an encoder's own FFF inputs) leaves many small buckets, each of which would cost a run a restage
 // of ~200 KB behind two barriers: at 16-bit, buckets under kSortedStageMin tokens are left to a second pass
 // that reads their rows through L1/L2. Same arithmetic and order as kSingle: same bits.
@@ -1573,7 +1574,8 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
 // ---------------------------------------------------------------------------------------------------
 // kSortedTensor, step 3 (float16 / bfloat16): kSorted's finishing block with both products on tensor cores.
 // On CUDA cores every weight element costs a widening and an FMA, and kSorted's finishing kernel was
-// issue-bound (about 1100 instructions per token). Here each warp takes 16 tokens of one bucket at a time:
+// issue-bound (about 1860 warp instructions per token, item 14). Here each warp takes 16 tokens of one
+// bucket at a time:
 //   logits  L (16 x 32) = X (16 x H, fragments read straight from global memory) W_sub^T (shared) + b,
 //   route   one lane per token walks the subtree's 5 levels in L (fp32 logits) and writes its GELU
 //           values into G (16 x slots: the subtree nodes, then the split ancestors; zero elsewhere),
