@@ -88,7 +88,7 @@ def bench_layers(ext, quick: bool) -> None:
             if tokens >= 512:
                 strategies += ["sorted"] + (["sorted_tensor"] if dtype != torch.float32 else [])
             if tokens >= 1024:
-                strategies += ["single", "bucketed"] + (["tensor_core"] if dtype != torch.float32 else [])
+                strategies += ["single", "staged", "bucketed"] + (["tensor_core"] if dtype != torch.float32 else [])
             for strategy in strategies:
                 splits = [0]
                 if strategy == "sorted" and tokens == 32768 and not quick:
@@ -109,7 +109,7 @@ def kernel_breakdown(ext) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         w_in, b_in, w_out = layer_weights(dtype, gen)
         x = torch.randn(32768, HIDDEN, device="cuda", generator=gen).to(dtype)
-        for strategy in ("auto", "single"):
+        for strategy in ("auto", "single", "staged"):
             call = lambda: ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=STRATEGY[strategy])  # noqa: E731
             call()
             torch.cuda.synchronize()

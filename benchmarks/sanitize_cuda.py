@@ -5,7 +5,7 @@
 With strategy numbers (e.g. 8 for cluster) only those strategies' cases run.
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cover partial vectors, tails of the token
-loops, several trees, the bucketed sort (with a split at every level) and the general path. Exits
+loops (odd token counts: the staged strategy's last pair), several trees, the bucketed sort (with a split at every level) and the general path. Exits
 non-zero if an output differs from the float64 reference, so a run proves both at once.
 """
 
@@ -41,13 +41,13 @@ def main(only: list[int]) -> int:
     smem = smem_limit()
     cases = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2), (100, 1040, 9, 1), (2100, 776, 11, 1)):
+        for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2), (100, 1040, 9, 1), (2100, 776, 11, 1), (9001, 768, 11, 1)):
             args = make_problem(tokens, hidden, depth, trees, dtype, gen)
             per_vector = 16 // args[0].element_size()
             if hidden % per_vector or hidden > 8 * 32 * per_vector:  # off the fast paths
                 strategies = [0, 4]
             else:
-                strategies = [0, 1, 2, 4, 6] + ([3, 7] if trees == 1 else [])
+                strategies = [0, 1, 2, 4, 6, 10] + ([3, 7] if trees == 1 else [])
                 if torch.cuda.get_device_capability()[0] >= 9:
                     strategies.append(8)  # clusters
             if dtype != torch.float32 and trees == 1 and 6 <= depth <= 11 and hidden % per_vector == 0 and tensor_core_fits(hidden):
@@ -55,11 +55,15 @@ def main(only: list[int]) -> int:
             if trees == 1 and sorted_tensor_fits(depth, max(1, depth - 4), hidden, args[0].element_size()):
                 strategies.append(9)
             if tokens > 1000:  # many groups and buckets: the large-token strategies only (memcheck is slow)
-                strategies = [s for s in strategies if s in (5, 7)]
+                strategies = [s for s in strategies if s in (5, 7, 10)]
+            if tokens > 5000:  # more than one round of the staged strategy's pairs (rows from shared memory)
+                strategies = [10]
             for strategy in (s for s in strategies if not only or s in only):
                 splits = range(1, min(depth, 10) + 1) if strategy == 3 else [0]
                 if strategy == 7:  # the splits whose bucket rows fit in shared memory, then automatic
                     splits = [sp for sp in range(1, min(depth, 10) + 1) if sorted_bytes(depth, sp, hidden, args[0].element_size()) <= smem] + [0]
+                if strategy == 10:  # staged: nothing, one level, then as many as fit
+                    splits = [1, 0]
                 for split in splits:
                     check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy, split=split))
                     cases += 1

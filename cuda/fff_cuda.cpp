@@ -23,14 +23,17 @@ constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 
 constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
 constexpr int kBucketMinDepth = 6;
 // Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
-// The sorted strategy pays a fixed ~40 us (four launches, each block staging up to 200 KB of rows), so it
-// wins only on large calls: from 16384 tokens at fp32 (108 vs 125 us, run 21) and fp16 (tied at 16384, 78 vs
-// 78 us; 121 vs 141 us at 32768). At bf16 it ties with the single walk at 32768 tokens (123 vs 124 us; 127 vs
-// 137 before the walks' instruction trimming) and lost inside the compiled 256 x 128 encoder, where the layer's
-// input is still in L2 (10.39 / 10.38 vs 9.87 / 10.02 ms, alternating runs), so bf16 keeps the single walk.
-// The tensor-core strategy (134 us at bf16 32768) is never faster than both; opt-in.
-constexpr int64_t kSortedMinTokensBf16 = std::numeric_limits<int64_t>::max();
-constexpr int64_t kSortedMinTokens = 16384;
+// One tree, many tokens: the staged strategy (two tokens per warp, top levels in shared memory, tensor-core routing
+// dot products for 16-bit types) from 8192 tokens at 16 bits (bf16: 38.7 vs 43.8 us for the single walk at 8192,
+// 114.0 vs 124.9 at 32768, where the sorted strategy takes 122.7; fp16 at 32768: 116.9 vs 123.5 sorted), and at
+// fp32 from 4096 tokens (37.6 vs 41.8 us) until the sorted strategy wins (16384: 108.7 vs 113.4; 32768: 170 vs 209).
+// Below that the single walk: the staged block's copy of ~190 KB of rows and its 64 tokens per block cost more
+// than they save on few tokens. The sorted strategy pays a fixed ~40 us (four launches, each block staging up to
+// 200 KB of rows); inside the compiled 256 x 128 encoder, where the layer's input is still in L2, it lost to the
+// single walk at bf16. The tensor-core strategies are never faster than all of these; opt-in.
+constexpr int64_t kStagedMinTokens16 = 8192;
+constexpr int64_t kStagedMinTokens32 = 4096;
+constexpr int64_t kSortedMinTokens32 = 16384;
 constexpr int64_t kSubtreeMaxBlocksPerSm = 1;  // 128 tokens: 14.3 vs 16.9 us; 512: 36.7 vs 16.4 us (bf16)
 constexpr int64_t kClusterMaxTokens = 16;      // 8 SMs per token: 16 tokens fill an H100
 
@@ -104,6 +107,17 @@ bool sorted_tensor_ok(bool half_precision, int64_t hidden, int depth, int split,
 
 int sorted_tensor_split(int depth) { return std::max(1, depth - 4); }
 
+// kStaged: the deepest number of top levels (of w_in and of w_out alike) whose rows for every tree fit in one
+// block's shared memory, at most depth + 1 (0 when not even the roots fit: the walk then reads every row from
+// global memory, as kSingle).
+int staged_levels(int64_t trees, int depth, int64_t hidden, int64_t element_size, int64_t smem_limit) {
+  int levels = 0;
+  while (levels < depth + 1 && levels < 24 &&
+         staged_smem_bytes(trees, levels + 1, levels + 1, hidden, element_size) <= smem_limit)
+    ++levels;
+  return levels;
+}
+
 // The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6); any width the
 // fast path takes (hidden % 8 == 0, 16-byte aligned rows) whose blocks' rows fit in shared memory (<= 960
 // on H100).
@@ -117,9 +131,11 @@ int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at
                     int num_sms, int64_t smem_limit, int major) {
   if (!fast) return kGeneral;
   const int64_t element_size = c10::elementSize(dtype);
-  const int64_t sorted_min = dtype == at::kBFloat16 ? kSortedMinTokensBf16 : kSortedMinTokens;
-  if (trees == 1 && depth >= kBucketMinDepth && tokens >= sorted_min) {
-    if (sorted_split(depth, hidden, element_size, smem_limit) > 0) return kSorted;
+  if (trees == 1 && depth >= kBucketMinDepth) {
+    if (element_size == 2 && tokens >= kStagedMinTokens16) return kStaged;
+    if (element_size == 4 && tokens >= kSortedMinTokens32 && sorted_split(depth, hidden, element_size, smem_limit) > 0)
+      return kSorted;
+    if (element_size == 4 && tokens >= kStagedMinTokens32) return kStaged;
   }
   if (major >= 9 && tokens <= kClusterMaxTokens) return kCluster;
   if (tokens <= kSubtreeMaxBlocksPerSm * static_cast<int64_t>(num_sms)) return kSubtree;
@@ -161,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy >= kAuto && strategy <= kSortedTensor, "hf_fff CUDA: unknown strategy ", num(strategy));
+  TORCH_CHECK(strategy >= kAuto && strategy <= kStaged, "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
   const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
@@ -234,6 +250,14 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                 "hf_fff CUDA: the tensor-core strategy needs float16/bfloat16, one tree, depth 6..11 and a width whose "
                 "rows fit in shared memory (", num(tc_logits_smem_bytes(hidden)), " bytes needed, ", num(smem_limit), " here)");
 
+  if (p.strategy == kStaged) {  // split: levels to stage (0: as many as fit)
+    const int fit = staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit);
+    TORCH_CHECK(split >= 0 && split <= fit, "hf_fff CUDA: the staged strategy holds at most ", num(fit),
+                " top levels per matrix here (depth + 1 and the device's ", num(smem_limit),
+                " bytes of shared memory per block), asked for ", num(split));
+    p.staged_in = p.staged_out = split > 0 ? static_cast<int>(split) : fit;
+  }
+
   at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
   if (p.strategy == kBucketed || p.strategy == kSorted || p.strategy == kTensorCore || p.strategy == kSortedTensor) {
     TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategies take one tree, got ", num(trees));
@@ -293,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   return {y, leaves};
 }
 
-// What fff_forward(strategy=0) would run for this problem: (strategy, split), for benchmarks and tests.
+// What fff_forward(strategy=0) would run for this problem: (strategy, split), for benchmarks and tests (for the
+// staged strategy, split is the number of top levels held in shared memory).
 // dtype: "float32", "float16" or "bfloat16".
 std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, const std::string& dtype_name,
                                   int64_t num_sms, int64_t smem_limit, int64_t major) {
@@ -308,6 +333,7 @@ std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth,
   const int split = s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size)
                     : s == kSorted       ? sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit)
                     : s == kSortedTensor ? sorted_tensor_split(static_cast<int>(depth))
+                    : s == kStaged       ? staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit)
                                          : 0;
   return {s, split};
 }
@@ -333,4 +359,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SORTED") = int(hf_fff_cuda::kSorted);
   m.attr("CLUSTER") = int(hf_fff_cuda::kCluster);
   m.attr("SORTED_TENSOR") = int(hf_fff_cuda::kSortedTensor);
+  m.attr("STAGED") = int(hf_fff_cuda::kStaged);
 }

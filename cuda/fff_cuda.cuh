@@ -276,14 +276,15 @@ __device__ __forceinline__ float partial_dot(const float (&xf)[NV][Elem<T>::kVec
 // Walk levels [level_begin, level_end) of one tree from node n (heap index within the tree); lane `level`
 // records that level's node and logit. Returns the node after the last level (a child while
 // level < depth, else the node itself).
-template <typename T, int NV>
+// The rows come from global memory, or (kShared) from a copy in shared memory laid out the same way.
+template <typename T, int NV, From kFrom = From::kGlobal>
 __device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
                                      const T* __restrict__ b_in, int nvec, int lane, int level_begin, int level_end,
                                      int depth, int n, int& my_node, float& my_logit) {
   const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
   for (int level = level_begin; level < level_end; ++level) {
     Row<T, NV> r;
-    load_lane_row<NV>(r.v, lane_row(w_lane, n, nvec), lane, nvec);
+    load_lane_row<NV, kFrom>(r.v, lane_row(w_lane, n, nvec), lane, nvec);
     const float bias = Elem<T>::load(b_in + n);
     const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias;
     if (lane == level) {
@@ -362,32 +363,33 @@ __device__ __forceinline__ void axpy_row(float (&yf)[NV][Elem<T>::kVec], float g
   }
 }
 
-// y += sum over levels 0..depth of g(level) * w_out[node(level)], where lane `level` holds node and g.
+// y += sum over levels [level_begin, level_end) of g(level) * w_out[node(level)], where lane `level` holds node
+// and g, in level order (so splitting the levels over calls leaves the sum bitwise the same).
 // U levels per step: their U * NV loads are independent and in flight together; the levels that do not fill a
 // last step go one at a time (a guarded step would cost each row a predicated load and zeroing).
-template <typename T, int NV>
+template <typename T, int NV, From kFrom = From::kGlobal>
 __device__ __forceinline__ void accumulate_out(float (&yf)[NV][Elem<T>::kVec], const T* __restrict__ w_out, int nvec,
-                                               int lane, int depth, int my_node, float my_g) {
+                                               int lane, int level_begin, int level_end, int my_node, float my_g) {
   constexpr int U = NV <= 2 ? 4 : (NV <= 4 ? 2 : 1);  // levels whose loads are in flight together
   const uint4* w_lane = reinterpret_cast<const uint4*>(w_out) + lane;
-  int level0 = 0;
-  for (; level0 + U <= depth + 1; level0 += U) {
+  int level0 = level_begin;
+  for (; level0 + U <= level_end; level0 += U) {
     Row<T, NV> r[U];
     float g[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int node = __shfl_sync(kFullMask, my_node, level0 + u);
       g[u] = __shfl_sync(kFullMask, my_g, level0 + u);
-      load_lane_row<NV>(r[u].v, lane_row(w_lane, node, nvec), lane, nvec);
+      load_lane_row<NV, kFrom>(r[u].v, lane_row(w_lane, node, nvec), lane, nvec);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) axpy_row<T, NV>(yf, g[u], r[u]);
   }
-  for (; level0 <= depth; ++level0) {
+  for (; level0 < level_end; ++level0) {
     const int node = __shfl_sync(kFullMask, my_node, level0);
     const float g = __shfl_sync(kFullMask, my_g, level0);
     Row<T, NV> r;
-    load_lane_row<NV>(r.v, lane_row(w_lane, node, nvec), lane, nvec);
+    load_lane_row<NV, kFrom>(r.v, lane_row(w_lane, node, nvec), lane, nvec);
     axpy_row<T, NV>(yf, g, r);
   }
 }
@@ -433,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : SingleMinBlocks<T,
         n = route<T, NV>(xf, w_in + base * p.hidden, b_in + base, nvec, lane, 0, p.depth + 1, p.depth, 0,
                          my_node, my_logit);
       }
-      accumulate_out<T, NV>(yf, w_out + base * p.hidden, nvec, lane, p.depth, my_node, gelu(my_logit));
+      accumulate_out<T, NV>(yf, w_out + base * p.hidden, nvec, lane, 0, p.depth + 1, my_node, gelu(my_logit));
       if (lane == 0) p.leaves[m * p.trees + t] = n - first_leaf;
     }
     store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
@@ -594,7 +596,7 @@ __device__ __forceinline__ void finish_token(const Params& p, int64_t m, int lan
   if (lane >= split) my_g = gelu(my_logit);
   float yf[NV][V];
   zero(yf);
-  accumulate_out<T, NV>(yf, static_cast<const T*>(p.w_out), nvec, lane, p.depth, my_node, my_g);
+  accumulate_out<T, NV>(yf, static_cast<const T*>(p.w_out), nvec, lane, 0, p.depth + 1, my_node, my_g);
   store_y<T, NV>(static_cast<T*>(p.y) + m * p.hidden, yf, lane, nvec);
   if (lane == 0) p.leaves[m] = n - ((int64_t{1} << p.depth) - 1);
 }
@@ -1777,6 +1779,265 @@ __global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(cons
 }
 
 // ---------------------------------------------------------------------------------------------------
+// kStaged: the single walk with the top levels' rows of every tree copied into shared memory once per block,
+// and (16-bit types) the routing dot products on tensor cores.
+// Why (Nsight Compute, bf16, 32768 tokens): the single walk issues ~2500 warp instructions per token at 0.65 per
+// scheduler cycle with L2 at 66% of its peak; half of the instructions are the routing's widening and FMAs (about
+// 113 per level). Shared memory for levels 0..staged_in-1 of w_in and 0..staged_out-1 of w_out (6 and 6 at bf16
+// width 768: 189 KB) cuts the L2 reads by 14%; one block per SM runs as many warps as the single walk.
+template <typename T, int NV>
+struct StagedThreads {
+  static constexpr int value = kThreads * SingleMinBlocks<T, NV>::value;
+};
+
+// Copy n 16-byte vectors from global to shared memory with the whole block, 4 loads per thread in flight (a
+// load-store loop waits one L2 round trip per vector: ~6 us for 189 KB).
+__device__ __forceinline__ void stage_vectors(uint4* dst, const uint4* src, int n) {
+  constexpr int kBatch = 4;
+  for (int v0 = threadIdx.x; v0 < n; v0 += kBatch * blockDim.x) {
+    uint4 r[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int v = v0 + b * blockDim.x;
+      if (v < n) r[b] = __ldg(src + v);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int v = v0 + b * blockDim.x;
+      if (v < n) dst[v] = r[b];
+    }
+  }
+}
+
+// D += A B for one m16n8k16 whose A has only rows 0-7 (a0 = A[g][2t, 2t+1], a2 = A[g][2t+8, 2t+9]; rows 8-15 zero).
+// Not volatile: the compiler may schedule it like any arithmetic.
+template <typename T>
+struct MmaRow;
+template <>
+struct MmaRow<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[2], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+    float unused0 = 0.f, unused1 = 0.f;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(unused0), "+f"(unused1)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaRow<__half> {
+  static __device__ __forceinline__ void run(float (&c)[2], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+    float unused0 = 0.f, unused1 = 0.f;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(unused0), "+f"(unused1)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+};
+
+// x . row, the same in every lane. x and the row are each lane's raw 16-byte vectors (as loaded).
+// 16-bit types, on tensor cores: per 8 bytes of a lane's vector one m16n8k16 whose B holds the row (lane
+// (g, t) = (lane / 4, lane % 4) supplies column g at k = 2t, 2t+1, 2t+8, 2t+9: its own four consecutive
+// elements) and whose A row g holds the lane's own four x elements at the same k; then D[g][g] is the dot
+// product over lanes 4g..4g+3's elements, and the 8 diagonal entries (lane 4g + g/2, column g % 2) are summed by
+// the butterfly. No widening: 2 tensor instructions per vector where the CUDA cores need 16 (widen + FMA per
+// element). Products of 16-bit values are exact in fp32 and the sums are fp32, so routing still decides on fp32
+// logits (in another summation order than the CUDA-core walks). fp32: the CUDA-core dot.
+template <typename T, int NV>
+__device__ __forceinline__ float row_dot(const uint4 (&xr)[NV], const Row<T, NV>& r, int lane) {
+  if constexpr (std::is_same<T, float>::value) {
+    float xf[NV][4];
+#pragma unroll
+    for (int c = 0; c < NV; ++c) Elem<float>::unpack(xr[c], xf[c]);
+    return warp_sum(partial_dot<float, NV>(xf, r));
+  } else {
+    float lo[2] = {0.f, 0.f}, hi[2] = {0.f, 0.f};  // two accumulator chains
+#pragma unroll
+    for (int c = 0; c < NV; ++c) {
+      MmaRow<T>::run(lo, xr[c].x, xr[c].y, r.v[c].x, r.v[c].y);
+      MmaRow<T>::run(hi, xr[c].z, xr[c].w, r.v[c].z, r.v[c].w);
+    }
+    const int g = lane >> 2;
+    const float d = (g & 1) ? lo[1] + hi[1] : lo[0] + hi[0];
+    return warp_sum((lane & 3) == (g >> 1) ? d : 0.f);
+  }
+}
+
+// route() on raw x with row_dot.
+template <typename T, int NV, From kFrom = From::kGlobal>
+__device__ __forceinline__ int route_raw(const uint4 (&xr)[NV], const T* __restrict__ w_in, const T* __restrict__ b_in,
+                                         int nvec, int lane, int level_begin, int level_end, int depth, int n,
+                                         int& my_node, float& my_logit) {
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
+  for (int level = level_begin; level < level_end; ++level) {
+    Row<T, NV> r;
+    load_lane_row<NV, kFrom>(r.v, lane_row(w_lane, n, nvec), lane, nvec);
+    const float bias = Elem<T>::load(b_in + n);
+    const float logit = row_dot<T, NV>(xr, r, lane) + bias;
+    if (lane == level) {
+      my_node = n;
+      my_logit = logit;
+    }
+    if (level < depth) n = 2 * n + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 (and on NaN, as torch)
+  }
+  return n;
+}
+
+// route_raw() for two tokens at once: their row fetches are independent, so each level waits one round trip for
+// both.
+template <typename T, int NV, From kFrom = From::kGlobal>
+__device__ __forceinline__ void route_pair(const uint4 (&xa)[NV], const uint4 (&xb)[NV], const T* __restrict__ w_in,
+                                           const T* __restrict__ b_in, int nvec, int lane, int level_begin,
+                                           int level_end, int depth, int& na, int& nb, int& node_a, float& logit_a,
+                                           int& node_b, float& logit_b) {
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
+  for (int level = level_begin; level < level_end; ++level) {
+    Row<T, NV> ra, rb;
+    load_lane_row<NV, kFrom>(ra.v, lane_row(w_lane, na, nvec), lane, nvec);
+    load_lane_row<NV, kFrom>(rb.v, lane_row(w_lane, nb, nvec), lane, nvec);
+    const float bias_a = Elem<T>::load(b_in + na), bias_b = Elem<T>::load(b_in + nb);
+    const float la = row_dot<T, NV>(xa, ra, lane) + bias_a;
+    const float lb = row_dot<T, NV>(xb, rb, lane) + bias_b;
+    if (lane == level) {
+      node_a = na;
+      logit_a = la;
+      node_b = nb;
+      logit_b = lb;
+    }
+    if (level < depth) {
+      na = 2 * na + 1 + (la > 0.f ? 1 : 0);
+      nb = 2 * nb + 1 + (lb > 0.f ? 1 : 0);
+    }
+  }
+}
+
+// One tree, two tokens per warp: the pair kernel's threads. At width <= 768 (16-bit) x stays packed for the tensor-
+// core dot and the walk fits 64 registers, so a block of 1024 threads (64 tokens in flight per SM, against 24 for
+// the single walk) runs; otherwise the single walk's register budget.
+template <typename T, int NV>
+struct PairThreads {
+  static constexpr int value = !std::is_same<T, float>::value && NV <= 3 ? 1024 : StagedThreads<T, NV>::value;
+};
+
+// Tokens ma and mb (mb == ma for an odd last token): route both together, then accumulate and store each.
+// Levels [0, in_end) of w_in and [0, out_end) of w_out come from the shared-memory copies s_in / s_out.
+template <typename T, int NV>
+__device__ __forceinline__ void walk_pair(const Params& p, int64_t ma, int64_t mb, const T* s_in, const T* s_out,
+                                          int in_end, int out_end, int lane, int nvec) {
+  constexpr int V = Elem<T>::kVec;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  uint4 xa[NV], xb[NV];
+  load_x_raw<T, NV>(xa, x + ma * p.ldx, lane, nvec);
+  load_x_raw<T, NV>(xb, x + mb * p.ldx, lane, nvec);
+  int na = 0, nb = 0, node_a = 0, node_b = 0;
+  float logit_a = 0.f, logit_b = 0.f;
+  route_pair<T, NV, From::kShared>(xa, xb, s_in, b_in, nvec, lane, 0, in_end, p.depth, na, nb, node_a, logit_a, node_b,
+                                   logit_b);
+  route_pair<T, NV>(xa, xb, w_in, b_in, nvec, lane, in_end, p.depth + 1, p.depth, na, nb, node_a, logit_a, node_b,
+                    logit_b);
+  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
+  if (lane == 0) {
+    p.leaves[ma] = na - first_leaf;
+    p.leaves[mb] = nb - first_leaf;
+  }
+  {
+    float yf[NV][V];
+    zero(yf);
+    const float g = gelu(logit_a);
+    accumulate_out<T, NV, From::kShared>(yf, s_out, nvec, lane, 0, out_end, node_a, g);
+    accumulate_out<T, NV>(yf, w_out, nvec, lane, out_end, p.depth + 1, node_a, g);
+    store_y<T, NV>(y + ma * p.hidden, yf, lane, nvec);
+  }
+  if (mb != ma) {
+    float yf[NV][V];
+    zero(yf);
+    const float g = gelu(logit_b);
+    accumulate_out<T, NV, From::kShared>(yf, s_out, nvec, lane, 0, out_end, node_b, g);
+    accumulate_out<T, NV>(yf, w_out, nvec, lane, out_end, p.depth + 1, node_b, g);
+    store_y<T, NV>(y + mb * p.hidden, yf, lane, nvec);
+  }
+}
+
+// kStaged, one tree: two tokens per warp (route_pair), the top levels' rows in shared memory. (Issuing the copy
+// asynchronously and walking each warp's first pair from global memory meanwhile was measured: bf16 32768 tokens
+// 114 -> 123 us, as that first round reads levels 0-5 from L2 with L1 mostly given to shared memory.)
+template <typename T, int NV>
+__global__ void __launch_bounds__(PairThreads<T, NV>::value, 1) staged_pair_kernel(const Params p) {
+  constexpr int kBlockWarps = PairThreads<T, NV>::value / 32;
+  extern __shared__ uint4 staged_rows_smem[];
+  const int lane = threadIdx.x & 31;
+  const int nvec = p.hidden / Elem<T>::kVec;
+  const int in_rows = (1 << p.staged_in) - 1, out_rows = (1 << p.staged_out) - 1;
+  uint4* s_in = staged_rows_smem;
+  uint4* s_out = s_in + in_rows * nvec;
+  stage_vectors(s_in, static_cast<const uint4*>(p.w_in), in_rows * nvec);
+  stage_vectors(s_out, static_cast<const uint4*>(p.w_out), out_rows * nvec);
+  __syncthreads();
+  const T* t_in = reinterpret_cast<const T*>(s_in);
+  const T* t_out = reinterpret_cast<const T*>(s_out);
+  const int64_t pairs = (p.tokens + 1) / 2;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlockWarps;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kBlockWarps + (threadIdx.x >> 5); q < pairs; q += stride) {
+    const int64_t ma = 2 * q, mb = 2 * q + 1 < p.tokens ? 2 * q + 1 : 2 * q;  // an odd last token pairs with itself
+    walk_pair<T, NV>(p, ma, mb, t_in, t_out, p.staged_in, p.staged_out, lane, nvec);
+  }
+}
+
+// kStaged, several trees: one token per warp (y of all trees stays live), the top levels of every tree staged.
+template <typename T, int NV>
+__global__ void __launch_bounds__(StagedThreads<T, NV>::value, 1) staged_kernel(const Params p) {
+  constexpr int V = Elem<T>::kVec;
+  constexpr int kBlockWarps = StagedThreads<T, NV>::value / 32;
+  extern __shared__ uint4 staged_rows_smem[];
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int lane = threadIdx.x & 31;
+  const int nvec = p.hidden / V;
+  const int64_t n_nodes = nodes_per_tree(p.depth);
+  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
+  // Levels [0, in_end) route from shared memory, [0, out_end) accumulate from it (the host keeps both <= depth + 1).
+  const int in_end = p.staged_in, out_end = p.staged_out;
+  const int in_rows = (1 << in_end) - 1, out_rows = (1 << out_end) - 1;
+  // Tree t's first in_rows rows of w_in, then (after all trees) its first out_rows rows of w_out: the top levels
+  // of a tree are its first rows in heap order, so each is one contiguous copy.
+  uint4* s_in = staged_rows_smem;
+  uint4* s_out = s_in + static_cast<int64_t>(p.trees) * in_rows * nvec;
+  for (int t = 0; t < p.trees; ++t) {
+    stage_vectors(s_in + t * in_rows * nvec, reinterpret_cast<const uint4*>(w_in + t * n_nodes * p.hidden), in_rows * nvec);
+    stage_vectors(s_out + t * out_rows * nvec, reinterpret_cast<const uint4*>(w_out + t * n_nodes * p.hidden),
+                  out_rows * nvec);
+  }
+  __syncthreads();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlockWarps;
+  for (int64_t m = static_cast<int64_t>(blockIdx.x) * kBlockWarps + (threadIdx.x >> 5); m < p.tokens; m += stride) {
+    uint4 xr[NV];
+    load_x_raw<T, NV>(xr, x + m * p.ldx, lane, nvec);
+    float yf[NV][V];
+    zero(yf);
+    for (int t = 0; t < p.trees; ++t) {
+      const int64_t base = t * n_nodes;
+      const T* tree_s_in = reinterpret_cast<const T*>(s_in + t * in_rows * nvec);
+      const T* tree_s_out = reinterpret_cast<const T*>(s_out + t * out_rows * nvec);
+      int my_node = 0;
+      float my_logit = 0.f;
+      int n = route_raw<T, NV, From::kShared>(xr, tree_s_in, b_in + base, nvec, lane, 0, in_end, p.depth, 0, my_node,
+                                              my_logit);
+      n = route_raw<T, NV>(xr, w_in + base * p.hidden, b_in + base, nvec, lane, in_end, p.depth + 1, p.depth, n,
+                           my_node, my_logit);
+      const float my_g = gelu(my_logit);
+      accumulate_out<T, NV, From::kShared>(yf, tree_s_out, nvec, lane, 0, out_end, my_node, my_g);
+      accumulate_out<T, NV>(yf, w_out + base * p.hidden, nvec, lane, out_end, p.depth + 1, my_node, my_g);
+      if (lane == 0) p.leaves[m * p.trees + t] = n - first_leaf;
+    }
+    store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Launch.
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel, size_t smem) {
@@ -1802,6 +2063,32 @@ void allow_smem(Kernel kernel, size_t bytes, int (&done)[64]) {
   if (device < 0 || device >= 64 || done[device] >= static_cast<int>(bytes)) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   done[device] = static_cast<int>(bytes);
+}
+
+// Host cache of a persistent kernel's launch: shared-memory limit raised per device, blocks per SM for the last
+// shared-memory size asked.
+struct PersistentLaunch {
+  int smem_done[64] = {};
+  size_t smem = ~size_t{0};
+  int per_sm = 0;
+};
+
+// At most one wave of `threads`-thread blocks, each warp taking `per_warp` tokens per round (kStaged: the rows
+// take most of the shared memory, so one block per SM).
+template <typename Kernel>
+void launch_persistent(Kernel kernel, int threads, int per_warp, size_t smem, PersistentLaunch& cache, const Params& p,
+                       cudaStream_t stream) {
+  allow_smem(kernel, smem, cache.smem_done);
+  if (cache.smem != smem) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cache.per_sm, kernel, threads, smem));
+    cache.smem = smem;
+  }
+  TORCH_CHECK(cache.per_sm > 0, "hf_fff CUDA: the staged strategy's rows do not fit in shared memory");
+  const int64_t per_block = static_cast<int64_t>(threads / 32) * per_warp;
+  const int64_t wanted = (p.tokens + per_block - 1) / per_block;
+  const int64_t wave = static_cast<int64_t>(cache.per_sm) * p.num_sms;
+  kernel<<<wanted < wave ? wanted : wave, threads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Step 2 of every bucketed strategy: one thread per token (at most 8 blocks per SM, grid-stride beyond),
@@ -1872,6 +2159,17 @@ void launch_fast(const Params& p, cudaStream_t stream) {
       const auto kernel = single_kernel<T, NV, true>;
       kernel<<<token_grid(kernel, p, 0, per_sm), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    }
+    case kStaged: {
+      const size_t smem = static_cast<size_t>(staged_smem_bytes(p.trees, p.staged_in, p.staged_out, p.hidden, sizeof(T)));
+      if (p.trees == 1) {
+        static PersistentLaunch cache;
+        launch_persistent(staged_pair_kernel<T, NV>, PairThreads<T, NV>::value, 2, smem, cache, p, stream);
+      } else {
+        static PersistentLaunch cache;
+        launch_persistent(staged_kernel<T, NV>, StagedThreads<T, NV>::value, 1, smem, cache, p, stream);
+      }
       break;
     }
     case kBucketed: {

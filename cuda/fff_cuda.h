@@ -37,6 +37,8 @@ enum Strategy : int {
                      // per round over distributed shared memory (2 dependent rounds of fetches at depth 11)
   kSortedTensor = 9, // kSorted with the finishing products on tensor cores (float16/bfloat16, one tree, a
                      // subtree of at most 5 levels below the split, hidden % 16 == 0)
+  kStaged = 10,      // kSingle with the top levels' rows of every tree in shared memory (one block per SM): the
+                     // walk's L2 traffic and round trips start below them
 };
 
 struct Params {
@@ -67,6 +69,9 @@ struct Params {
   int* rank;
   int* block_base;
   float* g_sub;
+  // kStaged: levels of w_in routed and of w_out accumulated from shared memory (each <= depth + 1)
+  int staged_in;
+  int staged_out;
   // kGeneral scratch: visited rows and their GELU values, (tokens, trees * (depth + 1)) each
   int* rec_row;
   float* rec_g;
@@ -77,6 +82,11 @@ struct Params {
 inline int64_t sorted_smem_bytes(int depth, int split, int64_t hidden, int64_t element_size) {
   const int64_t sub = (int64_t{2} << (depth - split)) - 1;
   return (2 * sub + split) * hidden * element_size + 4 * sub + 4 * ((int64_t{1} << split) + 1);
+}
+
+// Dynamic shared memory of kStaged's block: the top in_levels rows of w_in and out_levels rows of w_out per tree.
+inline int64_t staged_smem_bytes(int64_t trees, int in_levels, int out_levels, int64_t hidden, int64_t element_size) {
+  return trees * (((int64_t{1} << in_levels) - 1) + ((int64_t{1} << out_levels) - 1)) * hidden * element_size;
 }
 
 // kSortedTensor: output slots (the subtree's nodes, then the split ancestors) rounded up to k steps of 16.

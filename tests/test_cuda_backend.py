@@ -28,7 +28,7 @@ from hf_fff.backends import reference
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
-SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR = 1, 2, 3, 4, 5, 6, 7, 8, 9
+SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR, STAGED = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 # thread-block clusters (the cluster strategy) need compute capability 9.0 or later
 CLUSTERS = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9
 FEW = (SUBTREE,) + ((CLUSTER,) if CLUSTERS else ())  # the few-token strategies this GPU runs
@@ -142,8 +142,9 @@ def run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=0, split=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "strategy",
-    [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR],
-    ids=["auto", "single", "speculative", "bucketed", "general", "tensor_core", "subtree", "sorted", "cluster", "sorted_tensor"],
+    [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR, STAGED],
+    ids=["auto", "single", "speculative", "bucketed", "general", "tensor_core", "subtree", "sorted", "cluster", "sorted_tensor",
+         "staged"],
 )
 @pytest.mark.parametrize("tokens", [1, 37, 5000])
 def test_bert_geometry(ext, dtype, strategy, tokens):
@@ -196,7 +197,7 @@ def test_tensor_core_shapes(ext, dtype, depth, hidden):
 def test_trees_and_depths(ext, dtype, trees, depth):
     gen = torch.Generator(device="cuda").manual_seed(trees * 100 + depth)
     args = make_problem(300, 256, depth, trees, dtype, gen)
-    for strategy in (0, SINGLE, GENERAL, *FEW) + ((SORTED,) if trees == 1 and depth >= 1 else ()):
+    for strategy in (0, SINGLE, GENERAL, STAGED, *FEW) + ((SORTED,) if trees == 1 and depth >= 1 else ()):
         check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy))
 
 
@@ -206,7 +207,7 @@ def test_trees_and_depths(ext, dtype, trees, depth):
 def test_deep_trees(ext, dtype, depth):
     gen = torch.Generator(device="cuda").manual_seed(depth)
     args = make_problem(700, 64, depth, 1, dtype, gen)
-    for strategy in (0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, SORTED, *FEW):
+    for strategy in (0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, SORTED, STAGED, *FEW):
         check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=strategy))
     if dtype != torch.float32 and depth <= 14:
         check_against_float64(*args, depth, *run_poisoned(ext, *args, depth, strategy=SORTED_TENSOR))
@@ -224,7 +225,7 @@ def test_hidden_sizes(ext, dtype, hidden):
     check_against_float64(*args, 4, *run_poisoned(ext, *args, 4))
     check_against_float64(*args, 4, *run_poisoned(ext, *args, 4, strategy=GENERAL))
     if hidden % (16 // args[0].element_size()) == 0 and hidden <= 256 * (16 // args[0].element_size()):
-        for strategy in FEW:
+        for strategy in (STAGED, *FEW):
             check_against_float64(*args, 4, *run_poisoned(ext, *args, 4, strategy=strategy))
         one_tree = make_problem(133, hidden, 4, 1, dtype, gen)
         check_against_float64(*one_tree, 4, *run_poisoned(ext, *one_tree, 4, strategy=SORTED))
@@ -249,13 +250,47 @@ def test_bucket_splits(ext, dtype, split):
             ext.fff_forward(*args, 10, strategy=SORTED_TENSOR, split=split)
 
 
+def staged_levels(trees: int, depth: int, hidden: int, element_size: int) -> int:
+    """Top levels the staged strategy holds per matrix (staged_levels in cuda/fff_cuda.cpp)."""
+    levels = 0
+    while levels < min(depth + 1, 24) and trees * 2 * (2 ** (levels + 1) - 1) * hidden * element_size <= smem_limit():
+        levels += 1
+    return levels
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "tokens, hidden, depth, trees",
+    [(20001, 768, 11, 1), (3000, 1024, 8, 2), (900, 256, 4, 3), (12000, 1000, 11, 1), (9000, 64, 15, 1), (5, 768, 3, 80)],
+)
+def test_staged_levels(ext, dtype, tokens, hidden, depth, trees):
+    """The staged strategy reads the top levels' rows from shared memory: right for every number of staged levels
+    (0 = as many as fit; 80 trees of width 768 fit none, so everything comes from global memory; width 1000 leaves
+    partial vectors; one tree takes two tokens per warp and its first round reads global memory while the rows
+    are copied, so those cases run several rounds and an odd last token), and a request past what fits is refused. At fp32 it runs kSingle's arithmetic in kSingle's
+    order, so y and the leaves equal the single walk's bit for bit; 16-bit types route with tensor-core dot
+    products (another fp32 summation order), so they are held to the float64 check alone."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens + hidden + depth + trees)
+    args = make_problem(tokens, hidden, depth, trees, dtype, gen)
+    y_single, leaves_single = ext.fff_forward(*args, depth, strategy=SINGLE)
+    fit = staged_levels(trees, depth, hidden, args[0].element_size())
+    for levels in sorted({0, min(1, fit), fit // 2, fit}):
+        y, leaves = run_poisoned(ext, *args, depth, strategy=STAGED, split=levels)
+        check_against_float64(*args, depth, y, leaves)
+        if dtype == torch.float32:
+            assert torch.equal(leaves, leaves_single) and torch.equal(y, y_single), levels
+    with pytest.raises(RuntimeError, match="staged strategy holds at most"):
+        ext.fff_forward(*args, depth, strategy=STAGED, split=fit + 1)
+
+
 @needs_cuda
 def test_skewed_routing(ext):
     """All tokens in one bucket (a large bias at the top): the counting sort's worst case."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     x, w_in, b_in, w_out = make_problem(6000, 256, 11, 1, torch.bfloat16, gen)
     b_in[:127] = 30.0  # every token goes right through the first 6 levels
-    for strategy in (0, BUCKETED, SINGLE, TENSOR_CORE, SORTED, SORTED_TENSOR):
+    for strategy in (0, BUCKETED, SINGLE, TENSOR_CORE, SORTED, SORTED_TENSOR, STAGED):
         check_against_float64(x, w_in, b_in, w_out, 11, *run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy))
 
 
@@ -286,11 +321,14 @@ def test_plan_matches_measured_choices(ext):
     assert ext.plan(1, 768, 11, 1, "bfloat16", sms, smem, 9)[0] == CLUSTER
     assert ext.plan(1, 768, 11, 1, "bfloat16", sms, smem, 8)[0] == SUBTREE  # no clusters before Hopper
     assert ext.plan(100, 768, 11, 1, "bfloat16", sms, smem)[0] == SUBTREE
-    assert ext.plan(32768, 768, 11, 1, "bfloat16", sms, smem)[0] == SINGLE  # see kSortedMinTokensBf16
+    assert ext.plan(4096, 768, 11, 1, "bfloat16", sms, smem)[0] == SINGLE
+    assert ext.plan(32768, 768, 11, 1, "bfloat16", sms, smem) == (STAGED, 6)  # 6 levels of each matrix: 189 KB
+    assert ext.plan(16384, 768, 11, 1, "float16", sms, smem) == (STAGED, 6)
+    assert ext.plan(2048, 768, 11, 1, "float32", sms, smem)[0] == SINGLE
+    assert ext.plan(8192, 768, 11, 1, "float32", sms, smem) == (STAGED, 5)
     assert ext.plan(32768, 768, 11, 1, "float32", sms, smem) == (SORTED, 7)
-    assert ext.plan(16384, 768, 11, 1, "float16", sms, smem) == (SORTED, 6)
-    assert ext.plan(8192, 768, 11, 1, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(32768, 768, 11, 2, "float32", sms, smem)[0] == SINGLE
+    assert ext.plan(32768, 768, 4, 1, "bfloat16", sms, smem)[0] == SINGLE  # shallow trees: not measured
     assert ext.plan(32768, 769, 11, 1, "float32", sms, smem)[0] == GENERAL
 
 
@@ -313,7 +351,7 @@ def test_non_contiguous_inputs(ext, dtype):
     cases = {  # name: (x, strategies besides auto that apply)
         "row slice (row stride 1536)": (
             wide[:, 768:],
-            (SINGLE, BUCKETED, GENERAL, SORTED, *FEW) + ((TENSOR_CORE, SORTED_TENSOR) if dtype != torch.float32 else ()),
+            (SINGLE, BUCKETED, GENERAL, SORTED, STAGED, *FEW) + ((TENSOR_CORE, SORTED_TENSOR) if dtype != torch.float32 else ()),
         ),
         "column stride 2 (copied first)": (wide[:, ::2], (SINGLE, BUCKETED, GENERAL)),
         "transposed (copied first)": (torch.randn(768, 500, device="cuda", generator=gen).to(dtype).t(), (SINGLE, GENERAL)),
@@ -380,7 +418,7 @@ def test_past_2_pow_31_elements(ext):
     x = torch.randn(tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
     # the tokens checked: the very last ones (offsets past 2^31) and a random sample
     check = torch.cat([torch.arange(tokens - 3000, tokens, device="cuda"), torch.randint(0, tokens, (3000,), device="cuda", generator=gen)])
-    for strategy in (0, SINGLE, BUCKETED, GENERAL, TENSOR_CORE, SORTED, SORTED_TENSOR, *FEW):
+    for strategy in (0, SINGLE, BUCKETED, GENERAL, TENSOR_CORE, SORTED, SORTED_TENSOR, STAGED, *FEW):
         y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=strategy)
         assert not torch.isnan(y[-4096:]).any()
         check_against_float64(x[check], w_in, b_in, w_out, 11, y[check], leaves[check])
