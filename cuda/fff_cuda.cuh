@@ -21,10 +21,11 @@
 //   - kBucketed / kSorted (many tokens, one tree): route the top `split` levels, sort tokens by the node
 //     reached (counting sort: histogram, scan, scatter), then finish each bucket together: through L1
 //     (kBucketed) or with the bucket's rows held in shared memory (kSorted).
+//   - kStaged (many tokens): the one-warp walk with two tokens per warp and the top levels' rows held in
+//     shared memory, routing dot products on tensor cores at 16 bits (latency, not issue or L2, bounds the
+//     walk at 32768 tokens once its instructions are trimmed: more chains in flight is what pays).
 //   - kTensorCore / kSortedTensor (opt-in): the bucketed schemes with dense tensor-core products.
-//   Measured with Nsight Compute, the CUDA-core walks at 32768 tokens are bound by instruction issue
-//   (a widening and an FMA per weight element), not by L2: sorting removes the deep rows' L2 traffic but
-//   pays off only where rows are wide or registers scarce (fp32, fp16; see results_cuda.md).
+//   See benchmarks/results_cuda.md for the profiles behind each choice.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -37,8 +37,8 @@ enum Strategy : int {
                      // per round over distributed shared memory (2 dependent rounds of fetches at depth 11)
   kSortedTensor = 9, // kSorted with the finishing products on tensor cores (float16/bfloat16, one tree, a
                      // subtree of at most 5 levels below the split, hidden % 16 == 0)
-  kStaged = 10,      // kSingle with the top levels' rows of every tree in shared memory (one block per SM): the
-                     // walk's L2 traffic and round trips start below them
+  kStaged = 10,      // kSingle with the top levels' rows of every tree in shared memory (one block per SM), two
+                     // tokens per warp (one tree) and, at 16 bits, the routing dot products on tensor cores
 };
 
 struct Params {
