@@ -1781,11 +1781,13 @@ __global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(cons
 
 // ---------------------------------------------------------------------------------------------------
 // kStaged: the single walk with the top levels' rows of every tree copied into shared memory once per block,
-// and (16-bit types) the routing dot products on tensor cores.
-// Why (Nsight Compute, bf16, 32768 tokens): the single walk issues ~2500 warp instructions per token at 0.65 per
-// scheduler cycle with L2 at 66% of its peak; half of the instructions are the routing's widening and FMAs (about
-// 113 per level). Shared memory for levels 0..staged_in-1 of w_in and 0..staged_out-1 of w_out (6 and 6 at bf16
-// width 768: 189 KB) cuts the L2 reads by 14%; one block per SM runs as many warps as the single walk.
+// (16-bit types) the routing dot products on tensor cores, and (one tree) two tokens per warp.
+// Why (Nsight Compute, bf16, 32768 tokens; results_cuda.md item 15): the single walk issues ~2500 warp
+// instructions per token at 0.65 per scheduler cycle with L2 at 66% of its peak: each warp waits on its token's
+// chain of 12 dependent row fetches. Shared memory for levels 0..staged_in-1 of w_in and 0..staged_out-1 of w_out
+// (6 and 6 at bf16 width 768: 189 KB) cuts the L2 reads by 14% and the chain's L2 round trips by two; the tensor-core
+// dot cuts the instructions by a fifth and keeps x packed, which lets the two-token walk fit a 1024-thread block
+// (64 chains per SM instead of 24): 125 -> 109 us.
 template <typename T, int NV>
 struct StagedThreads {
   static constexpr int value = kThreads * SingleMinBlocks<T, NV>::value;
@@ -1942,22 +1944,17 @@ __device__ __forceinline__ void walk_pair(const Params& p, int64_t ma, int64_t m
     p.leaves[ma] = na - first_leaf;
     p.leaves[mb] = nb - first_leaf;
   }
-  {
+  // one token's output pass at a time: y of both would not fit beside the rows in flight
+  auto output = [&](int64_t m, int my_node, float my_logit) {
     float yf[NV][V];
     zero(yf);
-    const float g = gelu(logit_a);
-    accumulate_out<T, NV, From::kShared>(yf, s_out, nvec, lane, 0, out_end, node_a, g);
-    accumulate_out<T, NV>(yf, w_out, nvec, lane, out_end, p.depth + 1, node_a, g);
-    store_y<T, NV>(y + ma * p.hidden, yf, lane, nvec);
-  }
-  if (mb != ma) {
-    float yf[NV][V];
-    zero(yf);
-    const float g = gelu(logit_b);
-    accumulate_out<T, NV, From::kShared>(yf, s_out, nvec, lane, 0, out_end, node_b, g);
-    accumulate_out<T, NV>(yf, w_out, nvec, lane, out_end, p.depth + 1, node_b, g);
-    store_y<T, NV>(y + mb * p.hidden, yf, lane, nvec);
-  }
+    const float g = gelu(my_logit);
+    accumulate_out<T, NV, From::kShared>(yf, s_out, nvec, lane, 0, out_end, my_node, g);
+    accumulate_out<T, NV>(yf, w_out, nvec, lane, out_end, p.depth + 1, my_node, g);
+    store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
+  };
+  output(ma, node_a, logit_a);
+  if (mb != ma) output(mb, node_b, logit_b);
 }
 
 // kStaged, one tree: two tokens per warp (route_pair), the top levels' rows in shared memory. (Issuing the copy
