@@ -24,9 +24,10 @@ constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory 
 constexpr int kBucketMinDepth = 6;
 // Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
 // One tree, many tokens: the staged strategy (two tokens per warp, top levels in shared memory, tensor-core routing
-// dot products for 16-bit types) from 8192 tokens at 16 bits (bf16: 38.7 vs 43.8 us for the single walk at 8192,
-// 114.0 vs 124.9 at 32768, where the sorted strategy takes 122.7; fp16 at 32768: 116.9 vs 123.5 sorted), and at
-// fp32 from 4096 tokens (37.6 vs 41.8 us) until the sorted strategy wins (16384: 108.7 vs 113.4; 32768: 170 vs 209).
+// dot products for 16-bit types) from 8192 tokens at 16 bits (run 22, bf16: 36.7 vs 43.8 us for the single walk
+// at 8192, 109.2 vs 122.8 at 32768, where the sorted strategy takes 122.6; fp16 at 32768: 114.7 vs 121.9 sorted),
+// and at fp32 from 4096 tokens (37.6 vs 41.9 us) until the sorted strategy wins (16384: 108.1 vs 111.5; 32768: 170.7
+// vs 208.1).
 // Below that the single walk: the staged block's copy of ~190 KB of rows and its 64 tokens per block cost more
 // than they save on few tokens. The sorted strategy pays a fixed ~40 us (four launches, each block staging up to
 // 200 KB of rows); inside the compiled 256 x 128 encoder, where the layer's input is still in L2, it lost to the
