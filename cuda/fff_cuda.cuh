@@ -276,18 +276,18 @@ __device__ __forceinline__ float partial_dot(const float (&xf)[NV][Elem<T>::kVec
 
 // Walk levels [level_begin, level_end) of one tree from node n (heap index within the tree); lane `level`
 // records that level's node and logit. Returns the node after the last level (a child while
-// level < depth, else the node itself).
-// The rows come from global memory, or (kShared) from a copy in shared memory laid out the same way.
-template <typename T, int NV, From kFrom = From::kGlobal>
-__device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
-                                     const T* __restrict__ b_in, int nvec, int lane, int level_begin, int level_end,
-                                     int depth, int n, int& my_node, float& my_logit) {
+// level < depth, else the node itself). dot(row) is x . row, the same in every lane; the rows come from global
+// memory, or (kShared) from a copy in shared memory laid out the same way.
+template <typename T, int NV, From kFrom, typename Dot>
+__device__ __forceinline__ int walk_levels(Dot dot, const T* __restrict__ w_in, const T* __restrict__ b_in, int nvec,
+                                           int lane, int level_begin, int level_end, int depth, int n, int& my_node,
+                                           float& my_logit) {
   const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
   for (int level = level_begin; level < level_end; ++level) {
     Row<T, NV> r;
     load_lane_row<NV, kFrom>(r.v, lane_row(w_lane, n, nvec), lane, nvec);
     const float bias = Elem<T>::load(b_in + n);
-    const float logit = warp_sum(partial_dot<T, NV>(xf, r)) + bias;
+    const float logit = dot(r) + bias;
     if (lane == level) {
       my_node = n;
       my_logit = logit;
@@ -295,6 +295,15 @@ __device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const
     if (level < depth) n = 2 * n + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 (and on NaN, as torch)
   }
   return n;
+}
+
+// walk_levels with x widened to fp32 in registers and the CUDA-core dot (global rows).
+template <typename T, int NV>
+__device__ __forceinline__ int route(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
+                                     const T* __restrict__ b_in, int nvec, int lane, int level_begin, int level_end,
+                                     int depth, int n, int& my_node, float& my_logit) {
+  return walk_levels<T, NV, From::kGlobal>([&](const Row<T, NV>& r) { return warp_sum(partial_dot<T, NV>(xf, r)); },
+                                           w_in, b_in, nvec, lane, level_begin, level_end, depth, n, my_node, my_logit);
 }
 
 __device__ __forceinline__ void prefetch_l1(const void* ptr) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr)); }
@@ -1863,24 +1872,13 @@ __device__ __forceinline__ float row_dot(const uint4 (&xr)[NV], const Row<T, NV>
   }
 }
 
-// route() on raw x with row_dot.
+// walk_levels with x as raw packed vectors and row_dot (tensor cores at 16 bits).
 template <typename T, int NV, From kFrom = From::kGlobal>
 __device__ __forceinline__ int route_raw(const uint4 (&xr)[NV], const T* __restrict__ w_in, const T* __restrict__ b_in,
                                          int nvec, int lane, int level_begin, int level_end, int depth, int n,
                                          int& my_node, float& my_logit) {
-  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
-  for (int level = level_begin; level < level_end; ++level) {
-    Row<T, NV> r;
-    load_lane_row<NV, kFrom>(r.v, lane_row(w_lane, n, nvec), lane, nvec);
-    const float bias = Elem<T>::load(b_in + n);
-    const float logit = row_dot<T, NV>(xr, r, lane) + bias;
-    if (lane == level) {
-      my_node = n;
-      my_logit = logit;
-    }
-    if (level < depth) n = 2 * n + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 (and on NaN, as torch)
-  }
-  return n;
+  return walk_levels<T, NV, kFrom>([&](const Row<T, NV>& r) { return row_dot<T, NV>(xr, r, lane); }, w_in, b_in, nvec,
+                                   lane, level_begin, level_end, depth, n, my_node, my_logit);
 }
 
 // route_raw() for two tokens at once: their row fetches are independent, so each level waits one round trip for
