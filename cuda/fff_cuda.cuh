@@ -1821,55 +1821,77 @@ __device__ __forceinline__ void stage_vectors(uint4* dst, const uint4* src, int 
   }
 }
 
-// D += A B for one m16n8k16 whose A has only rows 0-7 (a0 = A[g][2t, 2t+1], a2 = A[g][2t+8, 2t+9]; rows 8-15 zero).
+// D += A B for one m16n8k16: A (16 x 16) in a = A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9],
+// A[g+8][2t+8, 2t+9]; B (16 x 8) in b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]; lane = 4 g + t.
 // Not volatile: the compiler may schedule it like any arithmetic.
 template <typename T>
-struct MmaRow;
+struct Mma16816;
 template <>
-struct MmaRow<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[2], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-    float unused0 = 0.f, unused1 = 0.f;
+struct Mma16816<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint4& a, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(unused0), "+f"(unused1)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
   }
 };
 template <>
-struct MmaRow<__half> {
-  static __device__ __forceinline__ void run(float (&c)[2], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-    float unused0 = 0.f, unused1 = 0.f;
+struct Mma16816<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint4& a, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(unused0), "+f"(unused1)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
   }
 };
 
-// x . row, the same in every lane. x and the row are each lane's raw 16-byte vectors (as loaded).
-// 16-bit types, on tensor cores: per 8 bytes of a lane's vector one m16n8k16 whose B holds the row (lane
-// (g, t) = (lane / 4, lane % 4) supplies column g at k = 2t, 2t+1, 2t+8, 2t+9: its own four consecutive
-// elements) and whose A row g holds the lane's own four x elements at the same k; then D[g][g] is the dot
-// product over lanes 4g..4g+3's elements, and the 8 diagonal entries (lane 4g + g/2, column g % 2) are summed by
-// the butterfly. No widening: 2 tensor instructions per vector where the CUDA cores need 16 (widen + FMA per
-// element). Products of 16-bit values are exact in fp32 and the sums are fp32, so routing still decides on fp32
-// logits (in another summation order than the CUDA-core walks). fp32: the CUDA-core dot.
+// This lane's share of x . row: the warp's shares sum to the dot product (row_dot, pair_sum). x and the row are
+// each lane's raw 16-byte vectors (as loaded).
+// 16-bit types, on tensor cores: per 16-byte vector two m16n8k16 whose A is the lane's row vector as loaded
+// (words 0-3 = A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9] for lane (g, t) =
+// (lane / 4, lane % 4)) and whose B column g is two of the same lane's x words: x words 0 and 2 into D1, 1 and 3
+// into D2. Row g of D1 then multiplies row words 0 and 2 by x words 0 and 2, row g+8 of D2 row words 1 and 3 by x
+// words 1 and 3, so D1[g][g] + D2[g+8][g] is x . row over lanes 4g..4g+3's elements (the other entries mix
+// unrelated words and are not read); lane 4g + g/2 holds both, the other lanes contribute 0. Every operand is a
+// register as loaded: no widening and no moves (the earlier form, x as A and the row as B with A's rows 8-15 zero,
+// also took 2 products per vector but measured 1-4% slower in the pair kernel at 32768 tokens).
+// Products of 16-bit values are exact in fp32 and the sums are fp32, so routing still decides on fp32 logits (in
+// another summation order than the CUDA-core walks). fp32: the CUDA-core dot.
 template <typename T, int NV>
-__device__ __forceinline__ float row_dot(const uint4 (&xr)[NV], const Row<T, NV>& r, int lane) {
+__device__ __forceinline__ float row_dot_share(const uint4 (&xr)[NV], const Row<T, NV>& r, int lane) {
   if constexpr (std::is_same<T, float>::value) {
     float xf[NV][4];
 #pragma unroll
     for (int c = 0; c < NV; ++c) Elem<float>::unpack(xr[c], xf[c]);
-    return warp_sum(partial_dot<float, NV>(xf, r));
+    return partial_dot<float, NV>(xf, r);
   } else {
-    float lo[2] = {0.f, 0.f}, hi[2] = {0.f, 0.f};  // two accumulator chains
+    float d1[4] = {0.f, 0.f, 0.f, 0.f}, d2[4] = {0.f, 0.f, 0.f, 0.f};  // two accumulator chains
 #pragma unroll
     for (int c = 0; c < NV; ++c) {
-      MmaRow<T>::run(lo, xr[c].x, xr[c].y, r.v[c].x, r.v[c].y);
-      MmaRow<T>::run(hi, xr[c].z, xr[c].w, r.v[c].z, r.v[c].w);
+      Mma16816<T>::run(d1, r.v[c], xr[c].x, xr[c].z);
+      Mma16816<T>::run(d2, r.v[c], xr[c].y, xr[c].w);
     }
     const int g = lane >> 2;
-    const float d = (g & 1) ? lo[1] + hi[1] : lo[0] + hi[0];
-    return warp_sum((lane & 3) == (g >> 1) ? d : 0.f);
+    const float d = (g & 1) ? d1[1] + d2[3] : d1[0] + d2[2];
+    return (lane & 3) == (g >> 1) ? d : 0.f;
   }
+}
+
+// x . row, the same in every lane.
+template <typename T, int NV>
+__device__ __forceinline__ float row_dot(const uint4 (&xr)[NV], const Row<T, NV>& r, int lane) {
+  return warp_sum(row_dot_share<T, NV>(xr, r, lane));
+}
+
+// warp_sum of a and of b in 6 shuffles instead of 10: the first step sends each half-warp the other half's share
+// of one of them (lanes 0-15 go on summing a, lanes 16-31 b), the last swaps the halves' sums. Each sum goes
+// through warp_sum's own additions (pairs at distance 16, 8, 4, 2, 1), so it has warp_sum's bits, in every lane.
+__device__ __forceinline__ void pair_sum(float& a, float& b, int lane) {
+  const bool upper = lane & 16;
+  float v = (upper ? b : a) + __shfl_xor_sync(kFullMask, upper ? a : b, 16);
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  const float other = __shfl_xor_sync(kFullMask, v, 16);
+  a = upper ? other : v;
+  b = upper ? v : other;
 }
 
 // walk_levels with x as raw packed vectors and row_dot (tensor cores at 16 bits).
@@ -1894,8 +1916,10 @@ __device__ __forceinline__ void route_pair(const uint4 (&xa)[NV], const uint4 (&
     load_lane_row<NV, kFrom>(ra.v, lane_row(w_lane, na, nvec), lane, nvec);
     load_lane_row<NV, kFrom>(rb.v, lane_row(w_lane, nb, nvec), lane, nvec);
     const float bias_a = Elem<T>::load(b_in + na), bias_b = Elem<T>::load(b_in + nb);
-    const float la = row_dot<T, NV>(xa, ra, lane) + bias_a;
-    const float lb = row_dot<T, NV>(xb, rb, lane) + bias_b;
+    float la = row_dot_share<T, NV>(xa, ra, lane), lb = row_dot_share<T, NV>(xb, rb, lane);
+    pair_sum(la, lb, lane);  // both tokens' sums in 6 shuffles
+    la += bias_a;
+    lb += bias_b;
     if (lane == level) {
       node_a = na;
       logit_a = la;

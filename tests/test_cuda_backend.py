@@ -262,15 +262,17 @@ def staged_levels(trees: int, depth: int, hidden: int, element_size: int) -> int
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "tokens, hidden, depth, trees",
-    [(20001, 768, 11, 1), (3000, 1024, 8, 2), (900, 256, 4, 3), (12000, 1000, 11, 1), (9000, 64, 15, 1), (5, 768, 3, 80)],
+    [(20001, 768, 11, 1), (3000, 1024, 8, 2), (900, 256, 4, 3), (12000, 1000, 11, 1), (9000, 64, 15, 1), (5, 768, 3, 80),
+     (10001, 512, 5, 1), (4097, 72, 9, 1)],
 )
 def test_staged_levels(ext, dtype, tokens, hidden, depth, trees):
     """The staged strategy reads the top levels' rows from shared memory: right for every number of staged levels
-    (0 = as many as fit; 80 trees of width 768 fit none, so everything comes from global memory; width 1000 leaves
-    partial vectors; one tree takes two tokens per warp and its first round reads global memory while the rows
-    are copied, so those cases run several rounds and an odd last token), and a request past what fits is refused. At fp32 it runs kSingle's arithmetic in kSingle's
-    order, so y and the leaves equal the single walk's bit for bit; 16-bit types route with tensor-core dot
-    products (another fp32 summation order), so they are held to the float64 check alone."""
+    (0 = as many as fit; 80 trees of width 768 fit none, so everything comes from global memory; widths 1000 and 72
+    leave partial vectors), and a request past what fits is refused. One tree takes two tokens per warp (summed
+    together by pair_sum) and its first round reads global memory while the rows are copied, so those cases run
+    several rounds of pairs and an odd last token. At fp32 it runs kSingle's arithmetic in kSingle's order, so y
+    and the leaves equal the single walk's bit for bit; 16-bit types route with tensor-core dot products (another
+    fp32 summation order), so they are held to the float64 check alone."""
     gen = torch.Generator(device="cuda").manual_seed(tokens + hidden + depth + trees)
     args = make_problem(tokens, hidden, depth, trees, dtype, gen)
     y_single, leaves_single = ext.fff_forward(*args, depth, strategy=SINGLE)
