@@ -49,10 +49,16 @@ class NativeBackend:
 _LOCK = threading.Lock()
 _NATIVE: dict[str, NativeBackend] = {}  # by backend name
 _forced: Optional[str] = None  # set_backend(); overrides the environment variable
+# resolve()'s choice by (forced choice, environment value, device type): a torch backend's function or a
+# loaded native backend. Resolving costs ~2 us of Python, a sizeable part of a one-token call; anything that
+# can change the choice clears this. The native forward is read from the backend at each call, so a
+# patched or reloaded backend is seen at once.
+_RESOLVED: dict[tuple, "tuple[str, Optional[NativeBackend], Optional[ForwardFn]]"] = {}
 
 
 def register_native_backend(name: str, device_type: str, loader: Callable[[], Optional[ForwardFn]]) -> None:
     _NATIVE[name] = NativeBackend(name, device_type, loader)
+    _RESOLVED.clear()
 
 
 def available_backends() -> list[str]:
@@ -72,6 +78,7 @@ def set_backend(name: Optional[str]) -> None:
     if name is not None and name.lower() not in (AUTO, *available_backends()):
         raise ValueError(f"unknown FFF backend {name!r}; choose one of {[AUTO, *available_backends()]}")
     _forced = None if name is None else name.lower()
+    _RESOLVED.clear()
 
 
 @contextlib.contextmanager
@@ -84,32 +91,49 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+        _RESOLVED.clear()
 
 
 def resolve(device_type: str) -> tuple[str, ForwardFn]:
     """(backend name, forward function) that will run for tensors on `device_type`."""
+    key = (_forced, os.environ.get(ENV_VAR), device_type)
+    choice = _RESOLVED.get(key)
+    if choice is None:
+        choice = _RESOLVED[key] = _choose(device_type)  # errors raise and are not cached
+    name, native, torch_forward = choice
+    if native is None:
+        return name, torch_forward
+    forward = native._forward
+    return (name, forward) if forward is not None else _choose_native_again(device_type)
+
+
+def _choose_native_again(device_type: str) -> tuple[str, ForwardFn]:
+    """The cached native backend was reset (tests): choose afresh."""
+    _RESOLVED.clear()
+    return resolve(device_type)
+
+
+def _choose(device_type: str) -> "tuple[str, Optional[NativeBackend], Optional[ForwardFn]]":
     choice = requested_backend()
     if choice in _TORCH_BACKENDS:
-        return choice, _TORCH_BACKENDS[choice]
+        return choice, None, _TORCH_BACKENDS[choice]
     if choice != AUTO:
         backend = _NATIVE[choice]
         if backend.device_type != device_type:
             raise RuntimeError(f"FFF backend {choice!r} runs on {backend.device_type} tensors, got {device_type} tensors")
-        forward = backend.forward_fn()
-        if forward is None:
+        if backend.forward_fn() is None:
             raise RuntimeError(f"FFF backend {choice!r} was forced but could not be loaded (see the warning above)")
-        return choice, forward
+        return choice, backend, None
     for backend in _NATIVE.values():
-        if backend.device_type == device_type:
-            forward = backend.forward_fn()
-            if forward is not None:
-                return backend.name, forward
-    return REFERENCE, reference.fff_forward
+        if backend.device_type == device_type and backend.forward_fn() is not None:
+            return backend.name, backend, None
+    return REFERENCE, None, reference.fff_forward
 
 
 def _reset_for_tests() -> None:
     """Forget loaded native backends so that a test can exercise loading again."""
     for backend in _NATIVE.values():
         backend._forward, backend._tried = None, False
+    _RESOLVED.clear()
 from . import cpu  # noqa: E402,F401  (registers the C++ CPU backend)
 from . import cuda  # noqa: E402,F401  (registers the CUDA backend)
