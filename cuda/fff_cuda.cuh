@@ -20,7 +20,8 @@
 //     row fetches instead of 12.
 //   - kBucketed / kSorted (many tokens, one tree): route the top `split` levels, sort tokens by the node
 //     reached (counting sort: histogram, scan, scatter), then finish each bucket together: through L1
-//     (kBucketed) or with the bucket's rows held in shared memory (kSorted).
+//     (kBucketed) or with the bucket's rows held in shared memory (kSorted; at fp32 two tokens of the bucket
+//     per warp, reading the rows they share once).
 //   - kStaged (many tokens): the one-warp walk with two tokens per warp and the top levels' rows held in
 //     shared memory, routing dot products on tensor cores at 16 bits (latency, not issue or L2, bounds the
 //     walk at 32768 tokens once its instructions are trimmed: more chains in flight is what pays).
@@ -1467,6 +1468,29 @@ __host__ __device__ inline int64_t sorted_subtree_rows(int depth, int split) { r
 constexpr int kSortedStageMin = 32;
 
 
+// Copy bucket `root`'s rows into shared memory with the whole block: rows_in holds the subtree's w_in rows (sub,
+// heap order below the bucket node), then its w_out rows (sub), then the w_out rows of the split ancestors (level
+// order); bias_s the subtree's biases. The caller puts a barrier before (the previous rows are no longer read) and
+// after.
+template <typename T>
+__device__ __forceinline__ void stage_bucket_rows(T* rows_in, float* bias_s, const T* __restrict__ w_in,
+                                                  const T* __restrict__ b_in, const T* __restrict__ w_out, int root,
+                                                  int sub, int split, int hidden) {
+  const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
+  const int staged = 2 * sub + split;
+  for (int i = threadIdx.x; i < staged * nvec16; i += blockDim.x) {
+    const int r = i / nvec16, c = i - r * nvec16;
+    const T* src;
+    if (r < sub) src = w_in + static_cast<int64_t>(tc::subtree_node(root, r)) * hidden;
+    else if (r < 2 * sub) src = w_out + static_cast<int64_t>(tc::subtree_node(root, r - sub)) * hidden;
+    else src = w_out + static_cast<int64_t>(((root + 1) >> (split - (r - 2 * sub))) - 1) * hidden;  // ancestor
+    tc::cp_async16(reinterpret_cast<uint4*>(rows_in) + i, reinterpret_cast<const uint4*>(src) + c, true);
+  }
+  tc::cp_async_commit();
+  for (int i = threadIdx.x; i < sub; i += blockDim.x) bias_s[i] = Elem<T>::load(b_in + tc::subtree_node(root, i));
+  tc::cp_async_wait_all();
+}
+
 template <typename T, int NV>
 __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_kernel(const Params p, int64_t chunk) {
   constexpr int V = Elem<T>::kVec;
@@ -1494,7 +1518,6 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   bucket_offsets(p, n_buckets, offs);
   __syncthreads();
   int b = bucket_at(offs, n_buckets, begin);
-  const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
   // 16-bit types only: at fp32 (width 768) the staged loop has no registers to spare; with an earlier form of
   // this pass compiled in, it ran 7% slower on uniform routing (174 -> 186 us at 32768 tokens).
   constexpr bool kSmallPass = sizeof(T) == 2;
@@ -1509,18 +1532,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
     }
     const int root = n_buckets - 1 + b;  // heap index of the bucket node
     __syncthreads();                     // the previous bucket's rows are no longer read
-    const int staged = 2 * sub + split;
-    for (int i = tid; i < staged * nvec16; i += kThr) {
-      const int r = i / nvec16, c = i - r * nvec16;
-      const T* src;
-      if (r < sub) src = w_in + static_cast<int64_t>(tc::subtree_node(root, r)) * hidden;
-      else if (r < 2 * sub) src = w_out + static_cast<int64_t>(tc::subtree_node(root, r - sub)) * hidden;
-      else src = w_out + static_cast<int64_t>(((root + 1) >> (split - (r - 2 * sub))) - 1) * hidden;  // ancestor
-      tc::cp_async16(reinterpret_cast<uint4*>(rows_in) + i, reinterpret_cast<const uint4*>(src) + c, true);
-    }
-    tc::cp_async_commit();
-    for (int i = tid; i < sub; i += kThr) bias_s[i] = Elem<T>::load(b_in + tc::subtree_node(root, i));
-    tc::cp_async_wait_all();
+    stage_bucket_rows<T>(rows_in, bias_s, w_in, b_in, w_out, root, sub, split, hidden);
     __syncthreads();
 
     constexpr bool kPrefetch = SortedPrefetch<NV>::value;
@@ -2058,6 +2070,164 @@ __global__ void __launch_bounds__(StagedThreads<T, NV>::value, 1) staged_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------------
+// kSorted's finishing step with two tokens of one bucket per warp (fp32, width <= 768). The one-token finishing
+// kernel is latency-bound at fp32 (Nsight Compute, H200, split 8, 32768 tokens: 0.47 warp instructions issued per
+// scheduler cycle with 0.8 of 3.9 warps eligible, DRAM at 53%) and reads 16 rows of shared memory per token (depth
+// 11, split 8: 4 w_in rows of the subtree, 12 w_out rows). Two tokens of one bucket share every row above their first
+// different branch: the split ancestors' w_out rows and the bucket node's rows always, a row one level down half
+// the time, and so on, so a warp reads such a row once for both (the test is warp-uniform: both tokens' nodes are
+// the same in every lane): about 20 rows per pair instead of 32. The pair's two chains also overlap their
+// latencies (pair_sum: both warp sums in 6 shuffles). Measured (benchmarks/results_cuda.md, item 16): the
+// finishing step 92.1 -> 82.8 us at split 8, fp32 32768 tokens 154.7 -> 145.7 us. At 16 bits it was no faster
+// (117.7-120.5 against 117.8-119.1 us at bf16), so they keep the one-token kernel and its small-bucket pass.
+// Each warp takes the next two positions of the bucket's run; an odd run's last token pairs with itself.
+// Arithmetic per token is kSorted's (CUDA-core dot, warp_sum's bits, the same output order): the same bits.
+template <typename T, int NV>
+struct SortedPair {
+  static constexpr bool value = std::is_same<T, float>::value && NV <= 6;
+};
+constexpr int kSortedPairThreads = 512;  // 128 registers: x or y of two tokens (48) and two rows in flight
+
+// x . row of both tokens where their rows may coincide: a coinciding row is read once.
+template <typename T, int NV, From kFrom>
+__device__ __forceinline__ void pair_dots(const float (&xa)[NV][Elem<T>::kVec], const float (&xb)[NV][Elem<T>::kVec],
+                                          const uint4* w_lane, int na, int nb, int lane, int nvec, float& la,
+                                          float& lb) {
+  Row<T, NV> ra;
+  load_lane_row<NV, kFrom>(ra.v, lane_row(w_lane, na, nvec), lane, nvec);
+  la = partial_dot<T, NV>(xa, ra);
+  if (na == nb) {
+    lb = partial_dot<T, NV>(xb, ra);
+  } else {
+    Row<T, NV> rb;
+    load_lane_row<NV, kFrom>(rb.v, lane_row(w_lane, nb, nvec), lane, nvec);
+    lb = partial_dot<T, NV>(xb, rb);
+  }
+  pair_sum(la, lb, lane);
+}
+
+// Walk levels [level_begin, level_end) for two tokens from nodes na, nb (row indices into w_in / b_in); lane
+// `level` records each token's node and logit at that level.
+template <typename T, int NV, From kFrom, typename Bias>
+__device__ __forceinline__ void walk_pair_shared_rows(const float (&xa)[NV][Elem<T>::kVec],
+                                                      const float (&xb)[NV][Elem<T>::kVec], const T* w_in, Bias bias,
+                                                      int nvec, int lane, int level_begin, int level_end, int depth,
+                                                      int& na, int& nb, int& node_a, float& logit_a, int& node_b,
+                                                      float& logit_b) {
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
+  for (int level = level_begin; level < level_end; ++level) {
+    float la, lb;
+    pair_dots<T, NV, kFrom>(xa, xb, w_lane, na, nb, lane, nvec, la, lb);
+    la += bias(na);
+    lb += bias(nb);
+    if (lane == level) {
+      node_a = na;
+      logit_a = la;
+      node_b = nb;
+      logit_b = lb;
+    }
+    if (level < depth) {
+      na = 2 * na + 1 + (la > 0.f ? 1 : 0);
+      nb = 2 * nb + 1 + (lb > 0.f ? 1 : 0);
+    }
+  }
+}
+
+// kSorted step 3, two tokens of one bucket per warp (sorted_finish_kernel's layout of the staged rows: subtree
+// w_in rows, subtree w_out rows, then the split ancestors' w_out rows).
+template <typename T, int NV>
+__device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, int64_t mb, const T* rows_in,
+                                                   const T* rows_out, const float* bias_s, int sub, int root, int lane,
+                                                   int nvec) {
+  constexpr int V = Elem<T>::kVec;
+  const int split = p.split, depth = p.depth;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  float xa[NV][V], xb[NV][V];
+  load_x<T, NV>(xa, x + ma * p.ldx, lane, nvec);
+  load_x<T, NV>(xb, x + mb * p.ldx, lane, nvec);
+  pin_x(xa);
+  pin_x(xb);
+  // lane l keeps level l's row slot in rows_out and its GELU value; the top levels come from step 1
+  int slot_a = 0, slot_b = 0;
+  float g_a = 0.f, g_b = 0.f, logit_a = 0.f, logit_b = 0.f;
+  if (lane < split) {
+    slot_a = slot_b = sub + lane;
+    g_a = p.g_top[ma * split + lane];
+    g_b = p.g_top[mb * split + lane];
+  }
+  int ja = 0, jb = 0;
+  walk_pair_shared_rows<T, NV, From::kShared>(xa, xb, rows_in, [&](int j) { return bias_s[j]; }, nvec, lane, split,
+                                              depth + 1, depth, ja, jb, slot_a, logit_a, slot_b, logit_b);
+  if (lane >= split) {
+    g_a = gelu(logit_a);
+    g_b = gelu(logit_b);
+  }
+  float ya[NV][V], yb[NV][V];
+  zero(ya);
+  zero(yb);
+  const uint4* out_lane = reinterpret_cast<const uint4*>(rows_out) + lane;
+  for (int level = 0; level <= depth; ++level) {
+    const int sa = __shfl_sync(kFullMask, slot_a, level), sb = __shfl_sync(kFullMask, slot_b, level);
+    const float ga = __shfl_sync(kFullMask, g_a, level), gb = __shfl_sync(kFullMask, g_b, level);
+    Row<T, NV> ra;
+    load_lane_row<NV, From::kShared>(ra.v, lane_row(out_lane, sa, nvec), lane, nvec);
+    axpy_row<T, NV>(ya, ga, ra);
+    if (sa == sb) {
+      axpy_row<T, NV>(yb, gb, ra);
+    } else {
+      Row<T, NV> rb;
+      load_lane_row<NV, From::kShared>(rb.v, lane_row(out_lane, sb, nvec), lane, nvec);
+      axpy_row<T, NV>(yb, gb, rb);
+    }
+  }
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int64_t first_leaf = (int64_t{1} << depth) - 1;
+  store_y<T, NV>(y + ma * p.hidden, ya, lane, nvec);
+  if (mb != ma) store_y<T, NV>(y + mb * p.hidden, yb, lane, nvec);
+  if (lane == 0) {
+    p.leaves[ma] = tc::subtree_node(root, ja) - first_leaf;
+    p.leaves[mb] = tc::subtree_node(root, jb) - first_leaf;
+  }
+}
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kernel(const Params p, int64_t chunk) {
+  constexpr int kW = kSortedPairThreads / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int hidden = p.hidden, split = p.split, depth = p.depth;
+  const int sub = static_cast<int>(sorted_subtree_rows(depth, split));
+  const int n_buckets = 1 << split;
+  T* rows_in = reinterpret_cast<T*>(smem);
+  T* rows_out = rows_in + static_cast<int64_t>(sub) * hidden;
+  float* bias_s = reinterpret_cast<float*>(rows_out + static_cast<int64_t>(sub + split) * hidden);
+  int* offs = reinterpret_cast<int*>(bias_s + sub);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nvec = hidden / Elem<T>::kVec;
+  const Run r = block_run(p, chunk);
+  const int64_t begin = r.begin, end = r.end;
+  if (begin >= end) return;  // block-uniform
+  bucket_offsets(p, n_buckets, offs);
+  __syncthreads();
+  int b = bucket_at(offs, n_buckets, begin);
+  // Every bucket is staged, small ones too, as the one-token kernel does at fp32 (its small-bucket pass, item 13,
+  // cost the fp32 staged loop registers and time).
+  for (int64_t pos = begin; pos < end; ++b) {
+    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
+    if (seg_end <= pos) continue;  // an empty bucket
+    const int root = n_buckets - 1 + b;
+    __syncthreads();  // the previous bucket's rows are no longer read
+    stage_bucket_rows<T>(rows_in, bias_s, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in),
+                         static_cast<const T*>(p.w_out), root, sub, split, hidden);
+    __syncthreads();
+    for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW) {
+      const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;
+      finish_pair_staged<T, NV>(p, ma, mb, rows_in, rows_out, bias_s, sub, root, lane, nvec);
+    }
+    pos = seg_end;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Launch.
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel, size_t smem) {
@@ -2164,6 +2334,31 @@ inline int64_t sorted_chunk(const Params& p, int per_sm) {
   return (p.tokens + blocks - 1) / blocks;
 }
 
+// kSorted's step 3: one block per SM (the bucket's rows fill its shared memory), each a contiguous run of the sorted
+// tokens; two tokens per warp where SortedPair says so.
+template <typename T, int NV>
+void launch_sorted_finish(const Params& p, cudaStream_t stream) {
+  constexpr bool kPair = SortedPair<T, NV>::value;
+  const auto finish = [] {
+    if constexpr (kPair) return sorted_pair_finish_kernel<T, NV>;
+    else return sorted_finish_kernel<T, NV>;
+  }();
+  constexpr int threads = kPair ? kSortedPairThreads : SortedThreads<T, NV>::value;
+  const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
+  static int smem_done[64] = {};
+  allow_smem(finish, smem, smem_done);
+  static size_t occupancy_smem = 0;  // blocks per SM for the last shared-memory size asked (host cache)
+  static int per_sm = 0;
+  if (occupancy_smem != smem) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, finish, threads, smem));
+    occupancy_smem = smem;
+  }
+  TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the sorted strategy's rows do not fit in shared memory; use a deeper split");
+  const int64_t chunk = sorted_chunk(p, per_sm);
+  finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int NV>
 void launch_fast(const Params& p, cudaStream_t stream) {
   switch (p.strategy) {
@@ -2230,21 +2425,7 @@ void launch_fast(const Params& p, cudaStream_t stream) {
     }
     case kSorted: {
       launch_route_and_sort<T, NV>(p, stream);
-      const auto finish = sorted_finish_kernel<T, NV>;
-      constexpr int threads = SortedThreads<T, NV>::value;
-      const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
-      static int smem_done[64] = {};
-      allow_smem(finish, smem, smem_done);
-      static size_t occupancy_smem = 0;  // blocks per SM for the last shared-memory size asked (host cache)
-      static int per_sm = 0;
-      if (occupancy_smem != smem) {
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, finish, threads, smem));
-        occupancy_smem = smem;
-      }
-      TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the sorted strategy's rows do not fit in shared memory; use a deeper split");
-      const int64_t chunk = sorted_chunk(p, per_sm);
-      finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_sorted_finish<T, NV>(p, stream);
       break;
     }
     default:

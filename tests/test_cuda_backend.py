@@ -45,6 +45,12 @@ def sorted_bytes(depth: int, split: int, hidden: int, element_size: int) -> int:
     return (2 * sub + split) * hidden * element_size + 4 * sub + 4 * (2**split + 1)
 
 
+def sorted_auto_split(depth: int, hidden: int, element_size: int) -> int:
+    """The sorted strategy's automatic split: one level below the first whose rows fit (sorted_split in fff_cuda.cpp)."""
+    first = next(s for s in range(1, min(depth, 10) + 1) if sorted_bytes(depth, s, hidden, element_size) <= smem_limit())
+    return min(first + 1, depth, 10)
+
+
 def sorted_tensor_fits(depth: int, split: int, hidden: int, element_size: int) -> bool:
     """Whether the sorted tensor-core strategy takes this problem (sorted_tensor_ok in cuda/fff_cuda.cpp)."""
     if element_size != 2 or hidden % 16 or not 1 <= split <= min(depth, 10) or depth - split + 1 > 5:
@@ -310,10 +316,39 @@ def test_sorted_small_buckets(ext, dtype):
     check_against_float64(x, w_in, b_in, w_out, 10, y, leaves)
     y_single, leaves_single = ext.fff_forward(x, w_in, b_in, w_out, 10, strategy=SINGLE)
     assert torch.equal(leaves, leaves_single) and torch.equal(y, y_single)
-    split = next(s for s in range(1, 11) if sorted_bytes(10, s, 256, x.element_size()) <= smem_limit())
+    split = sorted_auto_split(10, 256, x.element_size())
     buckets = torch.bincount(leaves[:, 0] >> (10 - split), minlength=2**split)
     small = ((buckets > 0) & (buckets < 32)).sum().item()
     assert buckets.max() >= 1000 and small >= 2**split // 2, buckets.tolist()  # both passes had work
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "hidden, depth, tokens, all_right",
+    [(768, 11, 20001, False), (768, 11, 333, False), (768, 11, 9001, True), (512, 9, 3001, False), (96, 7, 1001, False),
+     (4, 5, 77, False), (1000, 10, 4097, False), (1024, 11, 2050, False)],
+)
+def test_sorted_pairs_match_single_walk_fp32(ext, hidden, depth, tokens, all_right):
+    """At fp32 with x of at most 24 floats per lane (width <= 768) the sorted strategy finishes two tokens of one
+    bucket per warp and reads a row the two share once (always the ancestors' rows, deeper ones when their paths
+    agree; with every bias large, all paths agree to the leaf). Every split whose rows fit, odd bucket segments (an
+    unpaired last token) and widths 1000 / 1024 (the one-token kernel) must give the single walk's bits."""
+    gen = torch.Generator(device="cuda").manual_seed(hidden + depth + tokens)
+    x, w_in, b_in, w_out = make_problem(tokens, hidden, depth, 1, torch.float32, gen)
+    if all_right:
+        b_in += 100.0
+    y_single, leaves_single = ext.fff_forward(x, w_in, b_in, w_out, depth, strategy=SINGLE)
+    tried = 0
+    for split in range(1, min(depth, 10) + 1):
+        if sorted_bytes(depth, split, hidden, 4) > smem_limit():
+            continue
+        y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=SORTED, split=split)
+        assert torch.equal(leaves, leaves_single) and torch.equal(y, y_single), split
+        tried += 1
+    assert tried >= 2
+    check_against_float64(x, w_in, b_in, w_out, depth, y, leaves)
+    if all_right:
+        assert (leaves == 2**depth - 1).all()
 
 
 @needs_cuda
@@ -328,7 +363,7 @@ def test_plan_matches_measured_choices(ext):
     assert ext.plan(16384, 768, 11, 1, "float16", sms, smem) == (STAGED, 6)
     assert ext.plan(2048, 768, 11, 1, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(8192, 768, 11, 1, "float32", sms, smem) == (STAGED, 5)
-    assert ext.plan(32768, 768, 11, 1, "float32", sms, smem) == (SORTED, 7)
+    assert ext.plan(32768, 768, 11, 1, "float32", sms, smem) == (SORTED, 8)  # one level below the first that fits
     assert ext.plan(32768, 768, 11, 2, "float32", sms, smem)[0] == SINGLE
     assert ext.plan(32768, 768, 4, 1, "bfloat16", sms, smem)[0] == SINGLE  # shallow trees: not measured
     assert ext.plan(32768, 769, 11, 1, "float32", sms, smem)[0] == GENERAL
