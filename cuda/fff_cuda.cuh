@@ -1491,6 +1491,50 @@ __device__ __forceinline__ void stage_bucket_rows(T* rows_in, float* bias_s, con
   tc::cp_async_wait_all();
 }
 
+// A finishing block's shared memory: the bucket's rows in stage_bucket_rows' layout, the subtree's biases and the
+// n_buckets + 1 bucket offsets (exclusive prefix sums of the counts; sorted_smem_bytes in fff_cuda.h).
+template <typename T>
+struct SortedSmem {
+  T* rows_in;   // sub subtree w_in rows
+  T* rows_out;  // sub subtree w_out rows, then the split ancestors'
+  float* bias;  // sub
+  int* offs;    // n_buckets + 1
+  __device__ SortedSmem(unsigned char* smem, int sub, int split, int hidden)
+      : rows_in(reinterpret_cast<T*>(smem)),
+        rows_out(rows_in + static_cast<int64_t>(sub) * hidden),
+        bias(reinterpret_cast<float*>(rows_out + static_cast<int64_t>(sub + split) * hidden)),
+        offs(reinterpret_cast<int*>(bias + sub)) {}
+};
+
+// Go through this block's run of the sorted tokens bucket by bucket: stage the bucket's rows (behind a barrier,
+// since the previous bucket's are no longer read, and before one), then finish(pos, seg_end, root) for the run's
+// positions [pos, seg_end) in that bucket, whose node is `root`. With skip_small, buckets of fewer than
+// kSortedStageMin tokens are passed over (returned: whether there was one). s.offs must be filled.
+template <typename T, typename Finish>
+__device__ __forceinline__ bool for_each_staged_bucket(const Params& p, const Run& r, const SortedSmem<T>& s, int sub,
+                                                       bool skip_small, Finish finish) {
+  const int n_buckets = 1 << p.split;
+  bool any_small = false;
+  int b = bucket_at(s.offs, n_buckets, r.begin);
+  for (int64_t pos = r.begin; pos < r.end; ++b) {
+    const int64_t seg_end = min(r.end, static_cast<int64_t>(s.offs[b + 1]));
+    if (seg_end <= pos) continue;  // an empty bucket
+    if (skip_small && s.offs[b + 1] - s.offs[b] < kSortedStageMin) {
+      any_small = true;
+      pos = seg_end;
+      continue;
+    }
+    const int root = n_buckets - 1 + b;  // heap index of the bucket node
+    __syncthreads();
+    stage_bucket_rows<T>(s.rows_in, s.bias, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in),
+                         static_cast<const T*>(p.w_out), root, sub, p.split, p.hidden);
+    __syncthreads();
+    finish(pos, seg_end, root);
+    pos = seg_end;
+  }
+  return any_small;
+}
+
 template <typename T, int NV>
 __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_kernel(const Params p, int64_t chunk) {
   constexpr int V = Elem<T>::kVec;
@@ -1499,14 +1543,12 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   const int hidden = p.hidden, split = p.split, depth = p.depth;
   const int sub = static_cast<int>(sorted_subtree_rows(depth, split));
   const int n_buckets = 1 << split;
-  T* rows_in = reinterpret_cast<T*>(smem);
-  T* rows_out = rows_in + static_cast<int64_t>(sub) * hidden;  // sub subtree rows, then the split ancestors
-  float* bias_s = reinterpret_cast<float*>(rows_out + static_cast<int64_t>(sub + split) * hidden);
-  int* offs = reinterpret_cast<int*>(bias_s + sub);  // n_buckets + 1 exclusive prefix sums of the counts
+  const SortedSmem<T> s(smem, sub, split, hidden);
+  const T* rows_in = s.rows_in;
+  const T* rows_out = s.rows_out;
+  const float* bias_s = s.bias;
+  const int* offs = s.offs;
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
   T* __restrict__ y = static_cast<T*>(p.y);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int nvec = hidden / V;
@@ -1515,26 +1557,13 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   const Run r = block_run(p, chunk);
   const int64_t begin = r.begin, end = r.end;
   if (begin >= end) return;  // block-uniform
-  bucket_offsets(p, n_buckets, offs);
+  bucket_offsets(p, n_buckets, s.offs);
   __syncthreads();
-  int b = bucket_at(offs, n_buckets, begin);
-  // 16-bit types only: at fp32 (width 768) the staged loop has no registers to spare; with an earlier form of
-  // this pass compiled in, it ran 7% slower on uniform routing (174 -> 186 us at 32768 tokens).
+  // Small buckets are left to the second pass below, at 16 bits only: at fp32 (width 768) the staged loop has no
+  // registers to spare; with an earlier form of this pass compiled in, it ran 7% slower on uniform routing (174 ->
+  // 186 us at 32768 tokens).
   constexpr bool kSmallPass = sizeof(T) == 2;
-  bool any_small = false;
-  for (int64_t pos = begin; pos < end; ++b) {
-    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
-    if (seg_end <= pos) continue;  // an empty bucket
-    if (kSmallPass && offs[b + 1] - offs[b] < kSortedStageMin) {  // a small bucket: the second pass below
-      any_small = true;
-      pos = seg_end;
-      continue;
-    }
-    const int root = n_buckets - 1 + b;  // heap index of the bucket node
-    __syncthreads();                     // the previous bucket's rows are no longer read
-    stage_bucket_rows<T>(rows_in, bias_s, w_in, b_in, w_out, root, sub, split, hidden);
-    __syncthreads();
-
+  const bool any_small = for_each_staged_bucket(p, r, s, sub, kSmallPass, [&](int64_t pos, int64_t seg_end, int root) {
     constexpr bool kPrefetch = SortedPrefetch<NV>::value;
     int64_t q = pos + warp;
     uint4 x_next[kPrefetch ? NV : 1];
@@ -1583,8 +1612,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       store_y<T, NV>(y + m * hidden, yf, lane, nvec);
       if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
     }
-    pos = seg_end;
-  }
+  });
   // Second pass: the tokens of small buckets (fewer than kSortedStageMin tokens in all; routing far from
   // uniform makes many). Staging their rows would cost more than reading them through L1/L2, and the barriers
   // around it would idle every warp without a token: here each warp takes such tokens by position, no barrier.
@@ -1915,23 +1943,16 @@ __device__ __forceinline__ int route_raw(const uint4 (&xr)[NV], const T* __restr
                                    lane, level_begin, level_end, depth, n, my_node, my_logit);
 }
 
-// route_raw() for two tokens at once: their row fetches are independent, so each level waits one round trip for
-// both.
-template <typename T, int NV, From kFrom = From::kGlobal>
-__device__ __forceinline__ void route_pair(const uint4 (&xa)[NV], const uint4 (&xb)[NV], const T* __restrict__ w_in,
-                                           const T* __restrict__ b_in, int nvec, int lane, int level_begin,
-                                           int level_end, int depth, int& na, int& nb, int& node_a, float& logit_a,
-                                           int& node_b, float& logit_b) {
-  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
+// Walk levels [level_begin, level_end) for two tokens from nodes na, nb (walk_levels for a pair): logits(na, nb, la,
+// lb) sets both tokens' logits at their nodes (x . row + bias, the same in every lane); lane `level` records each
+// token's node and logit at that level.
+template <typename Logits>
+__device__ __forceinline__ void walk_pair_levels(Logits logits, int lane, int level_begin, int level_end, int depth,
+                                                 int& na, int& nb, int& node_a, float& logit_a, int& node_b,
+                                                 float& logit_b) {
   for (int level = level_begin; level < level_end; ++level) {
-    Row<T, NV> ra, rb;
-    load_lane_row<NV, kFrom>(ra.v, lane_row(w_lane, na, nvec), lane, nvec);
-    load_lane_row<NV, kFrom>(rb.v, lane_row(w_lane, nb, nvec), lane, nvec);
-    const float bias_a = Elem<T>::load(b_in + na), bias_b = Elem<T>::load(b_in + nb);
-    float la = row_dot_share<T, NV>(xa, ra, lane), lb = row_dot_share<T, NV>(xb, rb, lane);
-    pair_sum(la, lb, lane);  // both tokens' sums in 6 shuffles
-    la += bias_a;
-    lb += bias_b;
+    float la, lb;
+    logits(na, nb, la, lb);
     if (lane == level) {
       node_a = na;
       logit_a = la;
@@ -1943,6 +1964,28 @@ __device__ __forceinline__ void route_pair(const uint4 (&xa)[NV], const uint4 (&
       nb = 2 * nb + 1 + (lb > 0.f ? 1 : 0);
     }
   }
+}
+
+// route_raw() for two tokens at once: their row fetches are independent, so each level waits one round trip for
+// both.
+template <typename T, int NV, From kFrom = From::kGlobal>
+__device__ __forceinline__ void route_pair(const uint4 (&xa)[NV], const uint4 (&xb)[NV], const T* __restrict__ w_in,
+                                           const T* __restrict__ b_in, int nvec, int lane, int level_begin,
+                                           int level_end, int depth, int& na, int& nb, int& node_a, float& logit_a,
+                                           int& node_b, float& logit_b) {
+  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
+  const auto logits = [&](int a, int b, float& la, float& lb) {
+    Row<T, NV> ra, rb;
+    load_lane_row<NV, kFrom>(ra.v, lane_row(w_lane, a, nvec), lane, nvec);
+    load_lane_row<NV, kFrom>(rb.v, lane_row(w_lane, b, nvec), lane, nvec);
+    const float bias_a = Elem<T>::load(b_in + a), bias_b = Elem<T>::load(b_in + b);
+    la = row_dot_share<T, NV>(xa, ra, lane);
+    lb = row_dot_share<T, NV>(xb, rb, lane);
+    pair_sum(la, lb, lane);  // both tokens' sums in 6 shuffles
+    la += bias_a;
+    lb += bias_b;
+  };
+  walk_pair_levels(logits, lane, level_begin, level_end, depth, na, nb, node_a, logit_a, node_b, logit_b);
 }
 
 // One tree, two tokens per warp: the pair kernel's threads. At width <= 768 (16-bit) x stays packed for the tensor-
@@ -2088,49 +2131,23 @@ struct SortedPair {
 };
 constexpr int kSortedPairThreads = 512;  // 128 registers: x or y of two tokens (48) and two rows in flight
 
-// x . row of both tokens where their rows may coincide: a coinciding row is read once.
-template <typename T, int NV, From kFrom>
+// x . row of both tokens (summed over the warp) for rows na and nb of a shared-memory copy: a coinciding row is read
+// once.
+template <typename T, int NV>
 __device__ __forceinline__ void pair_dots(const float (&xa)[NV][Elem<T>::kVec], const float (&xb)[NV][Elem<T>::kVec],
                                           const uint4* w_lane, int na, int nb, int lane, int nvec, float& la,
                                           float& lb) {
   Row<T, NV> ra;
-  load_lane_row<NV, kFrom>(ra.v, lane_row(w_lane, na, nvec), lane, nvec);
+  load_lane_row<NV, From::kShared>(ra.v, lane_row(w_lane, na, nvec), lane, nvec);
   la = partial_dot<T, NV>(xa, ra);
   if (na == nb) {
     lb = partial_dot<T, NV>(xb, ra);
   } else {
     Row<T, NV> rb;
-    load_lane_row<NV, kFrom>(rb.v, lane_row(w_lane, nb, nvec), lane, nvec);
+    load_lane_row<NV, From::kShared>(rb.v, lane_row(w_lane, nb, nvec), lane, nvec);
     lb = partial_dot<T, NV>(xb, rb);
   }
   pair_sum(la, lb, lane);
-}
-
-// Walk levels [level_begin, level_end) for two tokens from nodes na, nb (row indices into w_in / b_in); lane
-// `level` records each token's node and logit at that level.
-template <typename T, int NV, From kFrom, typename Bias>
-__device__ __forceinline__ void walk_pair_shared_rows(const float (&xa)[NV][Elem<T>::kVec],
-                                                      const float (&xb)[NV][Elem<T>::kVec], const T* w_in, Bias bias,
-                                                      int nvec, int lane, int level_begin, int level_end, int depth,
-                                                      int& na, int& nb, int& node_a, float& logit_a, int& node_b,
-                                                      float& logit_b) {
-  const uint4* w_lane = reinterpret_cast<const uint4*>(w_in) + lane;
-  for (int level = level_begin; level < level_end; ++level) {
-    float la, lb;
-    pair_dots<T, NV, kFrom>(xa, xb, w_lane, na, nb, lane, nvec, la, lb);
-    la += bias(na);
-    lb += bias(nb);
-    if (lane == level) {
-      node_a = na;
-      logit_a = la;
-      node_b = nb;
-      logit_b = lb;
-    }
-    if (level < depth) {
-      na = 2 * na + 1 + (la > 0.f ? 1 : 0);
-      nb = 2 * nb + 1 + (lb > 0.f ? 1 : 0);
-    }
-  }
 }
 
 // kSorted step 3, two tokens of one bucket per warp (sorted_finish_kernel's layout of the staged rows: subtree
@@ -2156,8 +2173,13 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
     g_b = p.g_top[mb * split + lane];
   }
   int ja = 0, jb = 0;
-  walk_pair_shared_rows<T, NV, From::kShared>(xa, xb, rows_in, [&](int j) { return bias_s[j]; }, nvec, lane, split,
-                                              depth + 1, depth, ja, jb, slot_a, logit_a, slot_b, logit_b);
+  const uint4* in_lane = reinterpret_cast<const uint4*>(rows_in) + lane;
+  const auto logits = [&](int a, int b, float& la, float& lb) {
+    pair_dots<T, NV>(xa, xb, in_lane, a, b, lane, nvec, la, lb);
+    la += bias_s[a];
+    lb += bias_s[b];
+  };
+  walk_pair_levels(logits, lane, split, depth + 1, depth, ja, jb, slot_a, logit_a, slot_b, logit_b);
   if (lane >= split) {
     g_a = gelu(logit_a);
     g_b = gelu(logit_b);
@@ -2194,37 +2216,22 @@ template <typename T, int NV>
 __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kernel(const Params p, int64_t chunk) {
   constexpr int kW = kSortedPairThreads / 32;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int hidden = p.hidden, split = p.split, depth = p.depth;
-  const int sub = static_cast<int>(sorted_subtree_rows(depth, split));
-  const int n_buckets = 1 << split;
-  T* rows_in = reinterpret_cast<T*>(smem);
-  T* rows_out = rows_in + static_cast<int64_t>(sub) * hidden;
-  float* bias_s = reinterpret_cast<float*>(rows_out + static_cast<int64_t>(sub + split) * hidden);
-  int* offs = reinterpret_cast<int*>(bias_s + sub);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int nvec = hidden / Elem<T>::kVec;
+  const int sub = static_cast<int>(sorted_subtree_rows(p.depth, p.split));
+  const SortedSmem<T> s(smem, sub, p.split, p.hidden);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nvec = p.hidden / Elem<T>::kVec;
   const Run r = block_run(p, chunk);
-  const int64_t begin = r.begin, end = r.end;
-  if (begin >= end) return;  // block-uniform
-  bucket_offsets(p, n_buckets, offs);
+  if (r.begin >= r.end) return;  // block-uniform
+  bucket_offsets(p, 1 << p.split, s.offs);
   __syncthreads();
-  int b = bucket_at(offs, n_buckets, begin);
   // Every bucket is staged, small ones too, as the one-token kernel does at fp32 (its small-bucket pass, item 13,
   // cost the fp32 staged loop registers and time).
-  for (int64_t pos = begin; pos < end; ++b) {
-    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
-    if (seg_end <= pos) continue;  // an empty bucket
-    const int root = n_buckets - 1 + b;
-    __syncthreads();  // the previous bucket's rows are no longer read
-    stage_bucket_rows<T>(rows_in, bias_s, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in),
-                         static_cast<const T*>(p.w_out), root, sub, split, hidden);
-    __syncthreads();
+  for_each_staged_bucket(p, r, s, sub, false, [&](int64_t pos, int64_t seg_end, int root) {
     for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW) {
       const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;
-      finish_pair_staged<T, NV>(p, ma, mb, rows_in, rows_out, bias_s, sub, root, lane, nvec);
+      finish_pair_staged<T, NV>(p, ma, mb, s.rows_in, s.rows_out, s.bias, sub, root, lane, nvec);
     }
-    pos = seg_end;
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
