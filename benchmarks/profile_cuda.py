@@ -2,7 +2,9 @@
 second), so that `ncu` can report where their time goes (stall reasons, issue rate, memory throughput).
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \\
-        --section Occupancy python benchmarks/profile_cuda.py
+        --section Occupancy python benchmarks/profile_cuda.py [DTYPE:TOKENS:STRATEGY:SPLIT ...]
+
+With arguments, only those cases run (e.g. float32:32768:11:6 for the two-pass sorted strategy at split 6).
 """
 
 from __future__ import annotations
@@ -27,13 +29,19 @@ CASES = [  # (dtype, tokens, strategy, split)
 ]
 
 
-def main() -> int:
+def parse_case(text: str) -> tuple:
+    """DTYPE:TOKENS:STRATEGY:SPLIT, e.g. float32:32768:11:6."""
+    dtype, tokens, strategy, split = text.split(":")
+    return getattr(torch, dtype), int(tokens), int(strategy), int(split)
+
+
+def main(argv: list[str]) -> int:
     ext = cuda_backend.load_module()
     if ext is None:
         return 1
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = 2 ** (DEPTH + 1) - 1
-    for dtype, tokens, strategy, split in CASES:
+    for dtype, tokens, strategy, split in [parse_case(a) for a in argv] or CASES:
         w_in = (torch.randn(rows, HIDDEN, device="cuda", generator=gen) * HIDDEN**-0.5).to(dtype)
         b_in = (torch.randn(rows, device="cuda", generator=gen) * 0.1).to(dtype)
         w_out = (torch.randn(rows, HIDDEN, device="cuda", generator=gen) * HIDDEN**-0.5).to(dtype)
@@ -46,4 +54,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
