@@ -4,7 +4,8 @@ second), so that `ncu` can report where their time goes (stall reasons, issue ra
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \\
         --section Occupancy python benchmarks/profile_cuda.py [DTYPE:TOKENS:STRATEGY:SPLIT ...]
 
-With arguments, only those cases run (e.g. float32:32768:11:6 for the two-pass sorted strategy at split 6).
+With arguments, only those cases run (e.g. float32:32768:7:8 for the sorted strategy at split 8; the strategy
+numbers are hf_fff.backends.cuda.STRATEGIES).
 """
 
 from __future__ import annotations

@@ -2270,16 +2270,24 @@ struct PersistentLaunch {
   int per_sm = 0;
 };
 
-// At most one wave of `threads`-thread blocks, each warp taking `per_warp` tokens per round (kStaged: the rows
-// take most of the shared memory, so one block per SM).
+// Raise the kernel's shared-memory limit and return how many of its `threads`-thread blocks fit on an SM with `smem`
+// bytes each (0: none), both remembered in `cache`.
 template <typename Kernel>
-void launch_persistent(Kernel kernel, int threads, int per_warp, size_t smem, PersistentLaunch& cache, const Params& p,
-                       cudaStream_t stream) {
+int persistent_blocks_per_sm(Kernel kernel, int threads, size_t smem, PersistentLaunch& cache) {
   allow_smem(kernel, smem, cache.smem_done);
   if (cache.smem != smem) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cache.per_sm, kernel, threads, smem));
     cache.smem = smem;
   }
+  return cache.per_sm;
+}
+
+// At most one wave of `threads`-thread blocks, each warp taking `per_warp` tokens per round (kStaged: the rows
+// take most of the shared memory, so one block per SM).
+template <typename Kernel>
+void launch_persistent(Kernel kernel, int threads, int per_warp, size_t smem, PersistentLaunch& cache, const Params& p,
+                       cudaStream_t stream) {
+  persistent_blocks_per_sm(kernel, threads, smem, cache);
   TORCH_CHECK(cache.per_sm > 0, "hf_fff CUDA: the staged strategy's rows do not fit in shared memory");
   const int64_t per_block = static_cast<int64_t>(threads / 32) * per_warp;
   const int64_t wanted = (p.tokens + per_block - 1) / per_block;
@@ -2352,14 +2360,8 @@ void launch_sorted_finish(const Params& p, cudaStream_t stream) {
   }();
   constexpr int threads = kPair ? kSortedPairThreads : SortedThreads<T, NV>::value;
   const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
-  static int smem_done[64] = {};
-  allow_smem(finish, smem, smem_done);
-  static size_t occupancy_smem = 0;  // blocks per SM for the last shared-memory size asked (host cache)
-  static int per_sm = 0;
-  if (occupancy_smem != smem) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, finish, threads, smem));
-    occupancy_smem = smem;
-  }
+  static PersistentLaunch cache;
+  const int per_sm = persistent_blocks_per_sm(finish, threads, smem, cache);
   TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the sorted strategy's rows do not fit in shared memory; use a deeper split");
   const int64_t chunk = sorted_chunk(p, per_sm);
   finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk);
