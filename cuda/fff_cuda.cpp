@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy >= kAuto && strategy <= kStaged, "hf_fff CUDA: unknown strategy ", num(strategy));
+  TORCH_CHECK(strategy >= kAuto && strategy <= kSortedPipelined, "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
   const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
@@ -264,26 +264,27 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   }
 
   at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
-  if (p.strategy == kBucketed || p.strategy == kSorted || p.strategy == kTensorCore || p.strategy == kSortedTensor) {
+  if (p.strategy == kBucketed || is_sorted_strategy(p.strategy) || p.strategy == kTensorCore ||
+      p.strategy == kSortedTensor) {
     TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategies take one tree, got ", num(trees));
     TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategies need depth >= 1");
     if (p.strategy == kTensorCore)
       p.split = static_cast<int>(depth) - 5;  // the lower block is always 6 levels (63 nodes)
     else if (split > 0)
       p.split = static_cast<int>(split);
-    else if (p.strategy == kSorted)
+    else if (is_sorted_strategy(p.strategy))
       p.split = sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit);
     else if (p.strategy == kSortedTensor)
       p.split = sorted_tensor_split(static_cast<int>(depth));
     else
       p.split = auto_split(static_cast<int>(depth), hidden, element_size);
     TORCH_CHECK(p.split >= 1 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [1, min(depth, ",
-                num(kMaxSplit), ")], got ", num(p.split), p.strategy == kSorted ? " (or no split's rows fit in shared memory)" : "");
+                num(kMaxSplit), ")], got ", num(p.split), is_sorted_strategy(p.strategy) ? " (or no split's rows fit in shared memory)" : "");
     if (p.strategy == kSortedTensor)
       TORCH_CHECK(sorted_tensor_ok(element_size == 2, hidden, static_cast<int>(depth), p.split, trees, fast, smem_limit),
                   "hf_fff CUDA: the sorted tensor-core strategy needs float16/bfloat16, hidden % 16 == 0, at most 5 "
                   "levels below the split (split >= depth - 4) and its rows in shared memory; got split ", num(p.split));
-    if (p.strategy == kSorted)
+    if (is_sorted_strategy(p.strategy))
       TORCH_CHECK(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size) <= smem_limit,
                   "hf_fff CUDA: with split ", num(p.split), " the sorted strategy needs ",
                   num(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size)),
@@ -365,4 +366,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CLUSTER") = int(hf_fff_cuda::kCluster);
   m.attr("SORTED_TENSOR") = int(hf_fff_cuda::kSortedTensor);
   m.attr("STAGED") = int(hf_fff_cuda::kStaged);
+  m.attr("SORTED_PIPELINED") = int(hf_fff_cuda::kSortedPipelined);
 }

@@ -22,6 +22,8 @@
 //     reached (counting sort: histogram, scan, scatter), then finish each bucket together: through L1
 //     (kBucketed) or with the bucket's rows held in shared memory (kSorted; at fp32 two tokens of the bucket
 //     per warp, reading the rows they share once).
+//   - kSortedPipelined (opt-in): kSorted whose fp32 finishing blocks keep two buckets' rows in turn, refilled by
+//     bulk copies while the warps work, instead of staging each bucket behind a barrier.
 //   - kStaged (many tokens): the one-warp walk with two tokens per warp and the top levels' rows held in
 //     shared memory, routing dot products on tensor cores at 16 bits (latency, not issue or L2, bounds the
 //     walk at 32768 tokens once its instructions are trimmed: more chains in flight is what pays).
@@ -198,6 +200,14 @@ __device__ __forceinline__ void load_row(Row<T, NV>& r, const T* row, int lane, 
 // instructions per row visited.
 __device__ __forceinline__ const uint4* lane_row(const uint4* lane_base, int n, int nvec) {
   return lane_base + static_cast<uint64_t>(static_cast<uint32_t>(n)) * static_cast<uint32_t>(nvec);
+}
+
+// A row's 16-byte vectors (nvec). kFull: the row is exactly NV vectors per lane (hidden = 32 NV kVec, as at width
+// 768 for every dtype), and a compile-time nvec lets the compiler drop every bounds test and zero fill of
+// load_lane_row, load_x and store_y (the kernels that take kFull are instantiated both ways; full_rows() picks).
+template <typename T, int NV, bool kFull>
+__device__ __forceinline__ int row_vectors(int hidden) {
+  return kFull ? NV * 32 : hidden / Elem<T>::kVec;
 }
 
 // Row n of a matrix of rows of `hidden` elements (the same 32-bit reasoning as lane_row).
@@ -1380,7 +1390,7 @@ __host__ __device__ inline int64_t route_shared_bytes(int top, int split, int64_
   return rows * hidden * element_size + 4 * rows + 4 * (int64_t{1} << split);
 }
 
-template <typename T, int NV>
+template <typename T, int NV, bool kFull>
 __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top_shared_kernel(const Params p, int top) {
   constexpr int V = Elem<T>::kVec;
   constexpr int kRouteSharedThreads = RouteSharedThreads<T, NV>::value;
@@ -1395,7 +1405,7 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
   const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
   const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
   const int tid = threadIdx.x, lane = tid & 31;
-  const int nvec = hidden / V;
+  const int nvec = row_vectors<T, NV, kFull>(hidden);
   const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
   for (int i = tid; i < rows * nvec16; i += kRouteSharedThreads)  // the top rows are contiguous in w_in
     tc::cp_async16(reinterpret_cast<uint4*>(rows_s) + i, reinterpret_cast<const uint4*>(w_in) + i, true);
@@ -1507,12 +1517,13 @@ struct SortedSmem {
 };
 
 // Go through this block's run of the sorted tokens bucket by bucket: stage the bucket's rows (behind a barrier,
-// since the previous bucket's are no longer read, and before one), then finish(pos, seg_end, root) for the run's
+// since the previous bucket's are no longer read, and before one; prepare(pos, seg_end) runs between that first
+// barrier and the staging), then finish(pos, seg_end, root) for the run's
 // positions [pos, seg_end) in that bucket, whose node is `root`. With skip_small, buckets of fewer than
 // kSortedStageMin tokens are passed over (returned: whether there was one). s.offs must be filled.
-template <typename T, typename Finish>
+template <typename T, typename Finish, typename Prepare>
 __device__ __forceinline__ bool for_each_staged_bucket(const Params& p, const Run& r, const SortedSmem<T>& s, int sub,
-                                                       bool skip_small, Finish finish) {
+                                                       bool skip_small, Finish finish, Prepare prepare) {
   const int n_buckets = 1 << p.split;
   bool any_small = false;
   int b = bucket_at(s.offs, n_buckets, r.begin);
@@ -1526,6 +1537,7 @@ __device__ __forceinline__ bool for_each_staged_bucket(const Params& p, const Ru
     }
     const int root = n_buckets - 1 + b;  // heap index of the bucket node
     __syncthreads();
+    prepare(pos, seg_end);  // (before staging, so that its own copies overlap the rows')
     stage_bucket_rows<T>(s.rows_in, s.bias, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in),
                          static_cast<const T*>(p.w_out), root, sub, p.split, p.hidden);
     __syncthreads();
@@ -1612,7 +1624,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       store_y<T, NV>(y + m * hidden, yf, lane, nvec);
       if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
     }
-  });
+  }, [](int64_t, int64_t) {});
   // Second pass: the tokens of small buckets (fewer than kSortedStageMin tokens in all; routing far from
   // uniform makes many). Staging their rows would cost more than reading them through L1/L2, and the barriers
   // around it would idle every warp without a token: here each warp takes such tokens by position, no barrier.
@@ -2037,12 +2049,12 @@ __device__ __forceinline__ void walk_pair(const Params& p, int64_t ma, int64_t m
 // kStaged, one tree: two tokens per warp (route_pair), the top levels' rows in shared memory. (Issuing the copy
 // asynchronously and walking each warp's first pair from global memory meanwhile was measured: bf16 32768 tokens
 // 114 -> 123 us, as that first round reads levels 0-5 from L2 with L1 mostly given to shared memory.)
-template <typename T, int NV>
+template <typename T, int NV, bool kFull>
 __global__ void __launch_bounds__(PairThreads<T, NV>::value, 1) staged_pair_kernel(const Params p) {
   constexpr int kBlockWarps = PairThreads<T, NV>::value / 32;
   extern __shared__ uint4 staged_rows_smem[];
   const int lane = threadIdx.x & 31;
-  const int nvec = p.hidden / Elem<T>::kVec;
+  const int nvec = row_vectors<T, NV, kFull>(p.hidden);
   const int in_rows = (1 << p.staged_in) - 1, out_rows = (1 << p.staged_out) - 1;
   uint4* s_in = staged_rows_smem;
   uint4* s_out = s_in + in_rows * nvec;
@@ -2150,28 +2162,21 @@ __device__ __forceinline__ void pair_dots(const float (&xa)[NV][Elem<T>::kVec], 
   pair_sum(la, lb, lane);
 }
 
-// kSorted step 3, two tokens of one bucket per warp (sorted_finish_kernel's layout of the staged rows: subtree
-// w_in rows, subtree w_out rows, then the split ancestors' w_out rows).
+// kSorted step 3, two tokens of one bucket per warp, the bucket's rows in shared memory: the subtree's w_in rows and
+// biases, and the w_out rows of the subtree and of the split ancestors. x of both tokens is in registers already and
+// g_a / g_b hold their top levels' GELU values in lanes < split.
 template <typename T, int NV>
-__device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, int64_t mb, const T* rows_in,
-                                                   const T* rows_out, const float* bias_s, int sub, int root, int lane,
-                                                   int nvec) {
+__device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, int64_t mb,
+                                                   const float (&xa)[NV][Elem<T>::kVec],
+                                                   const float (&xb)[NV][Elem<T>::kVec], float g_a, float g_b,
+                                                   const T* rows_in, const T* rows_out, int out_first, int top_slot,
+                                                   const float* bias_s, int root, int lane, int nvec) {
   constexpr int V = Elem<T>::kVec;
   const int split = p.split, depth = p.depth;
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  float xa[NV][V], xb[NV][V];
-  load_x<T, NV>(xa, x + ma * p.ldx, lane, nvec);
-  load_x<T, NV>(xb, x + mb * p.ldx, lane, nvec);
-  pin_x(xa);
-  pin_x(xb);
-  // lane l keeps level l's row slot in rows_out and its GELU value; the top levels come from step 1
-  int slot_a = 0, slot_b = 0;
-  float g_a = 0.f, g_b = 0.f, logit_a = 0.f, logit_b = 0.f;
-  if (lane < split) {
-    slot_a = slot_b = sub + lane;
-    g_a = p.g_top[ma * split + lane];
-    g_b = p.g_top[mb * split + lane];
-  }
+  // lane l keeps level l's row slot in rows_out and its GELU value; the top levels come from step 1. Slots count rows
+  // of rows_out: out_first is the subtree's first w_out row, top_slot this lane's split ancestor's (lanes < split).
+  int slot_a = top_slot, slot_b = top_slot;
+  float logit_a = 0.f, logit_b = 0.f;
   int ja = 0, jb = 0;
   const uint4* in_lane = reinterpret_cast<const uint4*>(rows_in) + lane;
   const auto logits = [&](int a, int b, float& la, float& lb) {
@@ -2180,17 +2185,33 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
     lb += bias_s[b];
   };
   walk_pair_levels(logits, lane, split, depth + 1, depth, ja, jb, slot_a, logit_a, slot_b, logit_b);
-  if (lane >= split) {
-    g_a = gelu(logit_a);
-    g_b = gelu(logit_b);
-  }
   float ya[NV][V], yb[NV][V];
   zero(ya);
   zero(yb);
   const uint4* out_lane = reinterpret_cast<const uint4*>(rows_out) + lane;
-  for (int level = 0; level <= depth; ++level) {
+  // One GELU evaluation for both tokens: lane l < 16 takes token a's level l, lane 16 + l token b's (depth <= 15);
+  // the top levels' values come from step 1 in lanes < split, moved the same way for token b.
+  const bool upper = lane >= 16;
+  const int level_of_lane = lane & 15;
+  const float logit_b_up = __shfl_up_sync(kFullMask, logit_b, 16), g_b_up = __shfl_up_sync(kFullMask, g_b, 16);
+  float g = gelu(upper ? logit_b_up : logit_a);
+  if (level_of_lane < split) g = upper ? g_b_up : g_a;
+  if (lane >= split) {
+    slot_a += out_first;
+    slot_b += out_first;
+  }
+  // The split ancestors' rows are the same for both tokens (one bucket): read once, no test.
+  for (int level = 0; level < split; ++level) {
+    const int sa = __shfl_sync(kFullMask, slot_a, level);
+    const float ga = __shfl_sync(kFullMask, g, level), gb = __shfl_sync(kFullMask, g, level + 16);
+    Row<T, NV> ra;
+    load_lane_row<NV, From::kShared>(ra.v, lane_row(out_lane, sa, nvec), lane, nvec);
+    axpy_row<T, NV>(ya, ga, ra);
+    axpy_row<T, NV>(yb, gb, ra);
+  }
+  for (int level = split; level <= depth; ++level) {
     const int sa = __shfl_sync(kFullMask, slot_a, level), sb = __shfl_sync(kFullMask, slot_b, level);
-    const float ga = __shfl_sync(kFullMask, g_a, level), gb = __shfl_sync(kFullMask, g_b, level);
+    const float ga = __shfl_sync(kFullMask, g, level), gb = __shfl_sync(kFullMask, g, level + 16);
     Row<T, NV> ra;
     load_lane_row<NV, From::kShared>(ra.v, lane_row(out_lane, sa, nvec), lane, nvec);
     axpy_row<T, NV>(ya, ga, ra);
@@ -2212,26 +2233,258 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
   }
 }
 
+// x of tokens ma and mb and their top levels' GELU values, then finish_pair_staged.
 template <typename T, int NV>
+__device__ __forceinline__ void finish_tokens(const Params& p, int64_t ma, int64_t mb, const T* rows_in,
+                                              const T* rows_out, int out_first, int top_slot, const float* bias_s,
+                                              int root, int lane, int nvec) {
+  constexpr int V = Elem<T>::kVec;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  float xa[NV][V], xb[NV][V];
+  load_x<T, NV>(xa, x + ma * p.ldx, lane, nvec);
+  load_x<T, NV>(xb, x + mb * p.ldx, lane, nvec);
+  pin_x(xa);
+  pin_x(xb);
+  const float ga = lane < p.split ? p.g_top[ma * p.split + lane] : 0.f;
+  const float gb = lane < p.split ? p.g_top[mb * p.split + lane] : 0.f;
+  finish_pair_staged<T, NV>(p, ma, mb, xa, xb, ga, gb, rows_in, rows_out, out_first, top_slot, bias_s, root, lane, nvec);
+}
+
+// kSorted's finishing step with two tokens per warp, one bucket's rows at a time (sorted_finish_kernel's staging:
+// the whole block waits at a barrier while they are copied). Each warp takes the next two positions of the bucket's
+// run. Every bucket is staged, small ones too, as the one-token kernel does at fp32 (its small-bucket pass, item 13,
+// cost the fp32 staged loop registers and time).
+template <typename T, int NV, bool kFull>
 __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kernel(const Params p, int64_t chunk) {
   constexpr int kW = kSortedPairThreads / 32;
   extern __shared__ __align__(16) unsigned char smem[];
   const int sub = static_cast<int>(sorted_subtree_rows(p.depth, p.split));
   const SortedSmem<T> s(smem, sub, p.split, p.hidden);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nvec = p.hidden / Elem<T>::kVec;
+  const int nvec = row_vectors<T, NV, kFull>(p.hidden);
   const Run r = block_run(p, chunk);
   if (r.begin >= r.end) return;  // block-uniform
   bucket_offsets(p, 1 << p.split, s.offs);
   __syncthreads();
-  // Every bucket is staged, small ones too, as the one-token kernel does at fp32 (its small-bucket pass, item 13,
-  // cost the fp32 staged loop registers and time).
   for_each_staged_bucket(p, r, s, sub, false, [&](int64_t pos, int64_t seg_end, int root) {
     for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW) {
-      const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;
-      finish_pair_staged<T, NV>(p, ma, mb, s.rows_in, s.rows_out, s.bias, sub, root, lane, nvec);
+      const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;  // an odd run's last: itself
+      finish_tokens<T, NV>(p, ma, mb, s.rows_in, s.rows_out, 0, sub + lane, s.bias, root, lane, nvec);
     }
-  });
+  }, [](int64_t, int64_t) {});
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kSortedPipelined: kSorted's finishing step, pipelined (two tokens per warp, Hopper, where the layout below fits:
+// fp32 width 768 at split 8 takes 226 KB; elsewhere the barrier-staged kernel above). That kernel idles every warp
+// while a bucket's rows are copied (115 KB from L2 at fp32 split 8, ~2.9 times per block) and while the last pairs of
+// a bucket finish: Nsight Compute put its barrier stall at 0.91 of ~8.7 cycles per instruction. Here two buffers take
+// turns: while the warps finish bucket k from one, bucket k + 1's rows are already in the other, and the warp that
+// finishes bucket k last refills its buffer with bucket k + 2's (bulk copies completing on the buffer's `full`
+// mbarrier; the biases by that warp's lanes), so no warp waits on a copy unless it runs a whole bucket ahead. Warps
+// take the pairs of a bucket dynamically (a shared counter), so the ones that finish early go on to the next bucket
+// instead of idling. Same arithmetic per pair: same bits. Measured on an H200 (benchmarks/results_cuda.md, item 19):
+// the finishing step 84 -> 76 us, fp32 32768 tokens ~5% faster than kSorted.
+// Not chosen automatically: compute-sanitizer racecheck attributes a raw cp.async.bulk's shared-memory writes to the
+// issuing thread and does not take the mbarrier phases (transaction completion, the `empty` arrivals) as ordering, so
+// it reports hazards between the refills and the previous bucket's reads; descriptor-based bulk tensor copies (TMA),
+// which it does not attribute to a thread, would make the check usable. memcheck is clean and every output is the
+// single walk's, bit for bit.
+//
+// Shared memory, in rows of `hidden` elements: row 0 the root's w_out row (every bucket's level-0 ancestor), then per
+// buffer the subtree's w_in rows (sub), its w_out rows (sub) and the w_out rows of ancestor levels 1..split-1; then
+// per buffer the subtree's biases, the bucket offsets, per buffer a pair counter and a done counter, and per buffer
+// the `full` and `empty` mbarriers.
+namespace sp {
+struct Layout {
+  int64_t buffer_rows, bias, offs, counters, barriers, bytes;  // offsets in bytes (buffer_rows in rows)
+};
+__host__ __device__ inline Layout layout(int depth, int split, int64_t hidden, int64_t element_size) {
+  const int64_t sub = (int64_t{2} << (depth - split)) - 1;
+  Layout l;
+  l.buffer_rows = 2 * sub + split - 1;
+  l.bias = (1 + 2 * l.buffer_rows) * hidden * element_size;
+  l.offs = l.bias + 2 * sub * 4;
+  l.counters = l.offs + 4 * ((int64_t{1} << split) + 1);
+  l.barriers = (l.counters + 16 + 7) / 8 * 8;  // full[2], empty[2]
+  l.bytes = l.barriers + 32;
+  return l;
+}
+
+// (Hopper's bulk copies and transaction-count barriers: the host runs this kernel on compute capability 9.0 or later
+// only, hopper_or_later(); other builds compile the helpers empty and the kernel traps.)
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tc::smem_addr(bar)), "r"(count));
+#endif
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(tc::smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// Expect `bytes` more of bulk copies in the current phase, without arriving.
+__device__ __forceinline__ void mbarrier_expect(uint64_t* bar, unsigned bytes) {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(tc::smem_addr(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+// Arrive once (release: this thread's shared-memory writes before it, and those of the threads it synchronised with,
+// are seen by the threads that wait for the phase).
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tc::smem_addr(bar)) : "memory");
+#endif
+}
+// Bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory, completing on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   tc::smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(tc::smem_addr(bar))
+               : "memory");
+#endif
+}
+// Order this thread's earlier plain shared-memory accesses before later bulk copies (async proxy) into the same bytes.
+__device__ __forceinline__ void fence_proxy_async() {
+#if HF_FFF_HAS_CLUSTERS
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// A block's buckets, in order: positions [pos, end) of its run in bucket b (empty buckets skipped).
+struct Segment {
+  int b;
+  int64_t pos, end;
+};
+// Past the run's end (pos >= r.end) a segment is empty, {b, r.end, r.end}, and stays so: offs is not read past it.
+__device__ __forceinline__ Segment settle(const int* offs, const Run& r, int b, int64_t pos) {
+  if (pos >= r.end) return {b, r.end, r.end};
+  while (offs[b + 1] <= pos) ++b;  // ends at b < n_buckets: offs[n_buckets] = total >= r.end > pos
+  return {b, pos, min(r.end, static_cast<int64_t>(offs[b + 1]))};
+}
+__device__ __forceinline__ Segment first_segment(const int* offs, int n_buckets, const Run& r) {
+  return settle(offs, r, bucket_at(offs, n_buckets, r.begin), r.begin);
+}
+__device__ __forceinline__ Segment next_segment(const int* offs, const Run& r, const Segment& s) {
+  return settle(offs, r, s.b + 1, s.end);
+}
+}  // namespace sp
+
+// Fill a buffer (`rows`, `bias`) with bucket `root`'s rows (the whole warp calls it; lane 0 issues the copies),
+// completing on `bar`; root_row (the first fill only, else null): also copy the root's w_out row there.
+template <typename T>
+__device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, float* bias, uint64_t* bar, int root,
+                                                   int sub, T* root_row, int lane) {
+  const int split = p.split, hidden = p.hidden;
+  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
+  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
+  if (lane == 0) {  // the copies first, so that they are in flight while the lanes fetch the biases
+    const unsigned row_bytes = static_cast<unsigned>(hidden * sizeof(T));
+    const unsigned levels = static_cast<unsigned>(p.depth - split + 1);
+    sp::fence_proxy_async();
+    sp::mbarrier_expect(bar, row_bytes * (2u * sub + split - 1 + (root_row != nullptr ? 1u : 0u)));
+    if (root_row != nullptr) sp::bulk_copy(root_row, w_out, row_bytes, bar);
+    for (unsigned l = 0, j = 0; l < levels; j += 1u << l, ++l) {  // level l of the subtree: 2^l consecutive nodes
+      const int64_t node = (static_cast<int64_t>(root) << l) + j;
+      const unsigned bytes = row_bytes << l;
+      sp::bulk_copy(rows + j * static_cast<int64_t>(hidden), w_in + node * hidden, bytes, bar);
+      sp::bulk_copy(rows + (sub + j) * static_cast<int64_t>(hidden), w_out + node * hidden, bytes, bar);
+    }
+    for (int l = 1; l < split; ++l) {  // ancestors
+      const int64_t node = ((root + 1) >> (split - l)) - 1;
+      sp::bulk_copy(rows + (2 * sub + l - 1) * static_cast<int64_t>(hidden), w_out + node * hidden, row_bytes, bar);
+    }
+  }
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
+  for (int j = lane; j < sub; j += 32) bias[j] = Elem<T>::load(b_in + tc::subtree_node(root, j));
+  __syncwarp();
+  if (lane == 0) sp::mbarrier_arrive(bar);  // after the biases: the phase completes once they and every copy are in
+}
+
+template <typename T, int NV, bool kFull>
+__global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pipelined_finish_kernel(const Params p, int64_t chunk) {
+  constexpr int kW = kSortedPairThreads / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int split = p.split, n_buckets = 1 << split, hidden = p.hidden;
+  const int sub = static_cast<int>(sorted_subtree_rows(p.depth, split));
+  const sp::Layout L = sp::layout(p.depth, split, hidden, sizeof(T));
+  T* const rows = reinterpret_cast<T*>(smem);
+  const auto buffer = [&](int s) { return rows + (1 + s * L.buffer_rows) * static_cast<int64_t>(hidden); };
+  float* const bias = reinterpret_cast<float*>(smem + L.bias);  // [2][sub]
+  int* const offs = reinterpret_cast<int*>(smem + L.offs);
+  int* const taken = reinterpret_cast<int*>(smem + L.counters);  // [2] pairs handed out of the buffer's bucket
+  int* const done = taken + 2;                                    // [2] warps done with it
+  uint64_t* const full = reinterpret_cast<uint64_t*>(smem + L.barriers);  // [2] the buffer's rows are in
+  uint64_t* const empty = full + 2;                                       // [2] every warp is done with them
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nvec = row_vectors<T, NV, kFull>(hidden);
+  const Run r = block_run(p, chunk);
+  if (r.begin >= r.end) return;  // block-uniform
+  bucket_offsets(p, n_buckets, offs);
+  if (threadIdx.x == 0) {
+    sp::mbarrier_init(&full[0], 1);
+    sp::mbarrier_init(&full[1], 1);
+    sp::mbarrier_init(&empty[0], kW);
+    sp::mbarrier_init(&empty[1], kW);
+    taken[0] = taken[1] = done[0] = done[1] = 0;
+#if HF_FFF_HAS_CLUSTERS
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+    __trap();
+#endif
+  }
+  __syncthreads();
+  sp::Segment seg = sp::first_segment(offs, n_buckets, r);
+  if (warp == 0) {  // the first two buckets; the second once the first is in (all blocks start at once, cold)
+    fill_bucket_buffer<T>(p, buffer(0), bias, &full[0], n_buckets - 1 + seg.b, sub, rows, lane);
+    const sp::Segment second = sp::next_segment(offs, r, seg);
+    sp::mbarrier_wait(&full[0], 0);
+    if (second.pos < r.end)
+      fill_bucket_buffer<T>(p, buffer(1), bias + sub, &full[1], n_buckets - 1 + second.b, sub, nullptr, lane);
+  }
+  for (int k = 0; seg.pos < r.end; ++k, seg = sp::next_segment(offs, r, seg)) {
+    const int buf = k & 1;
+    const int root = n_buckets - 1 + seg.b;
+    const T* rows_in = buffer(buf);
+    const int out_first = 1 + buf * L.buffer_rows + sub;  // the subtree's first w_out row, in rows of `rows`
+    const int top_slot = lane == 0 ? 0 : out_first + sub + lane - 1;  // ancestor of level `lane` (lanes < split)
+    sp::mbarrier_wait(&full[buf], (k >> 1) & 1);
+    for (;;) {
+      int i = 0;
+      if (lane == 0) i = atomicAdd(&taken[buf], 1);
+      const int64_t q = seg.pos + 2 * static_cast<int64_t>(__shfl_sync(kFullMask, i, 0));
+      if (q >= seg.end) break;
+      const int64_t ma = p.order[q], mb = q + 1 < seg.end ? p.order[q + 1] : ma;  // an odd run's last: itself
+      finish_tokens<T, NV>(p, ma, mb, rows_in, rows, out_first, top_slot, bias + buf * sub, root, lane, nvec);
+    }
+    // The last warp done with this bucket refills its buffer with the bucket two ahead. Every warp arrives on the
+    // buffer's `empty` barrier once its lanes stopped reading the buffer (release), and the refilling warp waits for
+    // that phase (acquire) before it writes: the done counter only elects which warp refills.
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) {
+      sp::mbarrier_arrive(&empty[buf]);
+      last = atomicAdd(&done[buf], 1) == kW - 1;
+    }
+    if (__shfl_sync(kFullMask, last, 0)) {
+      sp::mbarrier_wait(&empty[buf], (k >> 1) & 1);  // complete already: every warp arrived before its count
+      const sp::Segment ahead = sp::next_segment(offs, r, sp::next_segment(offs, r, seg));
+      if (lane == 0) taken[buf] = done[buf] = 0;
+      if (ahead.pos < r.end)
+        fill_bucket_buffer<T>(p, buffer(buf), bias + buf * sub, &full[buf], n_buckets - 1 + ahead.b, sub, nullptr,
+                              lane);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -2241,6 +2494,40 @@ int blocks_per_sm(Kernel kernel, size_t smem) {
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem));
   return blocks > 0 ? blocks : 1;
+}
+
+// Whether a row is exactly NV vectors per lane (the kernels' kFull instantiation applies).
+template <typename T, int NV>
+bool full_rows(const Params& p) {
+  return p.hidden == NV * 32 * Elem<T>::kVec;
+}
+
+// Calls f(std::bool_constant<full>{}) for full_rows(p).
+template <typename T, int NV, typename F>
+void with_full(const Params& p, F&& f) {
+  if (full_rows<T, NV>(p)) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+// The current device's opt-in shared memory per block (cached per device).
+inline int64_t device_smem_optin() {
+  static int cache[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return cache[device];
+}
+
+// Compute capability 9.0 or later (Hopper's bulk copies, transaction barriers and dependent launches), per device.
+inline bool hopper_or_later() {
+  static int major[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) return false;
+  if (major[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));
+  return major[device] >= 9;
 }
 
 // One warp per token up to one full wave of resident blocks, then a grid-stride loop.
@@ -2323,14 +2610,16 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
   int top = p.split;  // the deepest top block of levels whose rows fit beside the histogram
   while (top > 0 && route_shared_bytes(top, p.split, p.hidden, sizeof(T)) > kRouteSharedBudget) --top;
   if (top >= 2) {
-    const auto route_kernel = route_top_shared_kernel<T, NV>;
     const size_t route_smem = static_cast<size_t>(route_shared_bytes(top, p.split, p.hidden, sizeof(T)));
-    static int route_done[64] = {};
-    allow_smem(route_kernel, route_smem, route_done);
     const int64_t wanted = (p.tokens + 31) / 32;
     const int64_t blocks = wanted < p.num_sms ? wanted : p.num_sms;  // <= num_sms rows of block_base
-    route_kernel<<<blocks, RouteSharedThreads<T, NV>::value, route_smem, stream>>>(p, top);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_full<T, NV>(p, [&](auto full) {
+      const auto route_kernel = route_top_shared_kernel<T, NV, decltype(full)::value>;
+      static int route_done[64] = {};
+      allow_smem(route_kernel, route_smem, route_done);
+      route_kernel<<<blocks, RouteSharedThreads<T, NV>::value, route_smem, stream>>>(p, top);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     launch_scatter_ranked(p, RouteSharedThreads<T, NV>::value / 32, blocks, stream);
   } else {
     static int route_per_sm = 0;
@@ -2351,21 +2640,37 @@ inline int64_t sorted_chunk(const Params& p, int per_sm) {
 
 // kSorted's step 3: one block per SM (the bucket's rows fill its shared memory), each a contiguous run of the sorted
 // tokens; two tokens per warp where SortedPair says so.
-template <typename T, int NV>
-void launch_sorted_finish(const Params& p, cudaStream_t stream) {
-  constexpr bool kPair = SortedPair<T, NV>::value;
-  const auto finish = [] {
-    if constexpr (kPair) return sorted_pair_finish_kernel<T, NV>;
-    else return sorted_finish_kernel<T, NV>;
-  }();
-  constexpr int threads = kPair ? kSortedPairThreads : SortedThreads<T, NV>::value;
-  const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
-  static PersistentLaunch cache;
+template <typename Kernel>
+void launch_sorted_kernel(Kernel finish, int threads, size_t smem, PersistentLaunch& cache, const Params& p,
+                          cudaStream_t stream) {
   const int per_sm = persistent_blocks_per_sm(finish, threads, smem, cache);
   TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the sorted strategy's rows do not fit in shared memory; use a deeper split");
   const int64_t chunk = sorted_chunk(p, per_sm);
   finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int NV>
+void launch_sorted_finish(const Params& p, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
+  if constexpr (SortedPair<T, NV>::value) {
+    const int64_t pipelined = sp::layout(p.depth, p.split, p.hidden, sizeof(T)).bytes;
+    const bool pipeline = p.strategy == kSortedPipelined && hopper_or_later() && pipelined <= device_smem_optin();
+    with_full<T, NV>(p, [&](auto full) {
+      constexpr bool kFull = decltype(full)::value;
+      if (pipeline) {
+        static PersistentLaunch cache;
+        launch_sorted_kernel(sorted_pipelined_finish_kernel<T, NV, kFull>, kSortedPairThreads,
+                             static_cast<size_t>(pipelined), cache, p, stream);
+      } else {
+        static PersistentLaunch cache;
+        launch_sorted_kernel(sorted_pair_finish_kernel<T, NV, kFull>, kSortedPairThreads, smem, cache, p, stream);
+      }
+    });
+  } else {
+    static PersistentLaunch cache;
+    launch_sorted_kernel(sorted_finish_kernel<T, NV>, SortedThreads<T, NV>::value, smem, cache, p, stream);
+  }
 }
 
 template <typename T, int NV>
@@ -2388,8 +2693,11 @@ void launch_fast(const Params& p, cudaStream_t stream) {
     case kStaged: {
       const size_t smem = static_cast<size_t>(staged_smem_bytes(p.trees, p.staged_in, p.staged_out, p.hidden, sizeof(T)));
       if (p.trees == 1) {
-        static PersistentLaunch cache;
-        launch_persistent(staged_pair_kernel<T, NV>, PairThreads<T, NV>::value, 2, smem, cache, p, stream);
+        with_full<T, NV>(p, [&](auto full) {
+          static PersistentLaunch cache;
+          launch_persistent(staged_pair_kernel<T, NV, decltype(full)::value>, PairThreads<T, NV>::value, 2, smem, cache,
+                            p, stream);
+        });
       } else {
         static PersistentLaunch cache;
         launch_persistent(staged_kernel<T, NV>, StagedThreads<T, NV>::value, 1, smem, cache, p, stream);
@@ -2432,7 +2740,8 @@ void launch_fast(const Params& p, cudaStream_t stream) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
-    case kSorted: {
+    case kSorted:
+    case kSortedPipelined: {
       launch_route_and_sort<T, NV>(p, stream);
       launch_sorted_finish<T, NV>(p, stream);
       break;

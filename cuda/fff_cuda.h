@@ -39,7 +39,13 @@ enum Strategy : int {
                      // subtree of at most 5 levels below the split, hidden % 16 == 0)
   kStaged = 10,      // kSingle with the top levels' rows of every tree in shared memory (one block per SM), two
                      // tokens per warp (one tree) and, at 16 bits, the routing dot products on tensor cores
+  kSortedPipelined = 11,  // kSorted whose finishing step (fp32, two tokens per warp) keeps two buckets' rows in turn,
+                          // refilled by bulk copies while the warps work (Hopper, where both fit); else kSorted's.
+                          // Opt-in: compute-sanitizer racecheck cannot follow its raw bulk copies (see fff_cuda.cuh)
 };
+
+// The strategies that route the top levels, sort tokens by bucket and finish each bucket from shared memory.
+inline bool is_sorted_strategy(int s) { return s == kSorted || s == kSortedPipelined; }
 
 struct Params {
   const void* x;  // (tokens, hidden), unit column stride, row stride ldx elements
@@ -79,7 +85,7 @@ struct Params {
 
 // Dynamic shared memory of kSorted's finishing block: the bucket's rows (w_in of its subtree, w_out of its
 // subtree and of the split ancestors), the subtree's biases and the bucket offsets.
-inline int64_t sorted_smem_bytes(int depth, int split, int64_t hidden, int64_t element_size) {
+HF_FFF_HOST_DEVICE inline int64_t sorted_smem_bytes(int depth, int split, int64_t hidden, int64_t element_size) {
   const int64_t sub = (int64_t{2} << (depth - split)) - 1;
   return (2 * sub + split) * hidden * element_size + 4 * sub + 4 * ((int64_t{1} << split) + 1);
 }

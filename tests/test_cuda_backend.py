@@ -29,6 +29,7 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR, STAGED = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+SORTED_PIPELINED = 11
 # thread-block clusters (the cluster strategy) need compute capability 9.0 or later
 CLUSTERS = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9
 FEW = (SUBTREE,) + ((CLUSTER,) if CLUSTERS else ())  # the few-token strategies this GPU runs
@@ -148,9 +149,9 @@ def run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=0, split=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "strategy",
-    [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR, STAGED],
+    [0, SINGLE, SPECULATIVE, BUCKETED, GENERAL, TENSOR_CORE, SUBTREE, SORTED, CLUSTER, SORTED_TENSOR, STAGED, SORTED_PIPELINED],
     ids=["auto", "single", "speculative", "bucketed", "general", "tensor_core", "subtree", "sorted", "cluster", "sorted_tensor",
-         "staged"],
+         "staged", "sorted_pipelined"],
 )
 @pytest.mark.parametrize("tokens", [1, 37, 5000])
 def test_bert_geometry(ext, dtype, strategy, tokens):
@@ -316,6 +317,8 @@ def test_sorted_small_buckets(ext, dtype):
     check_against_float64(x, w_in, b_in, w_out, 10, y, leaves)
     y_single, leaves_single = ext.fff_forward(x, w_in, b_in, w_out, 10, strategy=SINGLE)
     assert torch.equal(leaves, leaves_single) and torch.equal(y, y_single)
+    y_pipelined, leaves_pipelined = run_poisoned(ext, x, w_in, b_in, w_out, 10, strategy=SORTED_PIPELINED)
+    assert torch.equal(leaves_pipelined, leaves_single) and torch.equal(y_pipelined, y_single)
     split = sorted_auto_split(10, 256, x.element_size())
     buckets = torch.bincount(leaves[:, 0] >> (10 - split), minlength=2**split)
     small = ((buckets > 0) & (buckets < 32)).sum().item()
@@ -326,13 +329,18 @@ def test_sorted_small_buckets(ext, dtype):
 @pytest.mark.parametrize(
     "hidden, depth, tokens, all_right",
     [(768, 11, 20001, False), (768, 11, 333, False), (768, 11, 9001, True), (512, 9, 3001, False), (96, 7, 1001, False),
-     (4, 5, 77, False), (1000, 10, 4097, False), (1024, 11, 2050, False)],
+     (4, 5, 77, False), (1000, 10, 4097, False), (1024, 11, 2050, False), (768, 11, 5000, False), (100, 11, 3001, False),
+     (256, 9, 7001, False), (4, 15, 3001, False)],
 )
 def test_sorted_pairs_match_single_walk_fp32(ext, hidden, depth, tokens, all_right):
     """At fp32 with x of at most 24 floats per lane (width <= 768) the sorted strategy finishes two tokens of one
     bucket per warp and reads a row the two share once (always the ancestors' rows, deeper ones when their paths
     agree; with every bias large, all paths agree to the leaf). Every split whose rows fit, odd bucket segments (an
-    unpaired last token) and widths 1000 / 1024 (the one-token kernel) must give the single walk's bits."""
+    unpaired last token) and widths 1000 / 1024 (the one-token kernel) must give the single walk's bits, for the
+    sorted strategy (the barrier-staged finishing kernel) and the opt-in sorted_pipelined one, which on Hopper runs
+    the pipelined kernel at the splits whose rows fit twice (two buckets' rows in turn, refilled by bulk copies while
+    the warps finish; many small buckets per run at 5000 tokens, the last block's run a few tokens long). Full rows
+    (widths 256, 512, 768) and partial ones (4, 96, 100); depth 15 uses every lane of the shared GELU evaluation."""
     gen = torch.Generator(device="cuda").manual_seed(hidden + depth + tokens)
     x, w_in, b_in, w_out = make_problem(tokens, hidden, depth, 1, torch.float32, gen)
     if all_right:
@@ -342,8 +350,9 @@ def test_sorted_pairs_match_single_walk_fp32(ext, hidden, depth, tokens, all_rig
     for split in range(1, min(depth, 10) + 1):
         if sorted_bytes(depth, split, hidden, 4) > smem_limit():
             continue
-        y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=SORTED, split=split)
-        assert torch.equal(leaves, leaves_single) and torch.equal(y, y_single), split
+        for strategy in (SORTED, SORTED_PIPELINED):
+            y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, depth, strategy=strategy, split=split)
+            assert torch.equal(leaves, leaves_single) and torch.equal(y, y_single), (strategy, split)
         tried += 1
     assert tried >= 2
     check_against_float64(x, w_in, b_in, w_out, depth, y, leaves)
@@ -628,7 +637,8 @@ def test_strategy_environment(monkeypatch):
     assert cuda_backend.forced_strategy() == (BUCKETED, 5)
     monkeypatch.delenv(cuda_backend.SPLIT_ENV)
     # the names match the binding's Strategy enum (cuda/fff_cuda.h), which the constants above mirror
-    expected = {"subtree": SUBTREE, "sorted": SORTED, "cluster": CLUSTER, "sorted_tensor": SORTED_TENSOR, " Cluster ": CLUSTER}
+    expected = {"subtree": SUBTREE, "sorted": SORTED, "cluster": CLUSTER, "sorted_tensor": SORTED_TENSOR, " Cluster ": CLUSTER,
+                "sorted_pipelined": SORTED_PIPELINED}
     for name, value in expected.items():
         monkeypatch.setenv(cuda_backend.STRATEGY_ENV, name)
         assert cuda_backend.forced_strategy() == (value, 0)

@@ -7,8 +7,8 @@ reference on the GPU.
 
 The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
 environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
-subtree, sorted, cluster, sorted_tensor, staged) and HF_FFF_CUDA_SPLIT (bucket level; for staged, the top
-levels held in shared memory) force one, read once when the backend loads.
+subtree, sorted, cluster, sorted_tensor, staged, sorted_pipelined) and HF_FFF_CUDA_SPLIT (bucket level;
+for staged, the top levels held in shared memory) force one, read once when the backend loads.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CFLAGS = ["-O3"]
 
 STRATEGIES = {
     "auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5, "subtree": 6, "sorted": 7,
-    "cluster": 8, "sorted_tensor": 9, "staged": 10,
+    "cluster": 8, "sorted_tensor": 9, "staged": 10, "sorted_pipelined": 11,
 }
 STRATEGY_ENV = "HF_FFF_CUDA_STRATEGY"
 SPLIT_ENV = "HF_FFF_CUDA_SPLIT"
