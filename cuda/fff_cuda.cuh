@@ -2142,6 +2142,7 @@ struct SortedPair {
   static constexpr bool value = std::is_same<T, float>::value && NV <= 6;
 };
 constexpr int kSortedPairThreads = 512;  // 128 registers: x or y of two tokens (48) and two rows in flight
+constexpr int kPairMaxDepth = 15;        // levels 0..15 in lanes 0..15 (token a) and 16..31 (token b)
 
 // x . row of both tokens (summed over the warp) for rows na and nb of a shared-memory copy: a coinciding row is read
 // once.
@@ -2189,7 +2190,8 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
   zero(ya);
   zero(yb);
   const uint4* out_lane = reinterpret_cast<const uint4*>(rows_out) + lane;
-  // One GELU evaluation for both tokens: lane l < 16 takes token a's level l, lane 16 + l token b's (depth <= 15);
+  // One GELU evaluation for both tokens: lane l < 16 takes token a's level l, lane 16 + l token b's (depth <= 15,
+  // kPairMaxDepth: launch_sorted_finish sends deeper trees to the one-token kernel);
   // the top levels' values come from step 1 in lanes < split, moved the same way for token b.
   const bool upper = lane >= 16;
   const int level_of_lane = lane & 15;
@@ -2650,27 +2652,32 @@ void launch_sorted_kernel(Kernel finish, int threads, size_t smem, PersistentLau
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// kSorted's finishing step: two tokens per warp where SortedPair says so and the tree is at most 16 levels deep
+// (finish_pair_staged evaluates both tokens' GELU values in one pass, token b's level l in lane 16 + l), else one
+// token per warp (every depth the binding takes, <= 30).
 template <typename T, int NV>
 void launch_sorted_finish(const Params& p, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
   if constexpr (SortedPair<T, NV>::value) {
-    const int64_t pipelined = sp::layout(p.depth, p.split, p.hidden, sizeof(T)).bytes;
-    const bool pipeline = p.strategy == kSortedPipelined && hopper_or_later() && pipelined <= device_smem_optin();
-    with_full<T, NV>(p, [&](auto full) {
-      constexpr bool kFull = decltype(full)::value;
-      if (pipeline) {
-        static PersistentLaunch cache;
-        launch_sorted_kernel(sorted_pipelined_finish_kernel<T, NV, kFull>, kSortedPairThreads,
-                             static_cast<size_t>(pipelined), cache, p, stream);
-      } else {
-        static PersistentLaunch cache;
-        launch_sorted_kernel(sorted_pair_finish_kernel<T, NV, kFull>, kSortedPairThreads, smem, cache, p, stream);
-      }
-    });
-  } else {
-    static PersistentLaunch cache;
-    launch_sorted_kernel(sorted_finish_kernel<T, NV>, SortedThreads<T, NV>::value, smem, cache, p, stream);
+    if (p.depth <= kPairMaxDepth) {
+      const int64_t pipelined = sp::layout(p.depth, p.split, p.hidden, sizeof(T)).bytes;
+      const bool pipeline = p.strategy == kSortedPipelined && hopper_or_later() && pipelined <= device_smem_optin();
+      with_full<T, NV>(p, [&](auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        if (pipeline) {
+          static PersistentLaunch cache;
+          launch_sorted_kernel(sorted_pipelined_finish_kernel<T, NV, kFull>, kSortedPairThreads,
+                               static_cast<size_t>(pipelined), cache, p, stream);
+        } else {
+          static PersistentLaunch cache;
+          launch_sorted_kernel(sorted_pair_finish_kernel<T, NV, kFull>, kSortedPairThreads, smem, cache, p, stream);
+        }
+      });
+      return;
+    }
   }
+  static PersistentLaunch cache;
+  launch_sorted_kernel(sorted_finish_kernel<T, NV>, SortedThreads<T, NV>::value, smem, cache, p, stream);
 }
 
 template <typename T, int NV>

@@ -330,7 +330,7 @@ def test_sorted_small_buckets(ext, dtype):
     "hidden, depth, tokens, all_right",
     [(768, 11, 20001, False), (768, 11, 333, False), (768, 11, 9001, True), (512, 9, 3001, False), (96, 7, 1001, False),
      (4, 5, 77, False), (1000, 10, 4097, False), (1024, 11, 2050, False), (768, 11, 5000, False), (100, 11, 3001, False),
-     (256, 9, 7001, False), (4, 15, 3001, False)],
+     (256, 9, 7001, False), (4, 15, 3001, False), (4, 16, 3001, False)],
 )
 def test_sorted_pairs_match_single_walk_fp32(ext, hidden, depth, tokens, all_right):
     """At fp32 with x of at most 24 floats per lane (width <= 768) the sorted strategy finishes two tokens of one
@@ -340,7 +340,8 @@ def test_sorted_pairs_match_single_walk_fp32(ext, hidden, depth, tokens, all_rig
     sorted strategy (the barrier-staged finishing kernel) and the opt-in sorted_pipelined one, which on Hopper runs
     the pipelined kernel at the splits whose rows fit twice (two buckets' rows in turn, refilled by bulk copies while
     the warps finish; many small buckets per run at 5000 tokens, the last block's run a few tokens long). Full rows
-    (widths 256, 512, 768) and partial ones (4, 96, 100); depth 15 uses every lane of the shared GELU evaluation."""
+    (widths 256, 512, 768) and partial ones (4, 96, 100); depth 15 uses every lane of the pair kernels' shared GELU
+    evaluation, and depth 16 (one level more than they take) goes to the one-token kernel."""
     gen = torch.Generator(device="cuda").manual_seed(hidden + depth + tokens)
     x, w_in, b_in, w_out = make_problem(tokens, hidden, depth, 1, torch.float32, gen)
     if all_right:
