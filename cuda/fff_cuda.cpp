@@ -236,6 +236,8 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   p.trees = static_cast<int>(trees);
   p.vectors = vectors;
   p.num_sms = num_sms;
+  p.smem_limit = smem_limit;
+  p.major = major;
   p.strategy = strategy == kAuto
                    ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, x.scalar_type(), fast, num_sms,
                                      smem_limit, major)

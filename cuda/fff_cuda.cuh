@@ -204,7 +204,7 @@ __device__ __forceinline__ const uint4* lane_row(const uint4* lane_base, int n, 
 
 // A row's 16-byte vectors (nvec). kFull: the row is exactly NV vectors per lane (hidden = 32 NV kVec, as at width
 // 768 for every dtype), and a compile-time nvec lets the compiler drop every bounds test and zero fill of
-// load_lane_row, load_x and store_y (the kernels that take kFull are instantiated both ways; full_rows() picks).
+// load_lane_row, load_x and store_y (the kernels that take kFull are instantiated both ways; with_full() picks).
 template <typename T, int NV, bool kFull>
 __device__ __forceinline__ int row_vectors(int hidden) {
   return kFull ? NV * 32 : hidden / Elem<T>::kVec;
@@ -552,6 +552,24 @@ struct Run {
 __device__ __forceinline__ Run block_run(const Params& p, int64_t run) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * run;
   return {begin, begin + run < p.tokens ? begin + run : p.tokens};
+}
+
+// A block's buckets, in order: positions [pos, end) of its run in bucket b (empty buckets skipped).
+struct Segment {
+  int b;
+  int64_t pos, end;
+};
+// Past the run's end (pos >= r.end) a segment is empty, {b, r.end, r.end}, and stays so: offs is not read past it.
+__device__ __forceinline__ Segment settle(const int* offs, const Run& r, int b, int64_t pos) {
+  if (pos >= r.end) return {b, r.end, r.end};
+  while (offs[b + 1] <= pos) ++b;  // ends at b < n_buckets: offs[n_buckets] = total >= r.end > pos
+  return {b, pos, min(r.end, static_cast<int64_t>(offs[b + 1]))};
+}
+__device__ __forceinline__ Segment first_segment(const int* offs, int n_buckets, const Run& r) {
+  return settle(offs, r, bucket_at(offs, n_buckets, r.begin), r.begin);
+}
+__device__ __forceinline__ Segment next_segment(const int* offs, const Run& r, const Segment& s) {
+  return settle(offs, r, s.b + 1, s.end);
 }
 
 // kBucketed, step 2: exclusive scan of the bucket counts (each block redoes it: at most 1024 entries),
@@ -1517,32 +1535,25 @@ struct SortedSmem {
 };
 
 // Go through this block's run of the sorted tokens bucket by bucket: stage the bucket's rows (behind a barrier,
-// since the previous bucket's are no longer read, and before one; prepare(pos, seg_end) runs between that first
-// barrier and the staging), then finish(pos, seg_end, root) for the run's
+// since the previous bucket's are no longer read, and before one), then finish(pos, seg_end, root) for the run's
 // positions [pos, seg_end) in that bucket, whose node is `root`. With skip_small, buckets of fewer than
 // kSortedStageMin tokens are passed over (returned: whether there was one). s.offs must be filled.
-template <typename T, typename Finish, typename Prepare>
+template <typename T, typename Finish>
 __device__ __forceinline__ bool for_each_staged_bucket(const Params& p, const Run& r, const SortedSmem<T>& s, int sub,
-                                                       bool skip_small, Finish finish, Prepare prepare) {
+                                                       bool skip_small, Finish finish) {
   const int n_buckets = 1 << p.split;
   bool any_small = false;
-  int b = bucket_at(s.offs, n_buckets, r.begin);
-  for (int64_t pos = r.begin; pos < r.end; ++b) {
-    const int64_t seg_end = min(r.end, static_cast<int64_t>(s.offs[b + 1]));
-    if (seg_end <= pos) continue;  // an empty bucket
-    if (skip_small && s.offs[b + 1] - s.offs[b] < kSortedStageMin) {
+  for (Segment seg = first_segment(s.offs, n_buckets, r); seg.pos < r.end; seg = next_segment(s.offs, r, seg)) {
+    if (skip_small && s.offs[seg.b + 1] - s.offs[seg.b] < kSortedStageMin) {
       any_small = true;
-      pos = seg_end;
       continue;
     }
-    const int root = n_buckets - 1 + b;  // heap index of the bucket node
+    const int root = n_buckets - 1 + seg.b;  // heap index of the bucket node
     __syncthreads();
-    prepare(pos, seg_end);  // (before staging, so that its own copies overlap the rows')
     stage_bucket_rows<T>(s.rows_in, s.bias, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in),
                          static_cast<const T*>(p.w_out), root, sub, p.split, p.hidden);
     __syncthreads();
-    finish(pos, seg_end, root);
-    pos = seg_end;
+    finish(seg.pos, seg.end, root);
   }
   return any_small;
 }
@@ -1624,7 +1635,7 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
       store_y<T, NV>(y + m * hidden, yf, lane, nvec);
       if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
     }
-  }, [](int64_t, int64_t) {});
+  });
   // Second pass: the tokens of small buckets (fewer than kSortedStageMin tokens in all; routing far from
   // uniform makes many). Staging their rows would cost more than reading them through L1/L2, and the barriers
   // around it would idle every warp without a token: here each warp takes such tokens by position, no barrier.
@@ -2235,12 +2246,14 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
   }
 }
 
-// x of tokens ma and mb and their top levels' GELU values, then finish_pair_staged.
+// The pair at sorted positions q and q + 1 of a bucket segment ending at seg_end (an odd segment's last token pairs
+// with itself): its tokens' x and top levels' GELU values, then finish_pair_staged.
 template <typename T, int NV>
-__device__ __forceinline__ void finish_tokens(const Params& p, int64_t ma, int64_t mb, const T* rows_in,
-                                              const T* rows_out, int out_first, int top_slot, const float* bias_s,
-                                              int root, int lane, int nvec) {
+__device__ __forceinline__ void finish_pair_at(const Params& p, int64_t q, int64_t seg_end, const T* rows_in,
+                                               const T* rows_out, int out_first, int top_slot, const float* bias_s,
+                                               int root, int lane, int nvec) {
   constexpr int V = Elem<T>::kVec;
+  const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   float xa[NV][V], xb[NV][V];
   load_x<T, NV>(xa, x + ma * p.ldx, lane, nvec);
@@ -2269,11 +2282,9 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kern
   bucket_offsets(p, 1 << p.split, s.offs);
   __syncthreads();
   for_each_staged_bucket(p, r, s, sub, false, [&](int64_t pos, int64_t seg_end, int root) {
-    for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW) {
-      const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;  // an odd run's last: itself
-      finish_tokens<T, NV>(p, ma, mb, s.rows_in, s.rows_out, 0, sub + lane, s.bias, root, lane, nvec);
-    }
-  }, [](int64_t, int64_t) {});
+    for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW)
+      finish_pair_at<T, NV>(p, q, seg_end, s.rows_in, s.rows_out, 0, sub + lane, s.bias, root, lane, nvec);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -2314,7 +2325,7 @@ __host__ __device__ inline Layout layout(int depth, int split, int64_t hidden, i
 }
 
 // (Hopper's bulk copies and transaction-count barriers: the host runs this kernel on compute capability 9.0 or later
-// only, hopper_or_later(); other builds compile the helpers empty and the kernel traps.)
+// only, Params::major >= 9; other builds compile the helpers empty and the kernel traps.)
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
 #if HF_FFF_HAS_CLUSTERS
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tc::smem_addr(bar)), "r"(count));
@@ -2363,23 +2374,6 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
-// A block's buckets, in order: positions [pos, end) of its run in bucket b (empty buckets skipped).
-struct Segment {
-  int b;
-  int64_t pos, end;
-};
-// Past the run's end (pos >= r.end) a segment is empty, {b, r.end, r.end}, and stays so: offs is not read past it.
-__device__ __forceinline__ Segment settle(const int* offs, const Run& r, int b, int64_t pos) {
-  if (pos >= r.end) return {b, r.end, r.end};
-  while (offs[b + 1] <= pos) ++b;  // ends at b < n_buckets: offs[n_buckets] = total >= r.end > pos
-  return {b, pos, min(r.end, static_cast<int64_t>(offs[b + 1]))};
-}
-__device__ __forceinline__ Segment first_segment(const int* offs, int n_buckets, const Run& r) {
-  return settle(offs, r, bucket_at(offs, n_buckets, r.begin), r.begin);
-}
-__device__ __forceinline__ Segment next_segment(const int* offs, const Run& r, const Segment& s) {
-  return settle(offs, r, s.b + 1, s.end);
-}
 }  // namespace sp
 
 // Fill a buffer (`rows`, `bias`) with bucket `root`'s rows (the whole warp calls it; lane 0 issues the copies),
@@ -2446,15 +2440,15 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pipelined_finish
 #endif
   }
   __syncthreads();
-  sp::Segment seg = sp::first_segment(offs, n_buckets, r);
+  Segment seg = first_segment(offs, n_buckets, r);
   if (warp == 0) {  // the first two buckets; the second once the first is in (all blocks start at once, cold)
     fill_bucket_buffer<T>(p, buffer(0), bias, &full[0], n_buckets - 1 + seg.b, sub, rows, lane);
-    const sp::Segment second = sp::next_segment(offs, r, seg);
+    const Segment second = next_segment(offs, r, seg);
     sp::mbarrier_wait(&full[0], 0);
     if (second.pos < r.end)
       fill_bucket_buffer<T>(p, buffer(1), bias + sub, &full[1], n_buckets - 1 + second.b, sub, nullptr, lane);
   }
-  for (int k = 0; seg.pos < r.end; ++k, seg = sp::next_segment(offs, r, seg)) {
+  for (int k = 0; seg.pos < r.end; ++k, seg = next_segment(offs, r, seg)) {
     const int buf = k & 1;
     const int root = n_buckets - 1 + seg.b;
     const T* rows_in = buffer(buf);
@@ -2466,8 +2460,7 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pipelined_finish
       if (lane == 0) i = atomicAdd(&taken[buf], 1);
       const int64_t q = seg.pos + 2 * static_cast<int64_t>(__shfl_sync(kFullMask, i, 0));
       if (q >= seg.end) break;
-      const int64_t ma = p.order[q], mb = q + 1 < seg.end ? p.order[q + 1] : ma;  // an odd run's last: itself
-      finish_tokens<T, NV>(p, ma, mb, rows_in, rows, out_first, top_slot, bias + buf * sub, root, lane, nvec);
+      finish_pair_at<T, NV>(p, q, seg.end, rows_in, rows, out_first, top_slot, bias + buf * sub, root, lane, nvec);
     }
     // The last warp done with this bucket refills its buffer with the bucket two ahead. Every warp arrives on the
     // buffer's `empty` barrier once its lanes stopped reading the buffer (release), and the refilling warp waits for
@@ -2480,7 +2473,7 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pipelined_finish
     }
     if (__shfl_sync(kFullMask, last, 0)) {
       sp::mbarrier_wait(&empty[buf], (k >> 1) & 1);  // complete already: every warp arrived before its count
-      const sp::Segment ahead = sp::next_segment(offs, r, sp::next_segment(offs, r, seg));
+      const Segment ahead = next_segment(offs, r, next_segment(offs, r, seg));
       if (lane == 0) taken[buf] = done[buf] = 0;
       if (ahead.pos < r.end)
         fill_bucket_buffer<T>(p, buffer(buf), bias + buf * sub, &full[buf], n_buckets - 1 + ahead.b, sub, nullptr,
@@ -2498,38 +2491,12 @@ int blocks_per_sm(Kernel kernel, size_t smem) {
   return blocks > 0 ? blocks : 1;
 }
 
-// Whether a row is exactly NV vectors per lane (the kernels' kFull instantiation applies).
-template <typename T, int NV>
-bool full_rows(const Params& p) {
-  return p.hidden == NV * 32 * Elem<T>::kVec;
-}
-
-// Calls f(std::bool_constant<full>{}) for full_rows(p).
+// Calls f(std::true_type{}) when a row is exactly NV vectors per lane (the kFull instantiation of the kernels that
+// have one applies), else f(std::false_type{}).
 template <typename T, int NV, typename F>
 void with_full(const Params& p, F&& f) {
-  if (full_rows<T, NV>(p)) f(std::true_type{});
+  if (p.hidden == NV * 32 * Elem<T>::kVec) f(std::true_type{});
   else f(std::false_type{});
-}
-
-// The current device's opt-in shared memory per block (cached per device).
-inline int64_t device_smem_optin() {
-  static int cache[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= 64) return 0;
-  if (cache[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return cache[device];
-}
-
-// Compute capability 9.0 or later (Hopper's bulk copies, transaction barriers and dependent launches), per device.
-inline bool hopper_or_later() {
-  static int major[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= 64) return false;
-  if (major[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));
-  return major[device] >= 9;
 }
 
 // One warp per token up to one full wave of resident blocks, then a grid-stride loop.
@@ -2661,7 +2628,7 @@ void launch_sorted_finish(const Params& p, cudaStream_t stream) {
   if constexpr (SortedPair<T, NV>::value) {
     if (p.depth <= kPairMaxDepth) {
       const int64_t pipelined = sp::layout(p.depth, p.split, p.hidden, sizeof(T)).bytes;
-      const bool pipeline = p.strategy == kSortedPipelined && hopper_or_later() && pipelined <= device_smem_optin();
+      const bool pipeline = p.strategy == kSortedPipelined && p.major >= 9 && pipelined <= p.smem_limit;
       with_full<T, NV>(p, [&](auto full) {
         constexpr bool kFull = decltype(full)::value;
         if (pipeline) {

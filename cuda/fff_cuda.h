@@ -62,6 +62,8 @@ struct Params {
   int strategy;  // resolved (never kAuto)
   int vectors;   // fast paths: 16-byte vectors of a row per lane (1, 2, 3, 4, 6 or 8)
   int num_sms;
+  int64_t smem_limit;  // the device's opt-in shared memory per block
+  int major;           // the device's compute capability major version
   // kBucketed / kSorted / kTensorCore scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then cursors,
   // zeroed by the launcher), g_top (tokens * split GELU values of the top levels)
   int split;
