@@ -89,8 +89,6 @@ def bench_layers(ext, quick: bool) -> None:
                 strategies += ["sorted"] + (["sorted_tensor"] if dtype != torch.float32 else [])
             if tokens >= 1024:
                 strategies += ["single", "staged", "bucketed"] + (["tensor_core"] if dtype != torch.float32 else [])
-            if tokens >= 4096 and dtype == torch.float32:
-                strategies += ["sorted_pipelined"]  # opt-in (racecheck cannot follow it): timed beside auto
             for strategy in strategies:
                 splits = [0]
                 if strategy == "sorted" and tokens == 32768 and not quick:
@@ -253,7 +251,6 @@ def target_table() -> list[str]:
     add("1 token (eager module) vs dense BERT-base FF bf16 (eager)", "fff bf16 M=1 eager FastFeedForward module", "dense BERT-base FF bf16 M=1", "ratio", 1 / 2, 1 / 3)
     add("1 token (graph) vs dense BERT-base FF bf16 (graph)", "fff bf16 M=1 graph", "dense BERT-base FF bf16 M=1 graph", "ratio", 1 / 2, 1 / 3)
     add("32768 tokens fp32 vs the authors' naive kernel (measured)", "fff float32 M=32768 auto", "authors' naive CUDA kernel fp32 M=32768", "speedup", 200, 500)
-    add("32768 tokens fp32 sorted_pipelined (opt-in) vs the authors' naive kernel", "fff float32 M=32768 sorted_pipelined", "authors' naive CUDA kernel fp32 M=32768", "speedup", 200, 500)
     add("32768 tokens bf16 vs the authors' naive kernel (fp32 only; measured)", "fff bfloat16 M=32768 auto", "authors' naive CUDA kernel fp32 M=32768", "speedup", 200, 500)
     add("32768 tokens fp32 vs the naive kernel anchor (805 ns/token)", "fff float32 M=32768 auto", None, "speedup", 200, 500, base_value=805e-3 * 32768)
     add("encoder bf16 eager vs BertModel SDPA eager", "encoder UltraFastBERT (cuda kernel) eager", "encoder BertModel bert-base SDPA eager", "speedup", 1.0, 1.15)

@@ -2,9 +2,10 @@
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py [STRATEGY ...]
 
-With strategy numbers (e.g. 8 for cluster) only those strategies' cases run. The opt-in sorted_pipelined strategy
-(11) runs only when asked for: racecheck cannot follow its bulk-copy refills (benchmarks/results_cuda.md, item 19),
-so it would fail the default racecheck run; memcheck covers it with `... sanitize_cuda.py 11`.
+SANITIZE_DTYPES=float32 (a comma-separated list) limits the dtypes (racecheck is slow).
+
+With strategy numbers (e.g. 8 for cluster) only those strategies' cases run. The sorted strategy (7) covers the
+pipelined fp32 finishing kernel on Hopper (sorted_pipelined, 11, is the same strategy).
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cover partial vectors, tails of the token
 loops (odd token counts: the staged strategy's last pair), several trees, the bucketed sort (with a split at every level) and the general path. Exits
@@ -13,6 +14,7 @@ non-zero if an output differs from the float64 reference, so a run proves both a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +44,8 @@ def main(only: list[int]) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     smem = smem_limit()
     cases = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    dtypes = [getattr(torch, name) for name in os.environ.get("SANITIZE_DTYPES", "float32,float16,bfloat16").split(",")]
+    for dtype in dtypes:
         for tokens, hidden, depth, trees in ((1, 768, 11, 1), (45, 200, 5, 3), (300, 768, 7, 1), (70, 30, 3, 2), (100, 1040, 9, 1), (2100, 776, 11, 1), (9001, 768, 11, 1)):
             args = make_problem(tokens, hidden, depth, trees, dtype, gen)
             per_vector = 16 // args[0].element_size()
@@ -50,8 +53,6 @@ def main(only: list[int]) -> int:
                 strategies = [0, 4]
             else:
                 strategies = [0, 1, 2, 4, 6, 10] + ([3, 7] if trees == 1 else [])
-                if trees == 1 and 11 in only:
-                    strategies.append(11)
                 if torch.cuda.get_device_capability()[0] >= 9:
                     strategies.append(8)  # clusters
             if dtype != torch.float32 and trees == 1 and 6 <= depth <= 11 and hidden % per_vector == 0 and tensor_core_fits(hidden):
@@ -64,7 +65,7 @@ def main(only: list[int]) -> int:
                 strategies = [10]
             for strategy in (s for s in strategies if not only or s in only):
                 splits = range(1, min(depth, 10) + 1) if strategy == 3 else [0]
-                if strategy in (7, 11):  # the splits whose bucket rows fit in shared memory, then automatic
+                if strategy == 7:  # the splits whose bucket rows fit in shared memory, then automatic
                     splits = [sp for sp in range(1, min(depth, 10) + 1) if sorted_bytes(depth, sp, hidden, args[0].element_size()) <= smem] + [0]
                 if strategy == 10:  # staged: nothing, one level, then as many as fit
                     splits = [1, 0]

@@ -19,11 +19,10 @@
 //     logits of a whole subtree (6 or 5 levels) per round, so a depth-11 walk waits on 2 or 3 rounds of
 //     row fetches instead of 12.
 //   - kBucketed / kSorted (many tokens, one tree): route the top `split` levels, sort tokens by the node
-//     reached (counting sort: histogram, scan, scatter), then finish each bucket together: through L1
-//     (kBucketed) or with the bucket's rows held in shared memory (kSorted; at fp32 two tokens of the bucket
-//     per warp, reading the rows they share once).
-//   - kSortedPipelined (opt-in): kSorted whose fp32 finishing blocks keep two buckets' rows in turn, refilled by
-//     bulk copies while the warps work, instead of staging each bucket behind a barrier.
+//     reached (counting sort: histogram, scan, scatter; kSorted's in the routing kernel itself, a cooperative
+//     launch), then finish each bucket together: through L1 (kBucketed) or with the bucket's rows held in shared
+//     memory (kSorted; at fp32 two tokens of the bucket per warp, reading the rows they share once, and on Hopper
+//     two buckets' rows in turn, refilled by tensor copies while the warps work). kSortedPipelined is kSorted.
 //   - kStaged (many tokens): the one-warp walk with two tokens per warp and the top levels' rows held in
 //     shared memory, routing dot products on tensor cores at 16 bits (latency, not issue or L2, bounds the
 //     walk at 32768 tokens once its instructions are trimmed: more chains in flight is what pays).
@@ -31,10 +30,14 @@
 //   See benchmarks/results_cuda.md for the profiles behind each choice.
 #pragma once
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -765,11 +768,27 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
-// Four 8x8 16-bit matrices from mma accumulator layout (lane = row group * 4 + column pair) to shared memory.
+// Four 8x8 16-bit matrices from mma accumulator layout (lane = row group * 4 + column pair) to shared memory: lane
+// 8 i + r addresses row r of matrix i, register i of lane 4 r + c holds that row's columns 2 c, 2 c + 1.
+// stmatrix_x4_shuffled does the same with shuffles and 4-byte stores (before Hopper, which lacks stmatrix).
+__device__ __forceinline__ void stmatrix_x4_shuffled(void* p, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+  const unsigned address = smem_addr(p);
+  const int lane = threadIdx.x & 31;
+  const unsigned r[4] = {r0, r1, r2, r3};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = __shfl_sync(kFullMask, address, 8 * i + (lane >> 2));
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(row + 4 * (lane & 3)), "r"(r[i]) : "memory");
+  }
+}
 __device__ __forceinline__ void stmatrix_x4(void* p, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(p)), "r"(r0), "r"(r1),
                "r"(r2), "r"(r3)
                : "memory");
+#else
+  stmatrix_x4_shuffled(p, r0, r1, r2, r3);
+#endif
 }
 
 template <typename T>
@@ -1405,10 +1424,14 @@ constexpr int64_t kRouteSharedBudget = 200 * 1024;  // below the 227 KB a block 
 
 __host__ __device__ inline int64_t route_shared_bytes(int top, int split, int64_t hidden, int64_t element_size) {
   const int64_t rows = (int64_t{1} << top) - 1;
-  return rows * hidden * element_size + 4 * rows + 4 * (int64_t{1} << split);
+  return rows * hidden * element_size + 4 * rows + 2 * 4 * (int64_t{1} << split);  // rows, biases, hist, offsets
 }
 
-template <typename T, int NV, bool kFull>
+// kFusedSort (launched cooperatively, one block per SM): the counting sort's steps run in the same kernel behind two
+// grid-wide barriers instead of a memset before and a scatter kernel after (2 launches and ~5 us fewer at 32768
+// tokens): block 0 zeroes the counts while the rows stage; after the first barrier every block adds its histogram to
+// them (its first rank per bucket, kept in shared memory); after the second it scatters its own tokens.
+template <typename T, int NV, bool kFull, bool kFusedSort>
 __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top_shared_kernel(const Params p, int top) {
   constexpr int V = Elem<T>::kVec;
   constexpr int kRouteSharedThreads = RouteSharedThreads<T, NV>::value;
@@ -1430,6 +1453,8 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
   tc::cp_async_commit();
   for (int i = tid; i < rows; i += kRouteSharedThreads) bias_s[i] = Elem<T>::load(b_in + i);
   for (int i = tid; i < n_buckets; i += kRouteSharedThreads) hist[i] = 0;
+  if (kFusedSort && blockIdx.x == 0)
+    for (int i = tid; i < n_buckets; i += kRouteSharedThreads) p.counts[i] = 0;  // read after the first grid barrier
   tc::cp_async_wait_all();
   __syncthreads();
   constexpr int kW = kRouteSharedThreads / 32;
@@ -1458,9 +1483,28 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
       p.rank[m] = atomicAdd(&hist[b], 1);  // rank among this block's tokens of the bucket
     }
   }
-  __syncthreads();
-  for (int i = tid; i < n_buckets; i += kRouteSharedThreads)  // this block's first rank in each bucket
-    p.block_base[static_cast<int64_t>(blockIdx.x) * n_buckets + i] = hist[i] != 0 ? atomicAdd(&p.counts[i], hist[i]) : 0;
+  if constexpr (kFusedSort) {
+    namespace cg = cooperative_groups;
+    cg::grid_group grid = cg::this_grid();
+    grid.sync();  // the counts are zero and every block's histogram complete
+    for (int i = tid; i < n_buckets; i += kRouteSharedThreads)  // hist becomes this block's first rank in each bucket
+      hist[i] = hist[i] != 0 ? atomicAdd(&p.counts[i], hist[i]) : 0;
+    grid.sync();  // the counts are final
+    int* const offset = hist + n_buckets;
+    if (tid < 32) warp_exclusive_scan(p.counts, n_buckets, offset, lane);
+    __syncthreads();
+    // this block's tokens, in the order its warps took them: m = blockIdx.x * kW + w + j * stride
+    for (int64_t t = tid;; t += kRouteSharedThreads) {
+      const int64_t m = static_cast<int64_t>(blockIdx.x) * kW + t % kW + t / kW * stride;
+      if (m >= p.tokens) break;
+      const int b = p.bucket[m];
+      p.order[offset[b] + hist[b] + p.rank[m]] = static_cast<int>(m);
+    }
+  } else {
+    __syncthreads();
+    for (int i = tid; i < n_buckets; i += kRouteSharedThreads)  // this block's first rank in each bucket
+      p.block_base[static_cast<int64_t>(blockIdx.x) * n_buckets + i] = hist[i] != 0 ? atomicAdd(&p.counts[i], hist[i]) : 0;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -2177,12 +2221,31 @@ __device__ __forceinline__ void pair_dots(const float (&xa)[NV][Elem<T>::kVec], 
 // kSorted step 3, two tokens of one bucket per warp, the bucket's rows in shared memory: the subtree's w_in rows and
 // biases, and the w_out rows of the subtree and of the split ancestors. x of both tokens is in registers already and
 // g_a / g_b hold their top levels' GELU values in lanes < split.
-template <typename T, int NV>
+// bias(a): the bias of subtree node a (heap order below the bucket node), from shared memory (SharedBias) or global
+// memory (GlobalBias: the pipelined kernel, whose buffers hold rows only).
+struct SharedBias {
+  const float* s;
+  __device__ __forceinline__ float operator()(int a) const { return s[a]; }
+};
+// ShuffledBias: lane j holds the bias of subtree node j (sub <= 32), loaded once per bucket; every lane must call it
+// (warp-uniform a), as the pair walk does.
+struct ShuffledBias {
+  float mine;
+  __device__ __forceinline__ float operator()(int a) const { return __shfl_sync(kFullMask, mine, a); }
+};
+template <typename T>
+struct GlobalBias {
+  const T* __restrict__ b_in;
+  int root;
+  __device__ __forceinline__ float operator()(int a) const { return Elem<T>::load(b_in + tc::subtree_node(root, a)); }
+};
+
+template <typename T, int NV, typename Bias>
 __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, int64_t mb,
                                                    const float (&xa)[NV][Elem<T>::kVec],
                                                    const float (&xb)[NV][Elem<T>::kVec], float g_a, float g_b,
                                                    const T* rows_in, const T* rows_out, int out_first, int top_slot,
-                                                   const float* bias_s, int root, int lane, int nvec) {
+                                                   const Bias& bias, int root, int lane, int nvec) {
   constexpr int V = Elem<T>::kVec;
   const int split = p.split, depth = p.depth;
   // lane l keeps level l's row slot in rows_out and its GELU value; the top levels come from step 1. Slots count rows
@@ -2193,8 +2256,8 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
   const uint4* in_lane = reinterpret_cast<const uint4*>(rows_in) + lane;
   const auto logits = [&](int a, int b, float& la, float& lb) {
     pair_dots<T, NV>(xa, xb, in_lane, a, b, lane, nvec, la, lb);
-    la += bias_s[a];
-    lb += bias_s[b];
+    la += bias(a);
+    lb += bias(b);
   };
   walk_pair_levels(logits, lane, split, depth + 1, depth, ja, jb, slot_a, logit_a, slot_b, logit_b);
   float ya[NV][V], yb[NV][V];
@@ -2248,9 +2311,9 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
 
 // The pair at sorted positions q and q + 1 of a bucket segment ending at seg_end (an odd segment's last token pairs
 // with itself): its tokens' x and top levels' GELU values, then finish_pair_staged.
-template <typename T, int NV>
+template <typename T, int NV, typename Bias>
 __device__ __forceinline__ void finish_pair_at(const Params& p, int64_t q, int64_t seg_end, const T* rows_in,
-                                               const T* rows_out, int out_first, int top_slot, const float* bias_s,
+                                               const T* rows_out, int out_first, int top_slot, const Bias& bias,
                                                int root, int lane, int nvec) {
   constexpr int V = Elem<T>::kVec;
   const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;
@@ -2262,7 +2325,7 @@ __device__ __forceinline__ void finish_pair_at(const Params& p, int64_t q, int64
   pin_x(xb);
   const float ga = lane < p.split ? p.g_top[ma * p.split + lane] : 0.f;
   const float gb = lane < p.split ? p.g_top[mb * p.split + lane] : 0.f;
-  finish_pair_staged<T, NV>(p, ma, mb, xa, xb, ga, gb, rows_in, rows_out, out_first, top_slot, bias_s, root, lane, nvec);
+  finish_pair_staged<T, NV>(p, ma, mb, xa, xb, ga, gb, rows_in, rows_out, out_first, top_slot, bias, root, lane, nvec);
 }
 
 // kSorted's finishing step with two tokens per warp, one bucket's rows at a time (sorted_finish_kernel's staging:
@@ -2283,48 +2346,46 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kern
   __syncthreads();
   for_each_staged_bucket(p, r, s, sub, false, [&](int64_t pos, int64_t seg_end, int root) {
     for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW)
-      finish_pair_at<T, NV>(p, q, seg_end, s.rows_in, s.rows_out, 0, sub + lane, s.bias, root, lane, nvec);
+      finish_pair_at<T, NV>(p, q, seg_end, s.rows_in, s.rows_out, 0, sub + lane, SharedBias{s.bias}, root, lane, nvec);
   });
 }
 
 // ---------------------------------------------------------------------------------------------------
-// kSortedPipelined: kSorted's finishing step, pipelined (two tokens per warp, Hopper, where the layout below fits:
-// fp32 width 768 at split 8 takes 226 KB; elsewhere the barrier-staged kernel above). That kernel idles every warp
-// while a bucket's rows are copied (115 KB from L2 at fp32 split 8, ~2.9 times per block) and while the last pairs of
-// a bucket finish: Nsight Compute put its barrier stall at 0.91 of ~8.7 cycles per instruction. Here two buffers take
-// turns: while the warps finish bucket k from one, bucket k + 1's rows are already in the other, and the warp that
-// finishes bucket k last refills its buffer with bucket k + 2's (bulk copies completing on the buffer's `full`
-// mbarrier; the biases by that warp's lanes), so no warp waits on a copy unless it runs a whole bucket ahead. Warps
-// take the pairs of a bucket dynamically (a shared counter), so the ones that finish early go on to the next bucket
-// instead of idling. Same arithmetic per pair: same bits. Measured on an H200 (benchmarks/results_cuda.md, item 19):
-// the finishing step 84 -> 76 us, fp32 32768 tokens ~5% faster than kSorted.
-// Not chosen automatically: compute-sanitizer racecheck attributes a raw cp.async.bulk's shared-memory writes to the
-// issuing thread and does not take the mbarrier phases (transaction completion, the `empty` arrivals) as ordering, so
-// it reports hazards between the refills and the previous bucket's reads; descriptor-based bulk tensor copies (TMA),
-// which it does not attribute to a thread, would make the check usable. memcheck is clean and every output is the
-// single walk's, bit for bit.
+// kSorted's finishing step, pipelined (fp32, two tokens per warp; Hopper, where the layout below fits: fp32 width 768
+// at split 8 takes 226 KB, and the rows can be copied by tensor copies; elsewhere the barrier-staged kernel above).
+// That kernel idles every warp while a bucket's rows are copied (115 KB from L2 at fp32 split 8, ~2.9 times per block)
+// and while the last pairs of a bucket finish: Nsight Compute put its barrier stall at 0.91 of ~8.7 cycles per
+// instruction. Here two buffers take turns: while the warps finish bucket k from one, bucket k + 1's rows are already
+// in the other, and the warp that finishes bucket k last refills its buffer with bucket k + 2's (one tensor copy per
+// row, completing on the buffer's `full` mbarrier), so no warp waits on a copy unless it runs a whole bucket ahead.
+// Warps take the pairs of a bucket dynamically (a shared counter), so the ones that finish early go on to the next
+// bucket instead of idling. Same arithmetic per pair: same bits. Measured on an H200 (benchmarks/results_cuda.md,
+// items 19-20): fp32 32768 tokens 141.0 -> 138.2 us.
+// Why tensor copies (cp.async.bulk.tensor with a tensor map), and nothing written to shared memory by the threads
+// after the start (the biases come from registers, the counters only grow): compute-sanitizer racecheck does not take
+// mbarrier phases as ordering, so it reports hazards for any shared-memory write that only an mbarrier orders against
+// the reads, whether by plain stores, cp.async or raw bulk copies; tensor copies it reports clean (a probe of all
+// five ways, benchmarks/results_cuda.md item 20).
 //
 // Shared memory, in rows of `hidden` elements: row 0 the root's w_out row (every bucket's level-0 ancestor), then per
-// buffer the subtree's w_in rows (sub), its w_out rows (sub) and the w_out rows of ancestor levels 1..split-1; then
-// per buffer the subtree's biases, the bucket offsets, per buffer a pair counter and a done counter, and per buffer
-// the `full` and `empty` mbarriers.
+// buffer the subtree's w_in rows (sub), its w_out rows (sub) and the w_out rows of ancestor levels 1..split-1; then the
+// bucket offsets, per buffer a pair counter and a done counter, and per buffer the `full` and `empty` mbarriers.
 namespace sp {
 struct Layout {
-  int64_t buffer_rows, bias, offs, counters, barriers, bytes;  // offsets in bytes (buffer_rows in rows)
+  int64_t buffer_rows, offs, counters, barriers, bytes;  // offsets in bytes (buffer_rows in rows)
 };
 __host__ __device__ inline Layout layout(int depth, int split, int64_t hidden, int64_t element_size) {
   const int64_t sub = (int64_t{2} << (depth - split)) - 1;
   Layout l;
   l.buffer_rows = 2 * sub + split - 1;
-  l.bias = (1 + 2 * l.buffer_rows) * hidden * element_size;
-  l.offs = l.bias + 2 * sub * 4;
+  l.offs = (1 + 2 * l.buffer_rows) * hidden * element_size;
   l.counters = l.offs + 4 * ((int64_t{1} << split) + 1);
   l.barriers = (l.counters + 16 + 7) / 8 * 8;  // full[2], empty[2]
   l.bytes = l.barriers + 32;
   return l;
 }
 
-// (Hopper's bulk copies and transaction-count barriers: the host runs this kernel on compute capability 9.0 or later
+// (Hopper's tensor copies and transaction-count barriers: the host runs this kernel on compute capability 9.0 or later
 // only, Params::major >= 9; other builds compile the helpers empty and the kernel traps.)
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
 #if HF_FFF_HAS_CLUSTERS
@@ -2344,30 +2405,31 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
       : "memory");
 #endif
 }
-// Expect `bytes` more of bulk copies in the current phase, without arriving.
+// Expect `bytes` more of tensor copies in the current phase, without arriving.
 __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, unsigned bytes) {
 #if HF_FFF_HAS_CLUSTERS
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(tc::smem_addr(bar)), "r"(bytes)
                : "memory");
 #endif
 }
-// Arrive once (release: this thread's shared-memory writes before it, and those of the threads it synchronised with,
-// are seen by the threads that wait for the phase).
+// Arrive once (release: this thread's shared-memory accesses before it, and those of the threads it synchronised
+// with, are ordered before what the threads that wait for the phase do next).
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #if HF_FFF_HAS_CLUSTERS
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tc::smem_addr(bar)) : "memory");
 #endif
 }
-// Bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory, completing on `bar`.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+// One row of a (rows, hidden) matrix through its tensor map (tensor_row_map in the launcher: a 3-D view with a box of
+// one row) into shared memory (128-byte aligned), completing on `bar`.
+__device__ __forceinline__ void tensor_row_copy(void* dst, const CUtensorMap* map, int row, uint64_t* bar) {
 #if HF_FFF_HAS_CLUSTERS
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   tc::smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(tc::smem_addr(bar))
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(tc::smem_addr(dst)), "l"(map), "r"(0), "r"(0), "r"(row), "r"(tc::smem_addr(bar))
+      : "memory");
 #endif
 }
-// Order this thread's earlier plain shared-memory accesses before later bulk copies (async proxy) into the same bytes.
+// Order this thread's earlier shared-memory accesses (generic proxy) before later tensor copies (async proxy).
 __device__ __forceinline__ void fence_proxy_async() {
 #if HF_FFF_HAS_CLUSTERS
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -2376,54 +2438,56 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 }  // namespace sp
 
-// Fill a buffer (`rows`, `bias`) with bucket `root`'s rows (the whole warp calls it; lane 0 issues the copies),
-// completing on `bar`; root_row (the first fill only, else null): also copy the root's w_out row there.
+// Fill a buffer (`rows`) with bucket `root`'s rows, one tensor copy per row issued by the warp's lanes, completing on
+// `bar`; root_row (the first fill only, else null): also copy the root's w_out row there.
 template <typename T>
-__device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, float* bias, uint64_t* bar, int root,
-                                                   int sub, T* root_row, int lane) {
+__device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, uint64_t* bar, int root, int sub,
+                                                   T* root_row, int lane, const CUtensorMap* map_in,
+                                                   const CUtensorMap* map_out) {
   const int split = p.split, hidden = p.hidden;
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  if (lane == 0) {  // the copies first, so that they are in flight while the lanes fetch the biases
-    const unsigned row_bytes = static_cast<unsigned>(hidden * sizeof(T));
-    const unsigned levels = static_cast<unsigned>(p.depth - split + 1);
+  const unsigned row_bytes = static_cast<unsigned>(hidden * sizeof(T));
+  // copies c = 0.. of the list: [the root's w_out row], the subtree's w_in rows, its w_out rows, the ancestors'
+  const int first = root_row != nullptr ? 1 : 0;
+  const int n_copies = first + 2 * sub + split - 1;
+  if (lane == 0) {
     sp::fence_proxy_async();
-    sp::mbarrier_expect(bar, row_bytes * (2u * sub + split - 1 + (root_row != nullptr ? 1u : 0u)));
-    if (root_row != nullptr) sp::bulk_copy(root_row, w_out, row_bytes, bar);
-    for (unsigned l = 0, j = 0; l < levels; j += 1u << l, ++l) {  // level l of the subtree: 2^l consecutive nodes
-      const int64_t node = (static_cast<int64_t>(root) << l) + j;
-      const unsigned bytes = row_bytes << l;
-      sp::bulk_copy(rows + j * static_cast<int64_t>(hidden), w_in + node * hidden, bytes, bar);
-      sp::bulk_copy(rows + (sub + j) * static_cast<int64_t>(hidden), w_out + node * hidden, bytes, bar);
-    }
-    for (int l = 1; l < split; ++l) {  // ancestors
-      const int64_t node = ((root + 1) >> (split - l)) - 1;
-      sp::bulk_copy(rows + (2 * sub + l - 1) * static_cast<int64_t>(hidden), w_out + node * hidden, row_bytes, bar);
-    }
+    sp::mbarrier_expect(bar, row_bytes * static_cast<unsigned>(n_copies));
   }
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  for (int j = lane; j < sub; j += 32) bias[j] = Elem<T>::load(b_in + tc::subtree_node(root, j));
+  __syncwarp();  // the expected bytes are set before any copy can complete
+  for (int c = lane; c < n_copies; c += 32) {
+    if (c < first) {
+      sp::tensor_row_copy(root_row, map_out, 0, bar);
+      continue;
+    }
+    const int r = c - first;
+    T* const dst = rows + r * static_cast<int64_t>(hidden);
+    if (r < sub) sp::tensor_row_copy(dst, map_in, tc::subtree_node(root, r), bar);
+    else if (r < 2 * sub) sp::tensor_row_copy(dst, map_out, tc::subtree_node(root, r - sub), bar);
+    else sp::tensor_row_copy(dst, map_out, ((root + 1) >> (split - (r - 2 * sub + 1))) - 1, bar);  // ancestor
+  }
   __syncwarp();
-  if (lane == 0) sp::mbarrier_arrive(bar);  // after the biases: the phase completes once they and every copy are in
+  if (lane == 0) sp::mbarrier_arrive(bar);
 }
 
 template <typename T, int NV, bool kFull>
-__global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pipelined_finish_kernel(const Params p, int64_t chunk) {
+__global__ void __launch_bounds__(kSortedPairThreads, 1)
+    sorted_pipelined_finish_kernel(const Params p, int64_t chunk, const __grid_constant__ CUtensorMap map_in,
+                                   const __grid_constant__ CUtensorMap map_out) {
   constexpr int kW = kSortedPairThreads / 32;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // tensor copies land on 128-byte boundaries
   const int split = p.split, n_buckets = 1 << split, hidden = p.hidden;
   const int sub = static_cast<int>(sorted_subtree_rows(p.depth, split));
   const sp::Layout L = sp::layout(p.depth, split, hidden, sizeof(T));
   T* const rows = reinterpret_cast<T*>(smem);
   const auto buffer = [&](int s) { return rows + (1 + s * L.buffer_rows) * static_cast<int64_t>(hidden); };
-  float* const bias = reinterpret_cast<float*>(smem + L.bias);  // [2][sub]
   int* const offs = reinterpret_cast<int*>(smem + L.offs);
-  int* const taken = reinterpret_cast<int*>(smem + L.counters);  // [2] pairs handed out of the buffer's bucket
-  int* const done = taken + 2;                                    // [2] warps done with it
+  int* const taken = reinterpret_cast<int*>(smem + L.counters);  // [2] pair tickets drawn from the buffer's buckets
+  int* const done = taken + 2;                                    // [2] done tickets
   uint64_t* const full = reinterpret_cast<uint64_t*>(smem + L.barriers);  // [2] the buffer's rows are in
   uint64_t* const empty = full + 2;                                       // [2] every warp is done with them
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nvec = row_vectors<T, NV, kFull>(hidden);
+  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
   const Run r = block_run(p, chunk);
   if (r.begin >= r.end) return;  // block-uniform
   bucket_offsets(p, n_buckets, offs);
@@ -2439,45 +2503,60 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pipelined_finish
     __trap();
 #endif
   }
-  __syncthreads();
+  __syncthreads();  // the last plain shared-memory writes: from here on only tensor copies and atomics write
   Segment seg = first_segment(offs, n_buckets, r);
+  const auto fill = [&](int buf, const Segment& which, T* root_row) {
+    fill_bucket_buffer<T>(p, buffer(buf), &full[buf], n_buckets - 1 + which.b, sub, root_row, lane, &map_in, &map_out);
+  };
   if (warp == 0) {  // the first two buckets; the second once the first is in (all blocks start at once, cold)
-    fill_bucket_buffer<T>(p, buffer(0), bias, &full[0], n_buckets - 1 + seg.b, sub, rows, lane);
+    fill(0, seg, rows);
     const Segment second = next_segment(offs, r, seg);
     sp::mbarrier_wait(&full[0], 0);
-    if (second.pos < r.end)
-      fill_bucket_buffer<T>(p, buffer(1), bias + sub, &full[1], n_buckets - 1 + second.b, sub, nullptr, lane);
+    if (second.pos < r.end) fill(1, second, nullptr);
   }
+  // The pair and done counters only grow (a reset would be a plain store that only the mbarriers order): a use of a
+  // buffer by a bucket of `pairs` pairs draws pairs + kW pair tickets (every warp draws one past the end) and kW done
+  // tickets.
+  int tickets_before_0 = 0, tickets_before_1 = 0;  // per buffer (two scalars: an indexed pair would live in memory)
   for (int k = 0; seg.pos < r.end; ++k, seg = next_segment(offs, r, seg)) {
     const int buf = k & 1;
     const int root = n_buckets - 1 + seg.b;
     const T* rows_in = buffer(buf);
     const int out_first = 1 + buf * L.buffer_rows + sub;  // the subtree's first w_out row, in rows of `rows`
     const int top_slot = lane == 0 ? 0 : out_first + sub + lane - 1;  // ancestor of level `lane` (lanes < split)
+    const int tickets_before = buf ? tickets_before_1 : tickets_before_0;
+    // The biases from registers (lane j: subtree node j), loaded once per bucket: read from global memory at every
+    // level they cost 10 us at 32768 tokens (a bucket's lines do not stay in L1 beside the x stream).
+    const float bias_of_lane = lane < sub ? Elem<T>::load(b_in + tc::subtree_node(root, lane)) : 0.f;
     sp::mbarrier_wait(&full[buf], (k >> 1) & 1);
     for (;;) {
       int i = 0;
-      if (lane == 0) i = atomicAdd(&taken[buf], 1);
+      if (lane == 0) i = atomicAdd(&taken[buf], 1) - tickets_before;
       const int64_t q = seg.pos + 2 * static_cast<int64_t>(__shfl_sync(kFullMask, i, 0));
       if (q >= seg.end) break;
-      finish_pair_at<T, NV>(p, q, seg.end, rows_in, rows, out_first, top_slot, bias + buf * sub, root, lane, nvec);
+      if (sub <= 32)
+        finish_pair_at<T, NV>(p, q, seg.end, rows_in, rows, out_first, top_slot, ShuffledBias{bias_of_lane}, root,
+                              lane, nvec);
+      else
+        finish_pair_at<T, NV>(p, q, seg.end, rows_in, rows, out_first, top_slot, GlobalBias<T>{b_in, root}, root, lane,
+                              nvec);
     }
+    const int tickets = static_cast<int>((seg.end - seg.pos + 1) / 2) + kW;
+    if (buf) tickets_before_1 += tickets;
+    else tickets_before_0 += tickets;
     // The last warp done with this bucket refills its buffer with the bucket two ahead. Every warp arrives on the
     // buffer's `empty` barrier once its lanes stopped reading the buffer (release), and the refilling warp waits for
-    // that phase (acquire) before it writes: the done counter only elects which warp refills.
+    // that phase (acquire) before it copies: the done counter only elects which warp refills.
     __syncwarp();
     int last = 0;
     if (lane == 0) {
       sp::mbarrier_arrive(&empty[buf]);
-      last = atomicAdd(&done[buf], 1) == kW - 1;
+      last = atomicAdd(&done[buf], 1) % kW == kW - 1;
     }
     if (__shfl_sync(kFullMask, last, 0)) {
       sp::mbarrier_wait(&empty[buf], (k >> 1) & 1);  // complete already: every warp arrived before its count
       const Segment ahead = next_segment(offs, r, next_segment(offs, r, seg));
-      if (lane == 0) taken[buf] = done[buf] = 0;
-      if (ahead.pos < r.end)
-        fill_bucket_buffer<T>(p, buffer(buf), bias + buf * sub, &full[buf], n_buckets - 1 + ahead.b, sub, nullptr,
-                              lane);
+      if (ahead.pos < r.end) fill(buf, ahead, nullptr);
     }
   }
 }
@@ -2491,6 +2570,44 @@ int blocks_per_sm(Kernel kernel, size_t smem) {
   return blocks > 0 ? blocks : 1;
 }
 
+// The driver's cuTensorMapEncodeTiled, through the runtime (no link against libcuda); null where unavailable.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encoder;
+}
+
+// A float32 (rows, hidden) matrix as the 3-D tensor (inner, hidden / inner, rows) with a box of one whole row, for
+// sp::tensor_row_copy: a box side holds at most 256 elements and its innermost extent a multiple of 16 bytes, so inner
+// is the largest multiple of 4 up to 256 that divides hidden. False where no such view or encoder exists.
+inline bool tensor_row_map(CUtensorMap* map, const void* base, int64_t rows, int64_t hidden) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr || hidden % 4 != 0 || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  int64_t inner = 0;
+  for (int64_t d = 4; d <= 256 && d <= hidden; d += 4)
+    if (hidden % d == 0) inner = d;
+  if (inner == 0 || hidden / inner > 256) return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(hidden / inner),
+                              static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(inner * 4), static_cast<cuuint64_t>(hidden * 4)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(inner), static_cast<cuuint32_t>(hidden / inner), 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<void*>(base), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
 // Calls f(std::true_type{}) when a row is exactly NV vectors per lane (the kFull instantiation of the kernels that
 // have one applies), else f(std::false_type{}).
 template <typename T, int NV, typename F>
@@ -2570,27 +2687,54 @@ inline void launch_scatter_ranked(const Params& p, int64_t per, int64_t blocks, 
 }
 
 // Steps 1 and 2 of the sorted strategies: route the top `split` levels (their rows in shared memory as far
-// as they fit), then the counting sort.
+// as they fit), then the counting sort: fused into step 1 (a cooperative launch, one block per SM) where the device
+// can launch it so, else a memset before step 1 and a scatter kernel after.
 template <typename T, int NV>
 void launch_route_and_sort(const Params& p, cudaStream_t stream) {
   const int n_buckets = 1 << p.split;
   const size_t hist_bytes = sizeof(int) * n_buckets;
-  C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
   int top = p.split;  // the deepest top block of levels whose rows fit beside the histogram
   while (top > 0 && route_shared_bytes(top, p.split, p.hidden, sizeof(T)) > kRouteSharedBudget) --top;
   if (top >= 2) {
     const size_t route_smem = static_cast<size_t>(route_shared_bytes(top, p.split, p.hidden, sizeof(T)));
     const int64_t wanted = (p.tokens + 31) / 32;
     const int64_t blocks = wanted < p.num_sms ? wanted : p.num_sms;  // <= num_sms rows of block_base
+    const int threads = RouteSharedThreads<T, NV>::value;
     with_full<T, NV>(p, [&](auto full) {
-      const auto route_kernel = route_top_shared_kernel<T, NV, decltype(full)::value>;
+      constexpr bool kFull = decltype(full)::value;
+      {
+        const auto route_kernel = route_top_shared_kernel<T, NV, kFull, true>;
+        static PersistentLaunch cache;
+        if (persistent_blocks_per_sm(route_kernel, threads, route_smem, cache) >= 1) {  // one block per SM fits
+          cudaLaunchConfig_t config = {};
+          config.gridDim = dim3(static_cast<unsigned>(blocks));
+          config.blockDim = dim3(threads);
+          config.dynamicSmemBytes = route_smem;
+          config.stream = stream;
+          cudaLaunchAttribute attribute[1];
+          attribute[0].id = cudaLaunchAttributeCooperative;
+          attribute[0].val.cooperative = 1;
+          config.attrs = attribute;
+          config.numAttrs = 1;
+          int top_levels = top;
+          const cudaError_t err = cudaLaunchKernelEx(&config, route_kernel, p, top_levels);
+          if (err == cudaSuccess) return;
+          // Fewer SMs at hand than the device has (MPS, green contexts): the blocks cannot all be resident at once,
+          // so the separate launches below. Any other error is raised.
+          if (err != cudaErrorCooperativeLaunchTooLarge) C10_CUDA_CHECK(err);
+          (void)cudaGetLastError();  // clears it
+        }
+      }
+      C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
+      const auto route_kernel = route_top_shared_kernel<T, NV, kFull, false>;
       static int route_done[64] = {};
       allow_smem(route_kernel, route_smem, route_done);
-      route_kernel<<<blocks, RouteSharedThreads<T, NV>::value, route_smem, stream>>>(p, top);
+      route_kernel<<<blocks, threads, route_smem, stream>>>(p, top);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_scatter_ranked(p, threads / 32, blocks, stream);
     });
-    launch_scatter_ranked(p, RouteSharedThreads<T, NV>::value / 32, blocks, stream);
   } else {
+    C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
     static int route_per_sm = 0;
     const auto route_kernel = route_top_kernel<T, NV>;
     route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
@@ -2628,13 +2772,21 @@ void launch_sorted_finish(const Params& p, cudaStream_t stream) {
   if constexpr (SortedPair<T, NV>::value) {
     if (p.depth <= kPairMaxDepth) {
       const int64_t pipelined = sp::layout(p.depth, p.split, p.hidden, sizeof(T)).bytes;
-      const bool pipeline = p.strategy == kSortedPipelined && p.major >= 9 && pipelined <= p.smem_limit;
+      const bool pipeline = p.major >= 9 && pipelined <= p.smem_limit;  // kSorted and kSortedPipelined alike
       with_full<T, NV>(p, [&](auto full) {
         constexpr bool kFull = decltype(full)::value;
-        if (pipeline) {
+        CUtensorMap map_in = {}, map_out = {};
+        const int64_t n_rows = static_cast<int64_t>(p.trees) * ((int64_t{2} << p.depth) - 1);
+        if (pipeline && p.hidden % 32 == 0 &&  // rows on 128-byte boundaries
+            tensor_row_map(&map_in, p.w_in, n_rows, p.hidden) && tensor_row_map(&map_out, p.w_out, n_rows, p.hidden)) {
+          const auto kernel = sorted_pipelined_finish_kernel<T, NV, kFull>;
           static PersistentLaunch cache;
-          launch_sorted_kernel(sorted_pipelined_finish_kernel<T, NV, kFull>, kSortedPairThreads,
-                               static_cast<size_t>(pipelined), cache, p, stream);
+          const int per_sm = persistent_blocks_per_sm(kernel, kSortedPairThreads, static_cast<size_t>(pipelined), cache);
+          TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the pipelined sorted finishing step's rows do not fit in shared memory");
+          const int64_t chunk = sorted_chunk(p, per_sm);
+          kernel<<<(p.tokens + chunk - 1) / chunk, kSortedPairThreads, static_cast<size_t>(pipelined), stream>>>(
+              p, chunk, map_in, map_out);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
           static PersistentLaunch cache;
           launch_sorted_kernel(sorted_pair_finish_kernel<T, NV, kFull>, kSortedPairThreads, smem, cache, p, stream);

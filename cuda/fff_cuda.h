@@ -39,9 +39,8 @@ enum Strategy : int {
                      // subtree of at most 5 levels below the split, hidden % 16 == 0)
   kStaged = 10,      // kSingle with the top levels' rows of every tree in shared memory (one block per SM), two
                      // tokens per warp (one tree) and, at 16 bits, the routing dot products on tensor cores
-  kSortedPipelined = 11,  // kSorted whose finishing step (fp32, two tokens per warp) keeps two buckets' rows in turn,
-                          // refilled by bulk copies while the warps work (Hopper, where both fit); else kSorted's.
-                          // Opt-in: compute-sanitizer racecheck cannot follow its raw bulk copies (see fff_cuda.cuh)
+  kSortedPipelined = 11,  // kSorted (its fp32 finishing step is pipelined wherever it can be since the twelfth
+                          // session; the name stays for the callers that ask for it)
 };
 
 // The strategies that route the top levels, sort tokens by bucket and finish each bucket from shared memory.

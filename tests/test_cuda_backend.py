@@ -337,11 +337,13 @@ def test_sorted_pairs_match_single_walk_fp32(ext, hidden, depth, tokens, all_rig
     bucket per warp and reads a row the two share once (always the ancestors' rows, deeper ones when their paths
     agree; with every bias large, all paths agree to the leaf). Every split whose rows fit, odd bucket segments (an
     unpaired last token) and widths 1000 / 1024 (the one-token kernel) must give the single walk's bits, for the
-    sorted strategy (the barrier-staged finishing kernel) and the opt-in sorted_pipelined one, which on Hopper runs
-    the pipelined kernel at the splits whose rows fit twice (two buckets' rows in turn, refilled by bulk copies while
-    the warps finish; many small buckets per run at 5000 tokens, the last block's run a few tokens long). Full rows
-    (widths 256, 512, 768) and partial ones (4, 96, 100); depth 15 uses every lane of the pair kernels' shared GELU
-    evaluation, and depth 16 (one level more than they take) goes to the one-token kernel."""
+    sorted strategy (and its other name, sorted_pipelined). On Hopper the widths that are multiples of 32 run the
+    pipelined kernel at the splits whose rows fit twice (two buckets' rows in turn, refilled by tensor copies while
+    the warps finish; many small buckets per run at 5000 tokens, the last block's run a few tokens long; biases from
+    registers up to 32 subtree nodes, from global memory beyond, e.g. width 96 at split 1), the others the
+    barrier-staged kernel. Full rows (widths 256, 512, 768) and partial ones (4, 96, 100); depth 15 uses every lane
+    of the pair kernels' shared GELU evaluation, and depth 16 (one level more than they take) goes to the one-token
+    kernel."""
     gen = torch.Generator(device="cuda").manual_seed(hidden + depth + tokens)
     x, w_in, b_in, w_out = make_problem(tokens, hidden, depth, 1, torch.float32, gen)
     if all_right:
@@ -525,7 +527,7 @@ def test_torch_compile_dynamic_and_reduce_overhead():
 
 
 @needs_cuda
-@pytest.mark.parametrize("tokens", [3, 20000])  # a cluster launch; sorted (memset + 3 launches, fp32)
+@pytest.mark.parametrize("tokens", [3, 20000])  # a cluster launch; sorted (a cooperative launch + the finishing kernel)
 def test_cuda_graph_capture(tokens):
     layer = make_layer(torch.float32)
     static_x = torch.randn(tokens, 768, device="cuda")

@@ -7,7 +7,7 @@ reference on the GPU.
 
 The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
 environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
-subtree, sorted, cluster, sorted_tensor, staged, sorted_pipelined) and HF_FFF_CUDA_SPLIT (bucket level;
+subtree, sorted, cluster, sorted_tensor, staged; sorted_pipelined is sorted) and HF_FFF_CUDA_SPLIT (bucket level;
 for staged, the top levels held in shared memory) force one, read once when the backend loads.
 """
 
