@@ -31,7 +31,7 @@ CASES = [  # (dtype, tokens, strategy, split)
 
 
 def parse_case(text: str) -> tuple:
-    """DTYPE:TOKENS:STRATEGY:SPLIT, e.g. float32:32768:11:8 (sorted_pipelined at split 8)."""
+    """DTYPE:TOKENS:STRATEGY:SPLIT, e.g. float32:32768:7:8 (sorted at split 8)."""
     dtype, tokens, strategy, split = text.split(":")
     return getattr(torch, dtype), int(tokens), int(strategy), int(split)
 

@@ -60,7 +60,7 @@ def main(only: list[int]) -> int:
             if trees == 1 and sorted_tensor_fits(depth, max(1, depth - 4), hidden, args[0].element_size()):
                 strategies.append(9)
             if tokens > 1000:  # many groups and buckets: the large-token strategies only (memcheck is slow)
-                strategies = [s for s in strategies if s in (5, 7, 10, 11)]
+                strategies = [s for s in strategies if s in (5, 7, 10)]
             if tokens > 5000:  # more than one round of the staged strategy's pairs (rows from shared memory)
                 strategies = [10]
             for strategy in (s for s in strategies if not only or s in only):

@@ -1428,9 +1428,10 @@ __host__ __device__ inline int64_t route_shared_bytes(int top, int split, int64_
 }
 
 // kFusedSort (launched cooperatively, one block per SM): the counting sort's steps run in the same kernel behind two
-// grid-wide barriers instead of a memset before and a scatter kernel after (2 launches and ~5 us fewer at 32768
-// tokens): block 0 zeroes the counts while the rows stage; after the first barrier every block adds its histogram to
-// them (its first rank per bucket, kept in shared memory); after the second it scatters its own tokens.
+// grid-wide barriers instead of a memset before and a scatter kernel after: block 0 zeroes the counts while the rows
+// stage; after the first barrier every block adds its histogram to them (its first rank per bucket, kept in shared
+// memory); after the second it scatters its own tokens. The barriers cost about what the two launches did, so the
+// gain is small (H200, fp32 32768 tokens: -1.3 to -1.6 us; benchmarks/results_cuda.md, item 20).
 template <typename T, int NV, bool kFull, bool kFusedSort>
 __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top_shared_kernel(const Params p, int top) {
   constexpr int V = Elem<T>::kVec;
@@ -2218,11 +2219,9 @@ __device__ __forceinline__ void pair_dots(const float (&xa)[NV][Elem<T>::kVec], 
   pair_sum(la, lb, lane);
 }
 
-// kSorted step 3, two tokens of one bucket per warp, the bucket's rows in shared memory: the subtree's w_in rows and
-// biases, and the w_out rows of the subtree and of the split ancestors. x of both tokens is in registers already and
-// g_a / g_b hold their top levels' GELU values in lanes < split.
-// bias(a): the bias of subtree node a (heap order below the bucket node), from shared memory (SharedBias) or global
-// memory (GlobalBias: the pipelined kernel, whose buffers hold rows only).
+// bias(a) in the pair walk: the bias of subtree node a (heap order below the bucket node), from the staged copy in
+// shared memory (SharedBias), from registers (ShuffledBias) or from global memory (GlobalBias); the pipelined kernel
+// uses the last two, its buffers holding rows only.
 struct SharedBias {
   const float* s;
   __device__ __forceinline__ float operator()(int a) const { return s[a]; }
@@ -2240,6 +2239,9 @@ struct GlobalBias {
   __device__ __forceinline__ float operator()(int a) const { return Elem<T>::load(b_in + tc::subtree_node(root, a)); }
 };
 
+// kSorted step 3, two tokens of one bucket per warp, the bucket's rows in shared memory: the subtree's w_in rows and
+// biases, and the w_out rows of the subtree and of the split ancestors. x of both tokens is in registers already and
+// g_a / g_b hold their top levels' GELU values in lanes < split.
 template <typename T, int NV, typename Bias>
 __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, int64_t mb,
                                                    const float (&xa)[NV][Elem<T>::kVec],
@@ -2608,6 +2610,7 @@ inline bool tensor_row_map(CUtensorMap* map, const void* base, int64_t rows, int
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
+
 // Calls f(std::true_type{}) when a row is exactly NV vectors per lane (the kFull instantiation of the kernels that
 // have one applies), else f(std::false_type{}).
 template <typename T, int NV, typename F>
@@ -2686,6 +2689,23 @@ inline void launch_scatter_ranked(const Params& p, int64_t per, int64_t blocks, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A cooperative launch (every block resident at once, for grid-wide barriers); its error, unchecked.
+template <typename... Args>
+cudaError_t launch_cooperative(void (*kernel)(Args...), int64_t blocks, int threads, size_t smem, cudaStream_t stream,
+                               Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeCooperative;
+  attribute[0].val.cooperative = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // Steps 1 and 2 of the sorted strategies: route the top `split` levels (their rows in shared memory as far
 // as they fit), then the counting sort: fused into step 1 (a cooperative launch, one block per SM) where the device
 // can launch it so, else a memset before step 1 and a scatter kernel after.
@@ -2706,18 +2726,7 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
         const auto route_kernel = route_top_shared_kernel<T, NV, kFull, true>;
         static PersistentLaunch cache;
         if (persistent_blocks_per_sm(route_kernel, threads, route_smem, cache) >= 1) {  // one block per SM fits
-          cudaLaunchConfig_t config = {};
-          config.gridDim = dim3(static_cast<unsigned>(blocks));
-          config.blockDim = dim3(threads);
-          config.dynamicSmemBytes = route_smem;
-          config.stream = stream;
-          cudaLaunchAttribute attribute[1];
-          attribute[0].id = cudaLaunchAttributeCooperative;
-          attribute[0].val.cooperative = 1;
-          config.attrs = attribute;
-          config.numAttrs = 1;
-          int top_levels = top;
-          const cudaError_t err = cudaLaunchKernelEx(&config, route_kernel, p, top_levels);
+          const cudaError_t err = launch_cooperative(route_kernel, blocks, threads, route_smem, stream, p, top);
           if (err == cudaSuccess) return;
           // Fewer SMs at hand than the device has (MPS, green contexts): the blocks cannot all be resident at once,
           // so the separate launches below. Any other error is raised.
@@ -2752,20 +2761,21 @@ inline int64_t sorted_chunk(const Params& p, int per_sm) {
 }
 
 // kSorted's step 3: one block per SM (the bucket's rows fill its shared memory), each a contiguous run of the sorted
-// tokens; two tokens per warp where SortedPair says so.
-template <typename Kernel>
+// tokens; the kernel takes (p, chunk, extra...).
+template <typename Kernel, typename... Extra>
 void launch_sorted_kernel(Kernel finish, int threads, size_t smem, PersistentLaunch& cache, const Params& p,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, const Extra&... extra) {
   const int per_sm = persistent_blocks_per_sm(finish, threads, smem, cache);
   TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the sorted strategy's rows do not fit in shared memory; use a deeper split");
   const int64_t chunk = sorted_chunk(p, per_sm);
-  finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk);
+  finish<<<(p.tokens + chunk - 1) / chunk, threads, smem, stream>>>(p, chunk, extra...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // kSorted's finishing step: two tokens per warp where SortedPair says so and the tree is at most 16 levels deep
-// (finish_pair_staged evaluates both tokens' GELU values in one pass, token b's level l in lane 16 + l), else one
-// token per warp (every depth the binding takes, <= 30).
+// (finish_pair_staged evaluates both tokens' GELU values in one pass, token b's level l in lane 16 + l), pipelined on
+// Hopper where two buckets' rows fit and tensor maps of the weights can be made, else staged behind barriers; one
+// token per warp otherwise (every depth the binding takes, <= 30).
 template <typename T, int NV>
 void launch_sorted_finish(const Params& p, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(sorted_smem_bytes(p.depth, p.split, p.hidden, sizeof(T)));
@@ -2779,14 +2789,9 @@ void launch_sorted_finish(const Params& p, cudaStream_t stream) {
         const int64_t n_rows = static_cast<int64_t>(p.trees) * ((int64_t{2} << p.depth) - 1);
         if (pipeline && p.hidden % 32 == 0 &&  // rows on 128-byte boundaries
             tensor_row_map(&map_in, p.w_in, n_rows, p.hidden) && tensor_row_map(&map_out, p.w_out, n_rows, p.hidden)) {
-          const auto kernel = sorted_pipelined_finish_kernel<T, NV, kFull>;
           static PersistentLaunch cache;
-          const int per_sm = persistent_blocks_per_sm(kernel, kSortedPairThreads, static_cast<size_t>(pipelined), cache);
-          TORCH_CHECK(per_sm > 0, "hf_fff CUDA: the pipelined sorted finishing step's rows do not fit in shared memory");
-          const int64_t chunk = sorted_chunk(p, per_sm);
-          kernel<<<(p.tokens + chunk - 1) / chunk, kSortedPairThreads, static_cast<size_t>(pipelined), stream>>>(
-              p, chunk, map_in, map_out);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_sorted_kernel(sorted_pipelined_finish_kernel<T, NV, kFull>, kSortedPairThreads,
+                               static_cast<size_t>(pipelined), cache, p, stream, map_in, map_out);
         } else {
           static PersistentLaunch cache;
           launch_sorted_kernel(sorted_pair_finish_kernel<T, NV, kFull>, kSortedPairThreads, smem, cache, p, stream);
