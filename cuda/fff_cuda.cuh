@@ -1458,9 +1458,14 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
     for (int i = tid; i < n_buckets; i += kRouteSharedThreads) p.counts[i] = 0;  // read after the first grid barrier
   tc::cp_async_wait_all();
   __syncthreads();
+  // Each block routes one contiguous run of ceil(tokens / blocks) tokens, its warps taking every kW-th: the SMs get
+  // equal shares (with warps striding over the whole grid, 100 of 132 blocks routed 256 tokens and 32 routed 224 at
+  // 32768 tokens: -1.0 us measured on an H200, benchmarks/results_cuda.md item 21).
   constexpr int kW = kRouteSharedThreads / 32;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kW;
-  for (int64_t m = static_cast<int64_t>(blockIdx.x) * kW + (tid >> 5); m < p.tokens; m += stride) {
+  const int64_t per_block = (p.tokens + gridDim.x - 1) / gridDim.x;
+  const int64_t run_begin = static_cast<int64_t>(blockIdx.x) * per_block;
+  const int64_t run_end = run_begin + per_block < p.tokens ? run_begin + per_block : p.tokens;
+  for (int64_t m = run_begin + (tid >> 5); m < run_end; m += kW) {
     float xf[NV][V];
     load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
     pin_x(xf);
@@ -1494,10 +1499,7 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
     int* const offset = hist + n_buckets;
     if (tid < 32) warp_exclusive_scan(p.counts, n_buckets, offset, lane);
     __syncthreads();
-    // this block's tokens, in the order its warps took them: m = blockIdx.x * kW + w + j * stride
-    for (int64_t t = tid;; t += kRouteSharedThreads) {
-      const int64_t m = static_cast<int64_t>(blockIdx.x) * kW + t % kW + t / kW * stride;
-      if (m >= p.tokens) break;
+    for (int64_t m = run_begin + tid; m < run_end; m += kRouteSharedThreads) {  // this block's tokens
       const int b = p.bucket[m];
       p.order[offset[b] + hist[b] + p.rank[m]] = static_cast<int>(m);
     }
@@ -2725,7 +2727,9 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
       {
         const auto route_kernel = route_top_shared_kernel<T, NV, kFull, true>;
         static PersistentLaunch cache;
-        if (persistent_blocks_per_sm(route_kernel, threads, route_smem, cache) >= 1) {  // one block per SM fits
+        // HF_FFF_CUDA_NO_COOPERATIVE (tests): take the separate launches, which a full GPU never needs otherwise
+        if (std::getenv("HF_FFF_CUDA_NO_COOPERATIVE") == nullptr &&
+            persistent_blocks_per_sm(route_kernel, threads, route_smem, cache) >= 1) {  // one block per SM fits
           const cudaError_t err = launch_cooperative(route_kernel, blocks, threads, route_smem, stream, p, top);
           if (err == cudaSuccess) return;
           // Fewer SMs at hand than the device has (MPS, green contexts): the blocks cannot all be resident at once,
@@ -2740,7 +2744,7 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
       allow_smem(route_kernel, route_smem, route_done);
       route_kernel<<<blocks, threads, route_smem, stream>>>(p, top);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_scatter_ranked(p, threads / 32, blocks, stream);
+      launch_scatter_ranked(p, (p.tokens + blocks - 1) / blocks, blocks, stream);  // step 1's runs per block
     });
   } else {
     C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));

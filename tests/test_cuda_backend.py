@@ -527,6 +527,21 @@ def test_torch_compile_dynamic_and_reduce_overhead():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1001, 20000])
+def test_sorted_without_cooperative_launch(ext, dtype, tokens, monkeypatch):
+    """The sorted strategy's counting sort as separate launches (memset, routing kernel, scatter kernel), taken where a
+    cooperative launch of one block per SM is refused (MPS, green contexts): the same outputs as the fused sort."""
+    gen = torch.Generator(device="cuda").manual_seed(77 + tokens)
+    x, w_in, b_in, w_out = make_problem(tokens, 768, 11, 1, dtype, gen)
+    y_fused, leaves_fused = run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=SORTED)
+    monkeypatch.setenv("HF_FFF_CUDA_NO_COOPERATIVE", "1")
+    y, leaves = run_poisoned(ext, x, w_in, b_in, w_out, 11, strategy=SORTED)
+    assert torch.equal(y, y_fused) and torch.equal(leaves, leaves_fused)
+    check_against_float64(x, w_in, b_in, w_out, 11, y, leaves)
+
+
+@needs_cuda
 @pytest.mark.parametrize("tokens", [3, 20000])  # a cluster launch; sorted (a cooperative launch + the finishing kernel)
 def test_cuda_graph_capture(tokens):
     layer = make_layer(torch.float32)
