@@ -8,7 +8,9 @@ reference on the GPU.
 The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
 environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
 subtree, sorted, cluster, sorted_tensor, staged; sorted_pipelined is sorted) and HF_FFF_CUDA_SPLIT (bucket level;
-for staged, the top levels held in shared memory) force one, read once when the backend loads.
+for staged, the top levels held in shared memory) force one, read once when the backend loads. For tests,
+HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with separate launches, as it must
+where a cooperative launch of one block per SM is refused (MPS, green contexts).
 """
 
 from __future__ import annotations
