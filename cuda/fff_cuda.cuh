@@ -2751,19 +2751,17 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
     const int threads = RouteSharedThreads<T, NV>::value;
     with_full<T, NV>(p, [&](auto full) {
       constexpr bool kFull = decltype(full)::value;
-      {
-        const auto route_kernel = route_top_shared_kernel<T, NV, kFull, true>;
-        static PersistentLaunch cache;
-        // HF_FFF_CUDA_NO_COOPERATIVE (tests): take the separate launches, which a full GPU never needs otherwise
-        if (std::getenv("HF_FFF_CUDA_NO_COOPERATIVE") == nullptr &&
-            persistent_blocks_per_sm(route_kernel, threads, route_smem, cache) >= 1) {  // one block per SM fits
-          const cudaError_t err = launch_cooperative(route_kernel, blocks, threads, route_smem, stream, p, top);
-          if (err == cudaSuccess) return;
-          // Fewer SMs at hand than the device has (MPS, green contexts): the blocks cannot all be resident at once,
-          // so the separate launches below. Any other error is raised.
-          if (err != cudaErrorCooperativeLaunchTooLarge) C10_CUDA_CHECK(err);
-          (void)cudaGetLastError();  // clears it
-        }
+      const auto fused_sort_kernel = route_top_shared_kernel<T, NV, kFull, true>;
+      static PersistentLaunch fused_cache;
+      // HF_FFF_CUDA_NO_COOPERATIVE (tests): take the separate launches, which a full GPU never needs otherwise
+      if (std::getenv("HF_FFF_CUDA_NO_COOPERATIVE") == nullptr &&
+          persistent_blocks_per_sm(fused_sort_kernel, threads, route_smem, fused_cache) >= 1) {  // one block per SM fits
+        const cudaError_t err = launch_cooperative(fused_sort_kernel, blocks, threads, route_smem, stream, p, top);
+        if (err == cudaSuccess) return;
+        // Fewer SMs at hand than the device has (MPS, green contexts): the blocks cannot all be resident at once,
+        // so the separate launches below. Any other error is raised.
+        if (err != cudaErrorCooperativeLaunchTooLarge) C10_CUDA_CHECK(err);
+        (void)cudaGetLastError();  // clears it
       }
       C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
       const auto route_kernel = route_top_shared_kernel<T, NV, kFull, false>;
