@@ -2254,12 +2254,14 @@ struct GlobalBias {
 // kSorted step 3, two tokens of one bucket per warp, the bucket's rows in shared memory: the subtree's w_in rows and
 // biases, and the w_out rows of the subtree and of the split ancestors. x of both tokens is in registers already and
 // g_a / g_b hold their top levels' GELU values in lanes < split.
-template <typename T, int NV, typename Bias>
+// out_ready() is called between the walk and the output (the pipelined kernel waits there for the output rows).
+template <typename T, int NV, typename Bias, typename OutReady>
 __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, int64_t mb,
                                                    const float (&xa)[NV][Elem<T>::kVec],
                                                    const float (&xb)[NV][Elem<T>::kVec], float g_a, float g_b,
                                                    const T* rows_in, const T* rows_out, int out_first, int top_slot,
-                                                   const Bias& bias, int root, int lane, int nvec) {
+                                                   const Bias& bias, int root, int lane, int nvec,
+                                                   const OutReady& out_ready) {
   constexpr int V = Elem<T>::kVec;
   const int split = p.split, depth = p.depth;
   // lane l keeps level l's row slot in rows_out and its GELU value; the top levels come from step 1. Slots count rows
@@ -2274,6 +2276,7 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
     lb += bias(b);
   };
   walk_pair_levels(logits, lane, split, depth + 1, depth, ja, jb, slot_a, logit_a, slot_b, logit_b);
+  out_ready();
   float ya[NV][V], yb[NV][V];
   zero(ya);
   zero(yb);
@@ -2340,12 +2343,20 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
   }
 }
 
+// No wait: the barrier-staged kernel's rows are in before its warps start a bucket.
+struct RowsReady {
+  __device__ __forceinline__ void operator()() const {}
+};
+
 // The pair at sorted positions q and q + 1 of a bucket segment ending at seg_end (an odd segment's last token pairs
-// with itself): its tokens' x and top levels' GELU values, then finish_pair_staged.
-template <typename T, int NV, typename Bias>
+// with itself): its tokens' x and top levels' GELU values, then finish_pair_staged. in_ready() is called once those
+// loads are issued and before the first row is read, out_ready() before the first output row: the pipelined kernel
+// waits there for the bucket's rows, so that the x loads are in flight while the rows still arrive.
+template <typename T, int NV, typename Bias, typename InReady = RowsReady, typename OutReady = RowsReady>
 __device__ __forceinline__ void finish_pair_at(const Params& p, int64_t q, int64_t seg_end, const T* rows_in,
                                                const T* rows_out, int out_first, int top_slot, const Bias& bias,
-                                               int root, int lane, int nvec) {
+                                               int root, int lane, int nvec, const InReady& in_ready = {},
+                                               const OutReady& out_ready = {}) {
   constexpr int V = Elem<T>::kVec;
   const int64_t ma = p.order[q], mb = q + 1 < seg_end ? p.order[q + 1] : ma;
   const T* __restrict__ x = static_cast<const T*>(p.x);
@@ -2356,7 +2367,9 @@ __device__ __forceinline__ void finish_pair_at(const Params& p, int64_t q, int64
   pin_x(xb);
   const float ga = lane < p.split ? p.g_top[ma * p.split + lane] : 0.f;
   const float gb = lane < p.split ? p.g_top[mb * p.split + lane] : 0.f;
-  finish_pair_staged<T, NV>(p, ma, mb, xa, xb, ga, gb, rows_in, rows_out, out_first, top_slot, bias, root, lane, nvec);
+  in_ready();
+  finish_pair_staged<T, NV>(p, ma, mb, xa, xb, ga, gb, rows_in, rows_out, out_first, top_slot, bias, root, lane, nvec,
+                            out_ready);
 }
 
 // kSorted's finishing step with two tokens per warp, one bucket's rows at a time (sorted_finish_kernel's staging:
@@ -2388,10 +2401,12 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kern
 // and while the last pairs of a bucket finish: Nsight Compute put its barrier stall at 0.91 of ~8.7 cycles per
 // instruction. Here two buffers take turns: while the warps finish bucket k from one, bucket k + 1's rows are already
 // in the other, and the warp that finishes bucket k last refills its buffer with bucket k + 2's (one tensor copy per
-// row, completing on the buffer's `full` mbarrier), so no warp waits on a copy unless it runs a whole bucket ahead.
-// Warps take the pairs of a bucket dynamically (a shared counter), so the ones that finish early go on to the next
-// bucket instead of idling. Same arithmetic per pair: same bits. Measured on an H200 (benchmarks/results_cuda.md,
-// items 19-20): fp32 32768 tokens 141.0 -> 138.2 us.
+// row, completing on the buffer's `full` and `full_out` mbarriers), so no warp waits on a copy unless it runs a whole
+// bucket ahead. Warps take the pairs of a bucket dynamically (a shared counter), so the ones that finish early go on to
+// the next bucket instead of idling, and a warp issues its pair's x loads before it waits for the rows (which matters
+// at the start, where every block's first fill comes cold from memory). Same arithmetic per pair: same bits. Measured
+// on an H200 (benchmarks/results_cuda.md, items 19-20 and 22): fp32 32768 tokens 141.0 -> 138.2 us, then 136.4 ->
+// 132.2 us for the waits after the x loads.
 // Why tensor copies (cp.async.bulk.tensor with a tensor map), and nothing written to shared memory by the threads
 // after the start (the biases come from registers, the counters only grow): compute-sanitizer racecheck does not take
 // mbarrier phases as ordering, so it reports hazards for any shared-memory write that only an mbarrier orders against
@@ -2400,7 +2415,8 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kern
 //
 // Shared memory, in rows of `hidden` elements: row 0 the root's w_out row (every bucket's level-0 ancestor), then per
 // buffer the subtree's w_in rows (sub), its w_out rows (sub) and the w_out rows of ancestor levels 1..split-1; then the
-// bucket offsets, per buffer a pair counter and a done counter, and per buffer the `full` and `empty` mbarriers.
+// bucket offsets, four pair counters (taken in turn by successive buckets) and per buffer a done counter, and per
+// buffer the `full` (w_in rows), `empty` and `full_out` (w_out rows) mbarriers.
 namespace sp {
 struct Layout {
   int64_t buffer_rows, offs, counters, barriers, bytes;  // offsets in bytes (buffer_rows in rows)
@@ -2411,8 +2427,8 @@ __host__ __device__ inline Layout layout(int depth, int split, int64_t hidden, i
   l.buffer_rows = 2 * sub + split - 1;
   l.offs = (1 + 2 * l.buffer_rows) * hidden * element_size;
   l.counters = l.offs + 4 * ((int64_t{1} << split) + 1);
-  l.barriers = (l.counters + 16 + 7) / 8 * 8;  // full[2], empty[2]
-  l.bytes = l.barriers + 32;
+  l.barriers = (l.counters + 24 + 7) / 8 * 8;  // full[2], empty[2], full_out[2]
+  l.bytes = l.barriers + 48;
   return l;
 }
 
@@ -2471,33 +2487,42 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 // Fill a buffer (`rows`) with bucket `root`'s rows, one tensor copy per row issued by the warp's lanes, completing on
 // `bar`; root_row (the first fill only, else null): also copy the root's w_out row there.
+// bar_in completes when the subtree's w_in rows are in (what the walk reads), bar_out when the w_out rows are (the
+// output's): a warp can walk its pair while the output rows still arrive.
 template <typename T>
-__device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, uint64_t* bar, int root, int sub,
-                                                   T* root_row, int lane, const CUtensorMap* map_in,
+__device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, uint64_t* bar_in, uint64_t* bar_out,
+                                                   int root, int sub, T* root_row, int lane, const CUtensorMap* map_in,
                                                    const CUtensorMap* map_out) {
   const int split = p.split, hidden = p.hidden;
   const unsigned row_bytes = static_cast<unsigned>(hidden * sizeof(T));
-  // copies c = 0.. of the list: [the root's w_out row], the subtree's w_in rows, its w_out rows, the ancestors'
+  // copies c = 0.. of the list: the subtree's w_in rows, [the root's w_out row], its w_out rows, the ancestors'
   const int first = root_row != nullptr ? 1 : 0;
-  const int n_copies = first + 2 * sub + split - 1;
+  const int n_out = first + sub + split - 1;
   if (lane == 0) {
     sp::fence_proxy_async();
-    sp::mbarrier_expect(bar, row_bytes * static_cast<unsigned>(n_copies));
+    sp::mbarrier_expect(bar_in, row_bytes * static_cast<unsigned>(sub));
+    sp::mbarrier_expect(bar_out, row_bytes * static_cast<unsigned>(n_out));
   }
   __syncwarp();  // the expected bytes are set before any copy can complete
-  for (int c = lane; c < n_copies; c += 32) {
-    if (c < first) {
-      sp::tensor_row_copy(root_row, map_out, 0, bar);
+  for (int c = lane; c < sub + n_out; c += 32) {
+    if (c < sub) {
+      sp::tensor_row_copy(rows + c * static_cast<int64_t>(hidden), map_in, tc::subtree_node(root, c), bar_in);
+      continue;
+    }
+    if (c < sub + first) {
+      sp::tensor_row_copy(root_row, map_out, 0, bar_out);
       continue;
     }
     const int r = c - first;
     T* const dst = rows + r * static_cast<int64_t>(hidden);
-    if (r < sub) sp::tensor_row_copy(dst, map_in, tc::subtree_node(root, r), bar);
-    else if (r < 2 * sub) sp::tensor_row_copy(dst, map_out, tc::subtree_node(root, r - sub), bar);
-    else sp::tensor_row_copy(dst, map_out, ((root + 1) >> (split - (r - 2 * sub + 1))) - 1, bar);  // ancestor
+    if (r < 2 * sub) sp::tensor_row_copy(dst, map_out, tc::subtree_node(root, r - sub), bar_out);
+    else sp::tensor_row_copy(dst, map_out, ((root + 1) >> (split - (r - 2 * sub + 1))) - 1, bar_out);  // ancestor
   }
   __syncwarp();
-  if (lane == 0) sp::mbarrier_arrive(bar);
+  if (lane == 0) {
+    sp::mbarrier_arrive(bar_in);
+    sp::mbarrier_arrive(bar_out);
+  }
 }
 
 template <typename T, int NV, bool kFull>
@@ -2512,10 +2537,11 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1)
   T* const rows = reinterpret_cast<T*>(smem);
   const auto buffer = [&](int s) { return rows + (1 + s * L.buffer_rows) * static_cast<int64_t>(hidden); };
   int* const offs = reinterpret_cast<int*>(smem + L.offs);
-  int* const taken = reinterpret_cast<int*>(smem + L.counters);  // [2] pair tickets drawn from the buffer's buckets
-  int* const done = taken + 2;                                    // [2] done tickets
-  uint64_t* const full = reinterpret_cast<uint64_t*>(smem + L.barriers);  // [2] the buffer's rows are in
-  uint64_t* const empty = full + 2;                                       // [2] every warp is done with them
+  int* const taken = reinterpret_cast<int*>(smem + L.counters);  // [4] pair tickets of bucket k, in taken[k % 4]
+  int* const done = taken + 4;                                    // [2] done tickets, per buffer
+  uint64_t* const full = reinterpret_cast<uint64_t*>(smem + L.barriers);  // [2] the buffer's w_in rows are in
+  uint64_t* const empty = full + 2;                                       // [2] every warp is done with the buffer
+  uint64_t* const full_out = empty + 2;                                   // [2] the buffer's w_out rows are in
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nvec = row_vectors<T, NV, kFull>(hidden);
   const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
@@ -2527,7 +2553,9 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1)
     sp::mbarrier_init(&full[1], 1);
     sp::mbarrier_init(&empty[0], kW);
     sp::mbarrier_init(&empty[1], kW);
-    taken[0] = taken[1] = done[0] = done[1] = 0;
+    sp::mbarrier_init(&full_out[0], 1);
+    sp::mbarrier_init(&full_out[1], 1);
+    taken[0] = taken[1] = taken[2] = taken[3] = done[0] = done[1] = 0;
 #if HF_FFF_HAS_CLUSTERS
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #else
@@ -2537,44 +2565,63 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1)
   __syncthreads();  // the last plain shared-memory writes: from here on only tensor copies and atomics write
   Segment seg = first_segment(offs, n_buckets, r);
   const auto fill = [&](int buf, const Segment& which, T* root_row) {
-    fill_bucket_buffer<T>(p, buffer(buf), &full[buf], n_buckets - 1 + which.b, sub, root_row, lane, &map_in, &map_out);
+    fill_bucket_buffer<T>(p, buffer(buf), &full[buf], &full_out[buf], n_buckets - 1 + which.b, sub, root_row, lane,
+                          &map_in, &map_out);
   };
   if (warp == 0) {  // the first two buckets; the second once the first is in (all blocks start at once, cold)
     fill(0, seg, rows);
     const Segment second = next_segment(offs, r, seg);
     sp::mbarrier_wait(&full[0], 0);
+    sp::mbarrier_wait(&full_out[0], 0);
     if (second.pos < r.end) fill(1, second, nullptr);
   }
-  // The pair and done counters only grow (a reset would be a plain store that only the mbarriers order): a use of a
-  // buffer by a bucket of `pairs` pairs draws pairs + kW pair tickets (every warp draws one past the end) and kW done
-  // tickets.
-  int tickets_before_0 = 0, tickets_before_1 = 0;  // per buffer (two scalars: an indexed pair would live in memory)
+  // The pair and done counters only grow (a reset would be a plain store that only the mbarriers order): a bucket of
+  // `pairs` pairs draws pairs + kW pair tickets (every warp draws one past the end) and kW done tickets of its buffer.
+  // A warp draws bucket k's first ticket before it waits for the bucket's rows, so it may draw while slower warps still
+  // draw bucket k - 2's (same buffer) but not bucket k - 4's (it waited for bucket k - 2's rows, which the refill
+  // copies only after every warp is done with bucket k - 4): four pair counters, in turn. before[j]: the tickets drawn
+  // from bucket k + j's counter before it (four scalars turned at each bucket: an indexed array would live in memory).
+  int before_0 = 0, before_1 = 0, before_2 = 0, before_3 = 0;
   for (int k = 0; seg.pos < r.end; ++k, seg = next_segment(offs, r, seg)) {
     const int buf = k & 1;
     const int root = n_buckets - 1 + seg.b;
     const T* rows_in = buffer(buf);
     const int out_first = 1 + buf * L.buffer_rows + sub;  // the subtree's first w_out row, in rows of `rows`
     const int top_slot = lane == 0 ? 0 : out_first + sub + lane - 1;  // ancestor of level `lane` (lanes < split)
-    const int tickets_before = buf ? tickets_before_1 : tickets_before_0;
     // The biases from registers (lane j: subtree node j), loaded once per bucket: read from global memory at every
     // level they cost 10 us at 32768 tokens (a bucket's lines do not stay in L1 beside the x stream).
     const float bias_of_lane = lane < sub ? Elem<T>::load(b_in + tc::subtree_node(root, lane)) : 0.f;
-    sp::mbarrier_wait(&full[buf], (k >> 1) & 1);
+    // A warp waits for the bucket's rows only once its pair's x loads are issued: for the w_in rows before the walk,
+    // for the w_out rows before the output (a phase stays complete until every warp is done with the buffer, so the
+    // waits after the first return at once). Measured on an H200 against waiting for all rows before drawing a pair:
+    // fp32 32768 tokens 136.4 -> 132.2 us, the finishing kernel 79.9 -> 75.1 us under an L2 flush
+    // (benchmarks/results_cuda.md, item 22); each block has only ~3 buckets, so their cold first fills weigh.
+    const unsigned parity = (k >> 1) & 1;
+    const auto in_ready = [&] { sp::mbarrier_wait(&full[buf], parity); };
+    const auto out_ready = [&] { sp::mbarrier_wait(&full_out[buf], parity); };
     for (;;) {
       int i = 0;
-      if (lane == 0) i = atomicAdd(&taken[buf], 1) - tickets_before;
+      if (lane == 0) i = atomicAdd(&taken[k & 3], 1) - before_0;
       const int64_t q = seg.pos + 2 * static_cast<int64_t>(__shfl_sync(kFullMask, i, 0));
       if (q >= seg.end) break;
       if (sub <= 32)
         finish_pair_at<T, NV>(p, q, seg.end, rows_in, rows, out_first, top_slot, ShuffledBias{bias_of_lane}, root,
-                              lane, nvec);
+                              lane, nvec, in_ready, out_ready);
       else
         finish_pair_at<T, NV>(p, q, seg.end, rows_in, rows, out_first, top_slot, GlobalBias<T>{b_in, root}, root, lane,
-                              nvec);
+                              nvec, in_ready, out_ready);
     }
+    // A warp that drew no pair of this bucket has not waited for its rows: it waits before it arrives on `empty`, so
+    // that it cannot arrive again for the bucket two ahead (whose fill follows this phase) before every other warp
+    // arrived for this one.
+    in_ready();
+    out_ready();
     const int tickets = static_cast<int>((seg.end - seg.pos + 1) / 2) + kW;
-    if (buf) tickets_before_1 += tickets;
-    else tickets_before_0 += tickets;
+    const int next_use = before_0 + tickets;  // bucket k + 4's counter
+    before_0 = before_1;
+    before_1 = before_2;
+    before_2 = before_3;
+    before_3 = next_use;
     // The last warp done with this bucket refills its buffer with the bucket two ahead. Every warp arrives on the
     // buffer's `empty` barrier once its lanes stopped reading the buffer (release), and the refilling warp waits for
     // that phase (acquire) before it copies: the done counter only elects which warp refills.
