@@ -2568,7 +2568,10 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1)
     fill_bucket_buffer<T>(p, buffer(buf), &full[buf], &full_out[buf], n_buckets - 1 + which.b, sub, root_row, lane,
                           &map_in, &map_out);
   };
-  if (warp == 0) {  // the first two buckets; the second once the first is in (all blocks start at once, cold)
+  // The first two buckets; the second once the first is in (all blocks start at once, cold). The first fill also copies
+  // the root's w_out row, which every bucket reads: every warp waits for bucket 0's rows (full_out[0] included) before
+  // it goes on to bucket 1, so it sees that row whichever buffer it reads next.
+  if (warp == 0) {
     fill(0, seg, rows);
     const Segment second = next_segment(offs, r, seg);
     sp::mbarrier_wait(&full[0], 0);
