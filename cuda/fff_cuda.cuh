@@ -2427,7 +2427,7 @@ __host__ __device__ inline Layout layout(int depth, int split, int64_t hidden, i
   l.buffer_rows = 2 * sub + split - 1;
   l.offs = (1 + 2 * l.buffer_rows) * hidden * element_size;
   l.counters = l.offs + 4 * ((int64_t{1} << split) + 1);
-  l.barriers = (l.counters + 24 + 7) / 8 * 8;  // full[2], empty[2], full_out[2]
+  l.barriers = (l.counters + 24 + 7) / 8 * 8;  // past taken[4] and done[2]: full[2], empty[2], full_out[2]
   l.bytes = l.barriers + 48;
   return l;
 }
@@ -2485,10 +2485,10 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 }  // namespace sp
 
-// Fill a buffer (`rows`) with bucket `root`'s rows, one tensor copy per row issued by the warp's lanes, completing on
-// `bar`; root_row (the first fill only, else null): also copy the root's w_out row there.
-// bar_in completes when the subtree's w_in rows are in (what the walk reads), bar_out when the w_out rows are (the
-// output's): a warp can walk its pair while the output rows still arrive.
+// Fill a buffer (`rows`) with bucket `root`'s rows, one tensor copy per row issued by the warp's lanes; root_row (the
+// first fill only, else null): also copy the root's w_out row there. Two barriers, so that a warp can walk its pair
+// while the output rows still arrive: bar_in completes when the subtree's w_in rows are in (what the walk reads),
+// bar_out when the w_out rows are (the root's, the subtree's and the ancestors': what the output reads).
 template <typename T>
 __device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, uint64_t* bar_in, uint64_t* bar_out,
                                                    int root, int sub, T* root_row, int lane, const CUtensorMap* map_in,
