@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["hf_fff", "hf_fff.backends", "hf_fff.csrc", "hf_fff.model_cards"],
+    packages=["hf_fff", "hf_fff.backends", "hf_fff.tools", "hf_fff.csrc", "hf_fff.model_cards"],
     package_dir={"hf_fff.csrc": "cuda", "hf_fff.model_cards": "model_cards"},
     package_data={"hf_fff.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "hf_fff.model_cards": ["*.md"]},
     include_package_data=True,

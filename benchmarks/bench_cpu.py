@@ -1,6 +1,6 @@
 """Record the CPU benchmark behind benchmarks/results_cpu.md: `python benchmarks/bench_cpu.py`.
 
-Runs `hf_fff.bench.run_bench` at the issue's settings (fp32; FFF layer 768 x depth 11 at 1, 128 and
+Runs `hf_fff.tools.bench.run_bench` at the issue's settings (fp32; FFF layer 768 x depth 11 at 1, 128 and
 4096 tokens; whole encoders at batch 8 x 128) and writes results_cpu.json and results_cpu.png next to
 this file. Close other work first: the timings are only as quiet as the machine (the load average at
 the start is recorded in the JSON).
@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from hf_fff.bench import run_bench  # noqa: E402
+from hf_fff.tools.bench import run_bench  # noqa: E402
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ checkpoint layout, with transformers' Auto classes:
     model = AutoModelForMaskedLM.from_pretrained("pbelcak/UltraFastBERT-1x11-long")
 """
 
+__version__ = "0.1.0"
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -28,11 +30,7 @@ from .modeling_ultrafastbert import (
     UltraFastBertModel,
     UltraFastBertPreTrainedModel,
 )
-from .convert import convert
-from .hub import push_to_hub
 from .ops import fast_feedforward
-
-__version__ = "0.1.0"
 
 _AUTO_CLASSES = (
     (AutoModel, UltraFastBertModel),
@@ -52,6 +50,21 @@ def _register_with_auto_classes() -> None:
 
 
 _register_with_auto_classes()
+
+# The user tools load on first use: `import hf_fff` (model registration) never imports conversion,
+# publishing or yaml.
+_LAZY_TOOLS = {"convert": ("hf_fff.tools.convert", "convert"), "push_to_hub": ("hf_fff.tools.hub", "push_to_hub")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_TOOLS:
+        import importlib
+
+        module_name, attribute = _LAZY_TOOLS[name]
+        value = getattr(importlib.import_module(module_name), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_fff' has no attribute {name!r}")
 
 __all__ = [
     "UltraFastBertConfig",

@@ -1,37 +1,202 @@
-"""`hf-fff`: the command-line front. Parsing only; each subcommand's work lives in its own module.
+"""`hf-fff`: the command-line front. All argument parsing lives here; the work lives in `hf_fff.tools`.
 
     hf-fff demo      load UltraFastBERT (cached Hub weights, else labelled random weights), fill-mask, timing
     hf-fff bench     FFF vs dense vs masked timings, and the whole encoder vs BertModel
     hf-fff convert   published crammedBERT checkpoint (or native) -> native folder with a model card
     hf-fff push      upload a native folder to the Hub with a model card
-    hf-fff env       which FFF backends load here
+    hf-fff env       versions, compiler, kernel cache and the FFF backend of each device
+
+Nothing heavy is imported to build the parser: `hf-fff --help`, `--version` and a usage error answer
+without importing torch or transformers. Each handler imports its tool module when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-# subcommand -> (module implementing add_cli_arguments/cli_main, one-line help)
-SUBCOMMANDS = {
-    "demo": ("hf_fff.demo", "load UltraFastBERT, run fill-mask and time FFF vs dense on this device"),
-    "bench": ("hf_fff.bench", "time the FFF layer and the whole encoder against dense baselines"),
-    "convert": ("hf_fff.convert", "convert a crammedBERT (or native) checkpoint into a native folder"),
-    "push": ("hf_fff.hub", "publish a native model folder to the Hugging Face Hub"),
-    "env": ("hf_fff.environment", "show which FFF backends are available here"),
+from . import __version__
+
+# Choices spelled out here (not read from the tool modules) so that building the parser imports no torch.
+BENCH_DTYPES = ("bfloat16", "float16", "float32")
+CONVERT_DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32", "half")
+HUB_MODEL_ID = "pbelcak/UltraFastBERT-1x11-long"
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=HUB_MODEL_ID, help="Hub id or local folder (crammedBERT or native layout)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--download", action="store_true", help="allow downloading from the Hub (default: local cache only)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the FFF vs dense timing")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .tools.demo import run_demo
+
+    return run_demo(args.model, device=args.device, download=args.download, bench=not args.no_bench)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=BENCH_DTYPES, help="parameter and activation dtype (default: float32)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096], help="token counts for the layer benchmark (default: 1 128 4096)")
+    parser.add_argument("--repeats", type=int, default=10, help="minimum side-by-side calls per implementation (default: 10)")
+    parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
+    parser.add_argument("--no-encoder", dest="encoder", action="store_false", help="skip the whole-encoder comparison")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if any(t < 0 for t in args.tokens) or args.repeats < 1:
+        print("hf-fff bench: --tokens must be >= 0 and --repeats >= 1", file=sys.stderr)
+        return 2
+    from .tools.bench import DTYPES, run_bench
+
+    try:
+        run_bench(
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+            tokens=tuple(args.tokens),
+            repeats=args.repeats,
+            encoder=args.encoder,
+            json_path=args.json_path,
+            plot_path=args.plot_path,
+        )
+    except (RuntimeError, ImportError) as error:
+        print(f"hf-fff bench: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert an UltraFastBERT checkpoint (Hub id or folder, in the published crammedBERT layout or already native) "
+        "into a native transformers folder: config.json, model.safetensors, tokenizer files, README.md. The result is "
+        "reloaded and compared with SRC before it is moved into place."
+    )
+    parser.add_argument("src", help="Hub repo id (e.g. pbelcak/UltraFastBERT-1x11-long) or local folder")
+    parser.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", default="float32", choices=CONVERT_DTYPES, help="weights dtype of DST (default float32)")
+    parser.add_argument("--revision", help="Hub revision of SRC")
+    parser.add_argument("--token", help="Hub token for a private SRC; prefer HF_TOKEN or `hf auth login`")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (after the new one passed its check)")
+    parser.add_argument("--base-model", help="card base_model (default: SRC's Hub id)")
+    parser.add_argument("--license", help="card license (default: carried over from SRC's card)")
+    parser.add_argument("--remote-code", action="store_true", help="also write the trust_remote_code modeling files and auto_map")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids of the check")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from .tools.convert import ConversionError, convert
+
+    transformers_logging.disable_progress_bar()  # the CLI prints its own summary
+    try:
+        report = convert(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            revision=args.revision,
+            token=args.token,
+            overwrite=args.overwrite,
+            base_model=args.base_model,
+            license=args.license,
+            remote_code=args.remote_code,
+            seed=args.seed,
+        )
+    except (ConversionError, ValueError, OSError) as error:
+        print(f"hf-fff convert: error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Upload a native UltraFastBERT folder (save_pretrained / Trainer.save_model / `hf-fff convert` output) "
+        "to the Hugging Face Hub, with a rendered model card and the trust_remote_code modeling files. "
+        "The token comes from HF_TOKEN or `hf auth login` (or --token); HF_ENDPOINT selects the Hub."
+    )
+    parser.add_argument("folder", help="folder holding config.json (model_type ultrafastbert) and model.safetensors")
+    parser.add_argument("repo_id", help="target repository, namespace/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private (ignored if it exists)")
+    parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
+    parser.add_argument("--token", help="Hub token; prefer HF_TOKEN or `hf auth login`, which keep it out of shell history")
+    parser.add_argument("--metrics", metavar="FILE.json", help='evaluation numbers for the card: {"metric": value} or {"task": {"metric": value}}')
+    parser.add_argument("--bench", metavar="FILE.json", help="speed table for the card, as written by `hf-fff bench --json FILE`")
+    parser.add_argument("--commit-message", help="commit (or pull request) title")
+    parser.add_argument("--base-model", help="Hub id this model derives from (front matter base_model)")
+    parser.add_argument("--license", help="license identifier for the card (default: carried over from the folder's card)")
+    parser.add_argument("--tag", action="append", default=[], dest="tags", help="extra card tag (repeatable)")
+    parser.add_argument("--no-remote-code", action="store_true", help="do not ship the trust_remote_code modeling files")
+    parser.add_argument("--keep-card", action="store_true", help="upload the folder's README.md as is instead of rendering one")
+
+
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .tools.hub import HubTokenError, PublishError, push_to_hub
+
+    try:
+        report = push_to_hub(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            token=args.token,
+            metrics=args.metrics,
+            bench=args.bench,
+            commit_message=args.commit_message,
+            base_model=args.base_model,
+            license=args.license,
+            tags=args.tags,
+            remote_code=not args.no_remote_code,
+            card=not args.keep_card,
+        )
+    except (HubTokenError, PublishError, HfHubHTTPError, OSError) as error:
+        print(f"hf-fff push: error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def _env_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults()
+
+
+def _env(args: argparse.Namespace) -> int:
+    from .tools.environment import describe
+
+    rows = describe()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+Handler = Callable[[argparse.Namespace], int]
+# subcommand -> (add its arguments, run it, one-line help)
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {
+    "demo": (_demo_arguments, _demo, "load UltraFastBERT, run fill-mask and time FFF vs dense on this device"),
+    "bench": (_bench_arguments, _bench, "time the FFF layer and the whole encoder against dense baselines"),
+    "convert": (_convert_arguments, _convert, "convert a crammedBERT (or native) checkpoint into a native folder"),
+    "push": (_push_arguments, _push, "publish a native model folder to the Hugging Face Hub"),
+    "env": (_env_arguments, _env, "show versions, the compiler, the kernel cache and the FFF backend of each device"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fff", description="UltraFastBERT (fast feedforward) tools for transformers")
+    parser.add_argument("--version", action="version", version=f"hf-fff {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, (add_arguments, handler, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module.add_cli_arguments(sub)
-        sub.set_defaults(handler=module.cli_main)
+        add_arguments(sub)
+        sub.set_defaults(handler=handler)
     return parser
 
 

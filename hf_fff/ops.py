@@ -36,7 +36,33 @@ def _(x, weight_in, bias_in, weight_out, depth):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], trees), dtype=torch.long)
 
 
+@torch.library.custom_op("hf_fff::fff_backward", mutates_args=())
+def fff_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight_in: torch.Tensor,
+    bias_in: torch.Tensor,
+    weight_out: torch.Tensor,
+    depth: int,
+    leaves: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw op: gradients of fff_forward w.r.t. (x, weight_in, bias_in, weight_out) along the saved leaves.
+
+    grad_y and x (M, H) contiguous, leaves (M, T) int64 as fff_forward returned them. A custom op of its
+    own so that a compiled training step keeps it as one node; dispatches to the selected backend.
+    """
+    _, backward = backends.resolve_backward(x.device.type)
+    return backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+
+
+@fff_backward.register_fake
+def _(grad_y, x, weight_in, bias_in, weight_out, depth, leaves):
+    return x.new_empty(x.shape), weight_in.new_empty(weight_in.shape), bias_in.new_empty(bias_in.shape), weight_out.new_empty(weight_out.shape)
+
+
 def _setup_context(ctx, inputs, output):
+    # Saved: x and the (tokens, trees) leaves, plus references to the weights. O(tokens * (hidden + trees)):
+    # a leaf fixes its whole path, so backward recomputes the visited logits instead of storing them.
     x, weight_in, bias_in, weight_out, depth = inputs
     ctx.save_for_backward(x, weight_in, bias_in, weight_out, output[1])
     ctx.depth = depth
@@ -44,7 +70,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_leaves):
     x, weight_in, bias_in, weight_out, leaves = ctx.saved_tensors
-    grads = reference.fff_backward(grad_y.contiguous(), x, weight_in, bias_in, weight_out, ctx.depth, leaves)
+    grads = fff_backward(grad_y.contiguous(), x, weight_in, bias_in, weight_out, ctx.depth, leaves)
     return (*grads, None)
 
 

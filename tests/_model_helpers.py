@@ -38,7 +38,7 @@ def tiny_config(**overrides):
 
 def train_tokenizer(vocab_size: int = 128):
     """A WordPiece BertTokenizerFast trained on CORPUS (the real tokenizer cannot be downloaded here)."""
-    from hf_fff.demo import train_wordpiece_tokenizer
+    from hf_fff.tools.demo import train_wordpiece_tokenizer
 
     return train_wordpiece_tokenizer(CORPUS * 4, vocab_size)
 

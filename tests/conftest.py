@@ -147,7 +147,7 @@ def crammed_1x3(tmp_path, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def converted_tiny(tmp_path_factory, tiny_tokenizer) -> Path:
     """crammed-tiny-1x3 converted to the native format once per session (read-only for tests)."""
-    from hf_fff.convert import convert
+    from hf_fff.tools.convert import convert
 
     base = tmp_path_factory.mktemp("converted")
     source = _crammed_copy("crammed-tiny-1x3", base / "src", tiny_tokenizer)

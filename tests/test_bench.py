@@ -1,14 +1,14 @@
-"""hf_fff.bench at toy sizes: tables, JSON and the PNG come out well-formed (no timing assertions)."""
+"""hf_fff.tools.bench at toy sizes: tables, JSON and the PNG come out well-formed (no timing assertions)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from hf_fff import bench
+from hf_fff import cli
+from hf_fff.tools import bench
 
 TINY_MODELS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300, fff_depth=2)
 
@@ -78,20 +78,15 @@ def test_table_formatting_marks_baselines_and_ratios():
 
 
 def test_cli_arguments_reach_run_bench(monkeypatch, tmp_path):
-    parser = argparse.ArgumentParser()
-    bench.add_cli_arguments(parser)
-    args = parser.parse_args(["--dtype", "bfloat16", "--tokens", "1", "3", "--repeats", "4", "--no-encoder", "--json", str(tmp_path / "r.json")])
     seen = {}
     monkeypatch.setattr(bench, "run_bench", lambda **kwargs: seen.update(kwargs) or {})
-    assert bench.cli_main(args) == 0
+    assert cli.main(["bench", "--dtype", "bfloat16", "--tokens", "1", "3", "--repeats", "4", "--no-encoder", "--json", str(tmp_path / "r.json")]) == 0
     assert seen["dtype"] == torch.bfloat16 and seen["tokens"] == (1, 3) and seen["repeats"] == 4
     assert seen["encoder"] is False and seen["json_path"] == str(tmp_path / "r.json") and seen["device"] == "cpu"
 
 
 def test_cli_rejects_bad_arguments_and_missing_devices(capsys):
-    parser = argparse.ArgumentParser()
-    bench.add_cli_arguments(parser)
-    assert bench.cli_main(parser.parse_args(["--repeats", "0"])) == 2
+    assert cli.main(["bench", "--repeats", "0"]) == 2
     if not torch.cuda.is_available():
-        assert bench.cli_main(parser.parse_args(["--device", "cuda", "--no-encoder"])) == 2
-        assert "no CUDA GPU" in capsys.readouterr().out
+        assert cli.main(["bench", "--device", "cuda", "--no-encoder"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err

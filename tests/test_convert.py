@@ -1,8 +1,7 @@
-"""`hf-fff convert` / hf_fff.convert.convert: crammedBERT (or native) -> native folder, checked and atomic."""
+"""`hf-fff convert` / hf_fff.tools.convert.convert: crammedBERT (or native) -> native folder, checked and atomic."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -16,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 import hf_fff  # noqa: F401 - registers the model type with the Auto classes
 from conftest import FIXTURES_DIR, HUB_TOKEN
-from hf_fff.convert import ConversionError, convert
-from hf_fff.hub import split_front_matter
+from hf_fff.tools.convert import ConversionError, convert
+from hf_fff.tools.hub import split_front_matter
 
-convert_module = importlib.import_module("hf_fff.convert")  # the module, whatever `hf_fff.convert` is bound to
+convert_module = importlib.import_module("hf_fff.tools.convert")  # the module, whatever `hf_fff.tools.convert` is bound to
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -233,19 +232,15 @@ def test_convert_from_a_hub_repo_id(lfs_hub, hub_token, crammed_1x3: Path, tmp_p
     assert not (tmp_path / "nothing").exists()
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hf-fff convert")
-    convert_module.add_cli_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def test_cli_convert_prints_the_check_and_fails_on_damage(crammed_1x3: Path, tmp_path: Path, capsys):
-    assert convert_module.cli_main(_parse([str(crammed_1x3), str(tmp_path / "ok"), "--dtype", "bf16"])) == 0
+    from hf_fff.cli import main
+
+    assert main(["convert", str(crammed_1x3), str(tmp_path / "ok"), "--dtype", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "max relative error" in out and "bfloat16" in out
 
     name = _damage(crammed_1x3, "shape")
-    assert convert_module.cli_main(_parse([str(crammed_1x3), str(tmp_path / "bad")])) == 1
+    assert main(["convert", str(crammed_1x3), str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err
     assert "error" in err and name in err
     assert not (tmp_path / "bad").exists()
@@ -259,8 +254,9 @@ def test_hf_fff_cli_routes_convert(crammed_1x3: Path, tmp_path: Path, capsys):
     assert (tmp_path / "via-cli" / "model.safetensors").is_file()
 
 
-def test_convert_module_keeps_cli_hooks_when_shadowed():
-    """hf_fff may re-export the function as `hf_fff.convert`; the CLI hooks must stay reachable."""
-    assert convert.cli_main is convert_module.cli_main
-    assert convert.add_cli_arguments is convert_module.add_cli_arguments
+def test_package_convert_is_the_tool_function():
+    """`hf_fff.convert` is the conversion function, loaded on first use from hf_fff.tools.convert."""
+    import hf_fff
+
+    assert hf_fff.convert is convert_module.convert
     assert os.path.basename(convert_module.__file__) == "convert.py"

@@ -11,6 +11,8 @@ Tests that need a GPU skip cleanly without one; the last few (import, fallback) 
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -607,13 +609,13 @@ def test_whole_model_on_gpu(ext, monkeypatch, dtype):
     backends.resolve("cuda")
     native = backends._NATIVE["cuda"]
     calls = []
-    kernel = native._forward
+    kernels = native._kernels
 
     def counting(*args):
         calls.append(args[0].shape)
-        return kernel(*args)
+        return kernels.forward(*args)
 
-    monkeypatch.setattr(native, "_forward", counting)
+    monkeypatch.setattr(native, "_kernels", dataclasses.replace(kernels, forward=counting))
 
     def agree(a, b):  # fraction of tokens whose hidden state agrees to 0.1 everywhere
         return ((a.float() - b.float()).abs().amax(-1) <= 0.1).float().mean().item()

@@ -1,8 +1,7 @@
-"""Model cards and publishing (hf_fff.hub), against the fake Hub of tests/fake_hub.py."""
+"""Model cards and publishing (hf_fff.tools.hub), against the fake Hub of tests/fake_hub.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +12,8 @@ import yaml
 
 import hf_fff  # registers the model type with the Auto classes
 from conftest import HUB_TOKEN, HUB_USER
-from hf_fff import hub
-from hf_fff.hub import HubTokenError, PublishError, push_to_hub, render_bench, render_metrics, render_model_card, split_front_matter
+from hf_fff.tools import hub
+from hf_fff.tools.hub import HubTokenError, PublishError, push_to_hub, render_bench, render_metrics, render_model_card, split_front_matter
 
 IDS = torch.tensor([[2, 17, 45, 9, 88, 3, 0, 0], [2, 5, 101, 64, 7, 19, 23, 3]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
@@ -33,7 +32,7 @@ BENCH = {
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory) -> Path:
     """A real `hf-fff bench --json` file, measured at toy sizes (the format is what matters here)."""
-    from hf_fff import bench
+    from hf_fff.tools import bench
 
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     bench.run_bench(
@@ -159,7 +158,7 @@ def test_bench_table(tmp_path: Path):
 
 def test_ready_card_for_the_published_model_is_current():
     """model_cards/UltraFastBERT-1x11-long.md is what render_model_card produces for the full-size model."""
-    from hf_fff.hub import reference_card_for_published_model
+    from hf_fff.tools.hub import reference_card_for_published_model
 
     committed = hub.load_template("UltraFastBERT-1x11-long.md")
     recorded_bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results_cpu.json").read_text())
@@ -219,9 +218,9 @@ def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_ti
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-fff push")
-    hub.add_cli_arguments(parser)
-    return hub.cli_main(parser.parse_args(argv))
+    from hf_fff.cli import main
+
+    return main(["push", *argv])
 
 
 def test_cli_push_private_branch_and_pull_request(lfs_hub, hub_token, converted_tiny: Path, fresh_hf_cache, capsys, monkeypatch, tmp_path, bench_json):

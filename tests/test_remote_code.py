@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_fff  # registers the model type with the Auto classes
 from conftest import HUB_TOKEN, HUB_USER
-from hf_fff.hub import PublishError, push_to_hub, remote_code_sources
+from hf_fff.tools.hub import PublishError, push_to_hub, remote_code_sources
 
 BLOCK_HF_FFF = textwrap.dedent(
     """

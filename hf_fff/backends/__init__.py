@@ -1,9 +1,12 @@
-"""Backend registry for the FFF op: which implementation runs for a device type.
+"""Backend registry for the FFF ops: which implementation runs for a device type.
 
-A backend is a function `forward(x, weight_in, bias_in, weight_out, depth) -> (y, leaves)` taking
-contiguous 2-D `x` (M, H) and the (T*N, H) / (T*N,) weights, all of one dtype on one device (see
-`reference.fff_forward`, which is the contract). Native backends are loaded lazily on first use: a
-loader returns the forward function, or None when the native code cannot be built (it warns once).
+A backend is a pair of functions (`Kernels`):
+  forward(x, weight_in, bias_in, weight_out, depth) -> (y, leaves)
+  backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves) -> (grad_x, grad_weight_in, grad_bias_in, grad_weight_out)
+taking contiguous 2-D `x` / `grad_y` (M, H), the (T*N, H) / (T*N,) weights and the (M, T) int64 leaves, all
+of one dtype on one device (`reference.fff_forward` and `reference.fff_backward` are the contract). A backend
+without a backward of its own uses the reference backward. Native backends are loaded lazily on first use:
+a loader returns its `Kernels`, or None when the native code cannot be built (it warns once).
 
 The choice is automatic (the native backend for the device when it loads, else "reference") and can be
 forced with the environment variable HF_FFF_BACKEND or `hf_fff.set_backend` / `hf_fff.use_backend`.
@@ -22,28 +25,42 @@ import torch
 from . import reference
 
 ForwardFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+BackwardFn = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What a backend computes with: its forward and (optionally) its own backward."""
+
+    forward: ForwardFn
+    backward: Optional[BackwardFn] = None  # None: the reference backward (plain torch) runs
+
+
 ENV_VAR = "HF_FFF_BACKEND"
 AUTO = "auto"
 REFERENCE = "reference"
 MASKED = "masked"  # the published dense-and-mask computation, for baselines; never chosen automatically
-_TORCH_BACKENDS = {REFERENCE: reference.fff_forward, MASKED: reference.fff_forward_masked}
+_TORCH_BACKENDS = {
+    REFERENCE: Kernels(reference.fff_forward, reference.fff_backward),
+    MASKED: Kernels(reference.fff_forward_masked, reference.fff_backward),
+}
 
 
 @dataclass
 class NativeBackend:
     name: str
     device_type: str
-    loader: Callable[[], Optional[ForwardFn]]  # builds/loads the extension; None when unavailable
-    _forward: Optional[ForwardFn] = None
+    loader: Callable[[], Optional[Kernels]]  # builds/loads the extension; None when unavailable
+    _kernels: Optional[Kernels] = None
     _tried: bool = False
 
-    def forward_fn(self) -> Optional[ForwardFn]:
+    def kernels(self) -> Optional[Kernels]:
         if not self._tried:
             with _LOCK:
                 if not self._tried:
-                    self._forward = self.loader()
+                    self._kernels = self.loader()
                     self._tried = True
-        return self._forward
+        return self._kernels
 
 
 _LOCK = threading.Lock()
@@ -53,10 +70,10 @@ _forced: Optional[str] = None  # set_backend(); overrides the environment variab
 # loaded native backend. Resolving costs ~2 us of Python, a sizeable part of a one-token call; anything that
 # can change the choice clears this. The native forward is read from the backend at each call, so a
 # patched or reloaded backend is seen at once.
-_RESOLVED: dict[tuple, "tuple[str, Optional[NativeBackend], Optional[ForwardFn]]"] = {}
+_RESOLVED: dict[tuple, "tuple[str, Optional[NativeBackend], Optional[Kernels]]"] = {}
 
 
-def register_native_backend(name: str, device_type: str, loader: Callable[[], Optional[ForwardFn]]) -> None:
+def register_native_backend(name: str, device_type: str, loader: Callable[[], Optional[Kernels]]) -> None:
     _NATIVE[name] = NativeBackend(name, device_type, loader)
     _RESOLVED.clear()
 
@@ -94,26 +111,38 @@ def use_backend(name: str) -> Iterator[None]:
         _RESOLVED.clear()
 
 
-def resolve(device_type: str) -> tuple[str, ForwardFn]:
-    """(backend name, forward function) that will run for tensors on `device_type`."""
+def resolve_kernels(device_type: str) -> tuple[str, Kernels]:
+    """(backend name, its kernels) that will run for tensors on `device_type`."""
     key = (_forced, os.environ.get(ENV_VAR), device_type)
     choice = _RESOLVED.get(key)
     if choice is None:
         choice = _RESOLVED[key] = _choose(device_type)  # errors raise and are not cached
-    name, native, torch_forward = choice
+    name, native, torch_kernels = choice
     if native is None:
-        return name, torch_forward
-    forward = native._forward
-    return (name, forward) if forward is not None else _choose_native_again(device_type)
+        return name, torch_kernels
+    kernels = native._kernels
+    return (name, kernels) if kernels is not None else _choose_native_again(device_type)
 
 
-def _choose_native_again(device_type: str) -> tuple[str, ForwardFn]:
+def resolve(device_type: str) -> tuple[str, ForwardFn]:
+    """(backend name, forward function) that will run for tensors on `device_type`."""
+    name, kernels = resolve_kernels(device_type)
+    return name, kernels.forward
+
+
+def resolve_backward(device_type: str) -> tuple[str, BackwardFn]:
+    """(backend name, backward function) for tensors on `device_type`: the backend's own, else the reference's."""
+    name, kernels = resolve_kernels(device_type)
+    return name, kernels.backward if kernels.backward is not None else reference.fff_backward
+
+
+def _choose_native_again(device_type: str) -> tuple[str, Kernels]:
     """The cached native backend was reset (tests): choose afresh."""
     _RESOLVED.clear()
-    return resolve(device_type)
+    return resolve_kernels(device_type)
 
 
-def _choose(device_type: str) -> "tuple[str, Optional[NativeBackend], Optional[ForwardFn]]":
+def _choose(device_type: str) -> "tuple[str, Optional[NativeBackend], Optional[Kernels]]":
     choice = requested_backend()
     if choice in _TORCH_BACKENDS:
         return choice, None, _TORCH_BACKENDS[choice]
@@ -121,19 +150,19 @@ def _choose(device_type: str) -> "tuple[str, Optional[NativeBackend], Optional[F
         backend = _NATIVE[choice]
         if backend.device_type != device_type:
             raise RuntimeError(f"FFF backend {choice!r} runs on {backend.device_type} tensors, got {device_type} tensors")
-        if backend.forward_fn() is None:
+        if backend.kernels() is None:
             raise RuntimeError(f"FFF backend {choice!r} was forced but could not be loaded (see the warning above)")
         return choice, backend, None
     for backend in _NATIVE.values():
-        if backend.device_type == device_type and backend.forward_fn() is not None:
+        if backend.device_type == device_type and backend.kernels() is not None:
             return backend.name, backend, None
-    return REFERENCE, None, reference.fff_forward
+    return REFERENCE, None, _TORCH_BACKENDS[REFERENCE]
 
 
 def _reset_for_tests() -> None:
     """Forget loaded native backends so that a test can exercise loading again."""
     for backend in _NATIVE.values():
-        backend._forward, backend._tried = None, False
+        backend._kernels, backend._tried = None, False
     _RESOLVED.clear()
 from . import cpu  # noqa: E402,F401  (registers the C++ CPU backend)
 from . import cuda  # noqa: E402,F401  (registers the CUDA backend)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import extension
-from . import ForwardFn, register_native_backend
+from . import Kernels, register_native_backend
 
 EXTENSION_NAME = "fff_cpu"
 SOURCES = ["fff_cpu.cpp"]
@@ -24,9 +24,9 @@ def load_module():
     return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
 
 
-def load_forward() -> Optional[ForwardFn]:
+def load_kernels() -> Optional[Kernels]:
     module = load_module()
-    return None if module is None else module.fff_forward
+    return None if module is None else Kernels(forward=module.fff_forward)
 
 
-register_native_backend("cpp", "cpu", load_forward)
+register_native_backend("cpp", "cpu", load_kernels)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import extension
-from . import ForwardFn, reference, register_native_backend
+from . import Kernels, reference, register_native_backend
 
 EXTENSION_NAME = "fff_cuda"
 SOURCES = ["fff_cuda.cpp", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu"]
@@ -77,7 +77,7 @@ def forced_strategy() -> tuple[int, int]:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def load_forward() -> Optional[ForwardFn]:
+def load_kernels() -> Optional[Kernels]:
     module = load_module()
     if module is None:
         return None
@@ -89,7 +89,7 @@ def load_forward() -> Optional[ForwardFn]:
             return reference.fff_forward(x, weight_in, bias_in, weight_out, depth)
         return kernel(x, weight_in, bias_in, weight_out, depth)
 
-    return forward
+    return Kernels(forward=forward)
 
 
-register_native_backend("cuda", "cuda", load_forward)
+register_native_backend("cuda", "cuda", load_kernels)

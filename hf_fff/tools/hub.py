@@ -8,11 +8,9 @@ comes from the argument, HF_TOKEN or the stored login, and is never printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,55 +279,6 @@ def push_to_hub(
 # ----------------------------------------------------------------------------------------------------
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Upload a native UltraFastBERT folder (save_pretrained / Trainer.save_model / `hf-fff convert` output) "
-        "to the Hugging Face Hub, with a rendered model card and the trust_remote_code modeling files. "
-        "The token comes from HF_TOKEN or `hf auth login` (or --token); HF_ENDPOINT selects the Hub."
-    )
-    parser.add_argument("folder", help="folder holding config.json (model_type ultrafastbert) and model.safetensors")
-    parser.add_argument("repo_id", help="target repository, namespace/name (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repository as private (ignored if it exists)")
-    parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
-    parser.add_argument("--token", help="Hub token; prefer HF_TOKEN or `hf auth login`, which keep it out of shell history")
-    parser.add_argument("--metrics", metavar="FILE.json", help='evaluation numbers for the card: {"metric": value} or {"task": {"metric": value}}')
-    parser.add_argument("--bench", metavar="FILE.json", help="speed table for the card, as written by `hf-fff bench --json FILE`")
-    parser.add_argument("--commit-message", help="commit (or pull request) title")
-    parser.add_argument("--base-model", help="Hub id this model derives from (front matter base_model)")
-    parser.add_argument("--license", help="license identifier for the card (default: carried over from the folder's card)")
-    parser.add_argument("--tag", action="append", default=[], dest="tags", help="extra card tag (repeatable)")
-    parser.add_argument("--no-remote-code", action="store_true", help="do not ship the trust_remote_code modeling files")
-    parser.add_argument("--keep-card", action="store_true", help="upload the folder's README.md as is instead of rendering one")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        report = push_to_hub(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            token=args.token,
-            metrics=args.metrics,
-            bench=args.bench,
-            commit_message=args.commit_message,
-            base_model=args.base_model,
-            license=args.license,
-            tags=args.tags,
-            remote_code=not args.no_remote_code,
-            card=not args.keep_card,
-        )
-    except (HubTokenError, PublishError, HfHubHTTPError, OSError) as error:
-        print(f"hf-fff push: error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
-
-
 __all__ = [
     "HubTokenError",
     "PublishError",
@@ -344,6 +293,4 @@ __all__ = [
     "render_metrics",
     "render_model_card",
     "resolve_token",
-    "add_cli_arguments",
-    "cli_main",
 ]

@@ -12,12 +12,10 @@ bound on the median token so that an overflowing fp16 conversion is refused).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -149,7 +147,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _model_class(config: dict[str, Any], folder: Path):
-    from . import crammed, modeling_ultrafastbert
+    from .. import crammed, modeling_ultrafastbert
 
     if crammed.is_crammed_config(config):
         return "crammedBERT", modeling_ultrafastbert.UltraFastBertForMaskedLM
@@ -166,7 +164,7 @@ def _model_class(config: dict[str, Any], folder: Path):
 
 def _check_native_shapes(model_class, folder: Path, what: str) -> None:
     """Compare the stored tensors' names and shapes (safetensors headers only) with what the config builds."""
-    from .configuration_ultrafastbert import UltraFastBertConfig
+    from ..configuration_ultrafastbert import UltraFastBertConfig
     from .model_card import safetensors_headers
 
     try:
@@ -186,7 +184,7 @@ def _check_native_shapes(model_class, folder: Path, what: str) -> None:
 
 def _load_strict(model_class, folder: Path, dtype: torch.dtype, what: str, native: bool = True):
     """from_pretrained that refuses missing, unexpected or misshapen tensors and non-finite weights."""
-    from . import crammed
+    from .. import crammed
 
     if native:
         _check_native_shapes(model_class, folder, what)
@@ -439,56 +437,6 @@ def convert(
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI glue (hf_fff.cli builds the parser and calls these)
-# ----------------------------------------------------------------------------------------------------
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Convert an UltraFastBERT checkpoint (Hub id or folder, in the published crammedBERT layout or already native) "
-        "into a native transformers folder: config.json, model.safetensors, tokenizer files, README.md. The result is "
-        "reloaded and compared with SRC before it is moved into place."
-    )
-    parser.add_argument("src", help="Hub repo id (e.g. pbelcak/UltraFastBERT-1x11-long) or local folder")
-    parser.add_argument("dst", help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype of DST (default float32)")
-    parser.add_argument("--revision", help="Hub revision of SRC")
-    parser.add_argument("--token", help="Hub token for a private SRC; prefer HF_TOKEN or `hf auth login`")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (after the new one passed its check)")
-    parser.add_argument("--base-model", help="card base_model (default: SRC's Hub id)")
-    parser.add_argument("--license", help="card license (default: carried over from SRC's card)")
-    parser.add_argument("--remote-code", action="store_true", help="also write the trust_remote_code modeling files and auto_map")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids of the check")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # the CLI prints its own summary
-    try:
-        report = convert(
-            args.src,
-            args.dst,
-            dtype=args.dtype,
-            revision=args.revision,
-            token=args.token,
-            overwrite=args.overwrite,
-            base_model=args.base_model,
-            license=args.license,
-            remote_code=args.remote_code,
-            seed=args.seed,
-        )
-    except (ConversionError, ValueError, OSError) as error:
-        print(f"hf-fff convert: error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
-
-
-# `hf_fff.convert` may be re-exported as this function by the package; keep `hf_fff.convert.cli_main`
-# and `hf_fff.convert.add_cli_arguments` working either way.
-convert.cli_main = cli_main
-convert.add_cli_arguments = add_cli_arguments
-
-__all__ = ["ConversionError", "ConvertReport", "convert", "resolve_dtype", "add_cli_arguments", "cli_main"]
+__all__ = ["ConversionError", "ConvertReport", "convert", "resolve_dtype"]

@@ -7,7 +7,6 @@ timing meaningful and every prediction meaningless.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -34,7 +33,7 @@ def load_model_and_tokenizer(model_id: str, download: bool):
     except OSError as missing:
         print(f"note: {model_id} is not available here ({type(missing).__name__}); "
               "using RANDOM WEIGHTS in the UltraFastBERT-1x11-long architecture: timings are real, predictions are noise.")
-    from . import UltraFastBertConfig, UltraFastBertForMaskedLM
+    from .. import UltraFastBertConfig, UltraFastBertForMaskedLM
 
     torch.manual_seed(0)
     model = UltraFastBertForMaskedLM(UltraFastBertConfig())
@@ -75,7 +74,8 @@ def whole_words(tokenizer) -> list[str]:
 def run_demo(model_id: str = HUB_MODEL_ID, device: str | None = None, download: bool = False, bench: bool = True) -> int:
     from transformers import pipeline
 
-    from . import backends, bench as bench_module
+    from .. import backends
+    from . import bench as bench_module
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
@@ -94,14 +94,3 @@ def run_demo(model_id: str = HUB_MODEL_ID, device: str | None = None, download: 
         print()
         bench_module.run_bench(device=device, tokens=(1, 128, 4096), encoder=False)
     return 0
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=HUB_MODEL_ID, help="Hub id or local folder (crammedBERT or native layout)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--download", action="store_true", help="allow downloading from the Hub (default: local cache only)")
-    parser.add_argument("--no-bench", action="store_true", help="skip the FFF vs dense timing")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    return run_demo(args.model, device=args.device, download=args.download, bench=not args.no_bench)

@@ -14,7 +14,6 @@ on CUDA each call is timed with CUDA events, on the CPU with a monotonic clock.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -28,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import backends
+from .. import backends
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_SECONDS_PER_ROW = 0.3  # cheap calls are repeated until each row has this much timing in it
@@ -139,7 +138,7 @@ def dense_name(hidden: int, intermediate: int) -> str:
 
 
 def bench_layer(device, dtype, tokens: Sequence[int], repeats: int, hidden: int, depth: int) -> list[Row]:
-    from .modeling_ultrafastbert import FastFeedForward
+    from ..modeling_ultrafastbert import FastFeedForward
 
     generator = torch.Generator().manual_seed(0)
     fff = FastFeedForward(hidden, depth).to(device=device, dtype=dtype).eval()
@@ -170,7 +169,7 @@ def build_encoders(device, dtype, model_overrides: Optional[dict] = None):
     """
     from transformers import BertConfig, BertModel
 
-    from . import UltraFastBertConfig, UltraFastBertModel
+    from .. import UltraFastBertConfig, UltraFastBertModel
 
     overrides = dict(model_overrides or {})
     torch.manual_seed(0)
@@ -379,33 +378,3 @@ def _row_dict(row: Row) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and activation dtype (default: float32)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096], help="token counts for the layer benchmark (default: 1 128 4096)")
-    parser.add_argument("--repeats", type=int, default=10, help="minimum side-by-side calls per implementation (default: 10)")
-    parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
-    parser.add_argument("--no-encoder", dest="encoder", action="store_false", help="skip the whole-encoder comparison")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    if any(t < 0 for t in args.tokens) or args.repeats < 1:
-        print("hf-fff bench: --tokens must be >= 0 and --repeats >= 1")
-        return 2
-    try:
-        run_bench(
-            device=args.device,
-            dtype=DTYPES[args.dtype],
-            tokens=tuple(args.tokens),
-            repeats=args.repeats,
-            encoder=args.encoder,
-            json_path=args.json_path,
-            plot_path=args.plot_path,
-        )
-    except (RuntimeError, ImportError) as error:
-        print(f"hf-fff bench: {error}")
-        return 2
-    return 0

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import platform
 
 import torch
 import transformers
 
-from . import backends
+from .. import backends
 
 
 def describe() -> list[tuple[str, str]]:
@@ -25,15 +24,3 @@ def describe() -> list[tuple[str, str]]:
         name, _ = backends.resolve(device)  # builds the native extension on first use
         rows.append((f"FFF backend on {device}", name))
     return rows
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults()
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    rows = describe()
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0

@@ -43,7 +43,7 @@ def fast_feedforward(x, weight_in, bias_in, weight_out, depth: int):
 
 
 def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    return Path(__file__).resolve().parent.parent  # hf_fff/, whose model files travel
 
 
 def remote_code_sources(package_dir: Optional[PathLike] = None) -> dict[str, str]:

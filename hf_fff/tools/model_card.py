@@ -58,7 +58,7 @@ def load_template(name: str = "template.md") -> str:
             return packaged.read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
         pass
-    checkout = Path(__file__).resolve().parent.parent / "model_cards" / name
+    checkout = Path(__file__).resolve().parents[2] / "model_cards" / name
     if checkout.is_file():
         return checkout.read_text(encoding="utf-8")
     raise FileNotFoundError(f"model card template {name!r} is neither in the installed hf_fff package nor in {checkout.parent}")
@@ -493,8 +493,8 @@ def reference_card_for_published_model(bench=None, repo_id: str = PUBLISHED_NATI
     native format: UltraFastBertConfig's defaults are the published model."""
     import torch
 
-    from .configuration_ultrafastbert import UltraFastBertConfig
-    from .modeling_ultrafastbert import UltraFastBertForMaskedLM
+    from ..configuration_ultrafastbert import UltraFastBertConfig
+    from ..modeling_ultrafastbert import UltraFastBertForMaskedLM
 
     config = UltraFastBertConfig(architectures=["UltraFastBertForMaskedLM"])
     with torch.device("meta"):
