@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import hf_fff
 from hf_fff.backends import reference
 
+import _oracle
 from _model_helpers import FIXTURES
 
 
@@ -102,3 +103,25 @@ def test_eager_inference_skips_the_dispatcher_but_autograd_and_modes_use_the_op(
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)  # plain eager inference: straight to the backend
     with pytest.raises(AssertionError, match="registered op"):
         layer(x)  # parameters require grad: autograd needs the op
+
+
+@pytest.mark.parametrize("dtype", _oracle.DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, hidden, trees, depth", [(0, 13, 2, 3), (1, 1, 1, 0), (37, 65, 3, 4), (64, 768, 1, 11)])
+def test_reference_passes_the_shared_oracle(tokens, hidden, trees, depth, dtype):
+    """The oracle's float64 checks accept the reference itself, forward and backward, zero tokens included."""
+    x, weight_in, bias_in, weight_out = _oracle.random_layer(tokens, hidden, trees, depth, dtype, seed=tokens + depth)
+    y, leaves = reference.fff_forward(x, weight_in, bias_in, weight_out, depth)
+    _oracle.check_forward(x, weight_in, bias_in, weight_out, depth, y, leaves)
+    grad_y = _oracle.random_layer(tokens, hidden, 1, 0, dtype, seed=99)[0]
+    grads = reference.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+    _oracle.check_backward(grads, grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+
+
+def test_oracle_rejects_a_wrong_gradient():
+    x, weight_in, bias_in, weight_out = _oracle.random_layer(50, 32, 1, 4, torch.float32, seed=2)
+    y, leaves = reference.fff_forward(x, weight_in, bias_in, weight_out, 4)
+    grad_y = torch.randn_like(x)
+    grads = list(reference.fff_backward(grad_y, x, weight_in, bias_in, weight_out, 4, leaves))
+    grads[3] = grads[3] * 1.001
+    with pytest.raises(AssertionError, match="grad_weight_out"):
+        _oracle.check_backward(grads, grad_y, x, weight_in, bias_in, weight_out, 4, leaves)

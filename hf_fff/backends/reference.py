@@ -123,7 +123,7 @@ def fff_backward(
     """
     tokens, hidden = x.shape
     acc = accumulation_dtype(x.dtype)
-    rows = path_rows(leaves, depth).reshape(tokens, -1)  # (M, K), K = T * (depth + 1)
+    rows = path_rows(leaves, depth).reshape(tokens, leaves.shape[1] * (depth + 1))  # (M, K), K = T * (depth + 1)
     xa, ga = x.to(acc), grad_y.to(acc)
     w_in = weight_in[rows].to(acc)  # (M, K, H)
     w_out = weight_out[rows].to(acc)
