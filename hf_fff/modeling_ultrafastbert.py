@@ -445,7 +445,7 @@ class UltraFastBertForMaskedLM(UltraFastBertPreTrainedModel):
         logits = self.decoder(encoded.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.config.vocab_size).float(), labels.to(logits.device).view(-1), ignore_index=-100)
+            loss = token_cross_entropy(logits, labels, self.config.vocab_size, kwargs.get("num_items_in_batch"))
         output = UltraFastBertMaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions, router_paths=encoded.router_paths
         )
@@ -473,8 +473,30 @@ def pool_sequence(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], 
     return hidden.mean(dim=1)
 
 
-def sequence_classification_loss(config: UltraFastBertConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BERT's convention: regression for 1 label, single-label for integer labels, multi-label otherwise."""
+def _mean_over_items(loss_sum: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """A summed loss divided by Trainer's item count across all gradient-accumulation micro-batches.
+
+    Our forwards take **kwargs, so Trainer passes `num_items_in_batch` and, trusting the model to use it, no
+    longer divides by the accumulation steps itself: ignoring it would scale every gradient by that count.
+    """
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: int, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy over every position whose label is not -100 (masked LM, token classification)."""
+    flat_logits, flat_labels = logits.view(-1, classes).float(), labels.to(logits.device).view(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    return _mean_over_items(F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum"), num_items_in_batch)
+
+
+def sequence_classification_loss(config: UltraFastBertConfig, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """BERT's convention: regression for 1 label, single-label for integer labels, multi-label otherwise.
+
+    With `num_items_in_batch` (Trainer, gradient accumulation) the summed loss is divided by it instead of averaged.
+    """
     if config.problem_type is None:
         if config.num_labels == 1:
             config.problem_type = "regression"
@@ -482,13 +504,17 @@ def sequence_classification_loss(config: UltraFastBertConfig, logits: torch.Tens
             config.problem_type = "single_label_classification"
         else:
             config.problem_type = "multi_label_classification"
+    reduction = "mean" if num_items_in_batch is None else "sum"
     if config.problem_type == "regression":
         if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float() if labels.dim() > 1 else labels.float())
-        return F.mse_loss(logits.float(), labels.float())
-    if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float() if labels.dim() > 1 else labels.float(), reduction=reduction)
+        else:
+            loss = F.mse_loss(logits.float(), labels.float(), reduction=reduction)
+    elif config.problem_type == "single_label_classification":
+        loss = F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1), reduction=reduction)
+    else:
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction=reduction)
+    return loss if num_items_in_batch is None else _mean_over_items(loss, num_items_in_batch)
 
 
 class UltraFastBertForSequenceClassification(UltraFastBertPreTrainedModel):
@@ -516,7 +542,9 @@ class UltraFastBertForSequenceClassification(UltraFastBertPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         encoded = _encode(self, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths)
         logits = self.head(pool_sequence(encoded.last_hidden_state, attention_mask, self.config.classifier_pooling))
-        loss = sequence_classification_loss(self.config, logits, labels.to(logits.device)) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(self.config, logits, labels.to(logits.device), kwargs.get("num_items_in_batch"))
         output = UltraFastBertSequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions, router_paths=encoded.router_paths
         )
@@ -552,7 +580,7 @@ class UltraFastBertForTokenClassification(UltraFastBertPreTrainedModel):
         logits = self.head(encoded.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.to(logits.device).view(-1), ignore_index=-100)
+            loss = token_cross_entropy(logits, labels, self.num_labels, kwargs.get("num_items_in_batch"))
         output = UltraFastBertTokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions, router_paths=encoded.router_paths
         )

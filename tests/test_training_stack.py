@@ -1,0 +1,196 @@
+"""The training stack users reach for, on every device here: Trainer with bf16 mixed precision, gradient
+accumulation and gradient checkpointing; MLM pretraining from scratch with DataCollatorForLanguageModeling;
+a torch.compile'd training step (fullgraph: no graph break around the FFF ops); CUDA graphs on the GPU.
+
+CPU cases run in CI; the CUDA cases skip without a GPU and run on the device machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+import hf_fff
+
+from _model_helpers import CORPUS, tiny_config, train_tokenizer
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def no_dropout_config(**overrides):
+    return tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0, classifier_dropout=0.0, **overrides)
+
+
+class LabelledIds(torch.utils.data.Dataset):
+    """Label = whether token 5 appears at position 3: learnable in a few steps."""
+
+    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 128, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(6, vocab, (n, seq_len), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+        self.ids[self.labels == 1, 3] = 5
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def training_args(tmp_path, device, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=1,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        seed=0,
+        dataloader_pin_memory=False,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def logged_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_bf16_mixed_precision_learns(tmp_path, device):
+    torch.manual_seed(0)
+    model = hf_fff.UltraFastBertForSequenceClassification(no_dropout_config(num_labels=2))
+    args = training_args(tmp_path, device, bf16=True, num_train_epochs=12)
+    trainer = Trainer(model=model, args=args, train_dataset=LabelledIds())
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4, losses
+    assert next(model.parameters()).dtype == torch.float32  # mixed precision: fp32 master weights
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulation_equals_the_large_batch(tmp_path, device):
+    """Two accumulated micro-batches of 8 take the same optimizer step as one batch of 16 (fp32, SGD)."""
+    data = LabelledIds(n=16)
+
+    def one_step(batch_size, accumulation):
+        torch.manual_seed(3)
+        model = hf_fff.UltraFastBertForSequenceClassification(no_dropout_config(num_labels=2))
+        args = training_args(
+            tmp_path / f"{batch_size}", device, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+            max_steps=1, optim="sgd", learning_rate=0.5,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train()
+        return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+
+    accumulated, large = one_step(8, 2), one_step(16, 1)
+    moved = 0
+    for name, value in large.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-4, atol=1e-6, msg=name)
+        moved += name.endswith("weight_in")
+    assert moved, "no FFF parameter was compared"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_gradient_checkpointing_matches_plain_gradients(device):
+    torch.manual_seed(2)
+    model = hf_fff.UltraFastBertForMaskedLM(no_dropout_config()).to(device).train()
+    ids = torch.randint(0, 128, (2, 10), device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlm_pretraining_from_scratch_with_the_collator(tmp_path, device):
+    """A config built from scratch (any trees/depth) pretrains with DataCollatorForLanguageModeling."""
+    tokenizer = train_tokenizer(128)
+    config = hf_fff.UltraFastBertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fff_depth=4, fff_trees=2,
+        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = hf_fff.UltraFastBertForMaskedLM(config)
+    texts = CORPUS * 8
+    encoded = [tokenizer(text, truncation=True, max_length=24) for text in texts]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0)
+    args = training_args(tmp_path, device, num_train_epochs=10, learning_rate=5e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator)
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert len(losses) >= 20
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses  # about 4.7 -> 3.3 in this run
+
+
+def _train_step(model, ids, labels):
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_step_has_no_graph_break_and_matches_eager(device):
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    config = no_dropout_config(num_labels=3)
+    eager = hf_fff.UltraFastBertForSequenceClassification(config).to(device).train()
+    compiled_model = hf_fff.UltraFastBertForSequenceClassification(config).to(device).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 128, (4, 16), device=device)
+    labels = torch.tensor([0, 1, 2, 1], device=device)
+
+    loss_eager = _train_step(eager, ids, labels)
+    compiled = torch.compile(compiled_model, fullgraph=True)  # fullgraph: any graph break raises
+    loss_compiled = _train_step(compiled, ids, labels)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_graphs_replay_a_training_step():
+    """A whole forward+backward captured in one CUDA graph and replayed gives the eager gradients."""
+    torch.manual_seed(5)
+    model = hf_fff.UltraFastBertForMaskedLM(no_dropout_config()).cuda().train()
+    ids = torch.randint(1, 128, (4, 16), device="cuda")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs requires
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for p in model.parameters():
+        p.grad.zero_()
+    with torch.cuda.graph(graph):
+        static_loss = model(input_ids=ids, labels=ids).loss
+        static_loss.backward()
+    for p in model.parameters():
+        p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(static_loss, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(replayed[name], p.grad, msg=name)
