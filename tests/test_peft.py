@@ -148,3 +148,23 @@ def test_sequence_classification_saves_the_whole_head(tmp_path):
     fresh = hf_fff.UltraFastBertForSequenceClassification.from_pretrained(tmp_path / "base")
     merged = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").merge_and_unload().eval()
     torch.testing.assert_close(outputs(merged, *inputs)[0], expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_fff_trees_can_be_trained_in_full_beside_the_adapters(base_folder, tmp_path):
+    """FastFeedForward has no nn.Linear for LoRA; modules_to_save=["ffn"] trains copies of the trees."""
+    model = peft.get_peft_model(hf_fff.UltraFastBertForQuestionAnswering.from_pretrained(base_folder), lora_config(modules_to_save=["ffn"]))
+    before = snapshot(model)
+    model, _ = train(model, 5, qa_loss)
+    moved = changed(before, snapshot(model))
+    assert {name.split(".modules_to_save")[0] for name in moved if ".ffn.modules_to_save" in name} == {
+        f"base_model.model.ultrafastbert.encoder.layers.{i}.ffn" for i in range(2)
+    }
+    assert all("lora_" in name or "modules_to_save" in name for name in moved)
+    inputs = random_batch(torch.Generator().manual_seed(1))
+    expected = outputs(model, *inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = hf_fff.UltraFastBertForQuestionAnswering.from_pretrained(base_folder)
+    merged = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").merge_and_unload().eval()
+    assert all(type(layer.ffn) is hf_fff.FastFeedForward for layer in merged.ultrafastbert.encoder.layers)
+    for got, want in zip(outputs(merged, *inputs), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
