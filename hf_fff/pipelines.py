@@ -161,7 +161,12 @@ class ExtractiveQuestionAnsweringPipeline(ChunkPipeline):
     _non_generation_params = ("top_k",)
 
     def __call__(self, *args, question: Any = None, context: Any = None, **kwargs):
-        return super().__call__(examples_from_arguments(args, question, context), **kwargs)
+        examples = examples_from_arguments(args, question, context)
+        if isinstance(examples, list) and not examples:
+            # still refuse bad parameters (batch_size and num_workers belong to Pipeline.__call__)
+            self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
+            return []  # Pipeline.__call__ peeks at the first input
+        return super().__call__(examples, **kwargs)
 
     def _sanitize_parameters(
         self,

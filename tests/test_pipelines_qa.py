@@ -195,6 +195,7 @@ def test_call_forms_agree(answerer):
     assert answerer(question=[QUESTION, QUESTION], context=CONTEXT) == [expected, expected]
     assert answerer(question=QUESTION, context=[CONTEXT]) == [expected]
     assert list(answerer(({"question": QUESTION, "context": CONTEXT} for _ in range(2)))) == [expected, expected]
+    assert answerer([]) == [] and answerer(question=[], context=[], batch_size=2) == []
 
 
 @pytest.mark.parametrize("batch_size", [2, 3])

@@ -157,7 +157,18 @@ def test_convert_with_pooling_makes_an_embedding_model(crammed_1x3, tmp_path, ff
     assert "sentence-transformers" in (destination / "README.md").read_text()
     model = sentence_transformers.SentenceTransformer(str(destination), device="cpu")
     embeddings = model.encode(SENTENCES)
-    assert embeddings.shape == (len(SENTENCES), 32) and fff_calls
+    hidden_size = json.loads((destination / "config.json").read_text())["hidden_size"]
+    assert embeddings.shape == (len(SENTENCES), hidden_size) and fff_calls
+
+
+def test_the_pushed_card_of_an_embedding_folder_carries_the_tags(native_folder):
+    from hf_fff.tools.hub import prepare_repo_folder
+
+    st_files.write_sentence_transformers_files(native_folder, "mean")
+    files = prepare_repo_folder(native_folder, repo_id="tester/embedding", remote_code=False)
+    assert {"modules.json", "1_Pooling/config.json", "README.md"} <= set(files)
+    card = (native_folder / "README.md").read_text()
+    assert "sentence-transformers" in card and "sentence-similarity" in card
 
 
 def test_convert_without_pooling_writes_no_sentence_transformers_files(crammed_1x3, tmp_path):
