@@ -31,8 +31,11 @@ setup(
         "pyyaml>=5.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7", "accelerate>=1.1"],
+        # The test extra installs the optional integrations so that their tests run in CI instead of skipping.
+        "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7", "accelerate>=1.1", "sentence-transformers>=3.0", "peft>=0.13"],
         "plot": ["matplotlib>=3.7"],
+        "st": ["sentence-transformers>=3.0"],
+        "peft": ["peft>=0.13"],
     },
     entry_points={"console_scripts": ["hf-fff=hf_fff.cli:main"]},
 )

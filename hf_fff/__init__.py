@@ -1,7 +1,8 @@
 """hf_fff: UltraFastBERT for HuggingFace transformers.
 
 Importing this package registers the `ultrafastbert` model type, and the published `crammedBERT`
-checkpoint layout, with transformers' Auto classes:
+checkpoint layout, with transformers' Auto classes, and the `extractive-question-answering` pipeline
+(hf_fff.pipelines) with transformers' pipeline registry:
 
     import hf_fff
     from transformers import AutoModelForMaskedLM
@@ -51,6 +52,12 @@ def _register_with_auto_classes() -> None:
 
 _register_with_auto_classes()
 
+# `pipeline("extractive-question-answering", ...)`: registering imports transformers.pipelines' registry
+# and base classes only (tens of milliseconds, under 1% of `import hf_fff`), no task implementation.
+from .pipelines import ExtractiveQuestionAnsweringPipeline, register_pipelines  # noqa: E402
+
+register_pipelines()
+
 # The user tools load on first use: `import hf_fff` (model registration) never imports conversion,
 # publishing or yaml.
 _LAZY_TOOLS = {"convert": ("hf_fff.tools.convert", "convert"), "push_to_hub": ("hf_fff.tools.hub", "push_to_hub")}
@@ -74,6 +81,7 @@ __all__ = [
     "UltraFastBertForTokenClassification",
     "UltraFastBertForQuestionAnswering",
     "UltraFastBertPreTrainedModel",
+    "ExtractiveQuestionAnsweringPipeline",
     "FastFeedForward",
     "fast_feedforward",
     "convert",

@@ -21,6 +21,7 @@ from . import __version__
 # Choices spelled out here (not read from the tool modules) so that building the parser imports no torch.
 BENCH_DTYPES = ("bfloat16", "float16", "float32")
 CONVERT_DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32", "half")
+POOLING_MODES = ("mean", "cls", "none")  # hf_fff.tools.sentence_transformers.POOLING_MODES
 HUB_MODEL_ID = "pbelcak/UltraFastBERT-1x11-long"
 
 
@@ -85,6 +86,10 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", help="card license (default: carried over from SRC's card)")
     parser.add_argument("--remote-code", action="store_true", help="also write the trust_remote_code modeling files and auto_map")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids of the check")
+    parser.add_argument(
+        "--pooling", default="none", choices=POOLING_MODES,
+        help="also write the sentence-transformers files with this pooling, so DST loads as SentenceTransformer(DST) (default: none)",
+    )
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -105,6 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
             license=args.license,
             remote_code=args.remote_code,
             seed=args.seed,
+            pooling=args.pooling,
         )
     except (ConversionError, ValueError, OSError) as error:
         print(f"hf-fff convert: error: {error}", file=sys.stderr)

@@ -329,17 +329,22 @@ def convert(
     remote_code: bool = False,
     seed: int = 0,
     cache_dir: Optional[PathLike] = None,
+    pooling: Optional[str] = None,
 ) -> ConvertReport:
     """Convert SRC (Hub id or folder; crammedBERT layout or already native) into a native folder DST.
 
     dtype: weights dtype of DST (float32/bf16/fp16). revision/token/cache_dir: for a Hub SRC.
     overwrite: replace an existing DST (only after the new one passed its check). base_model/license:
     card metadata (default: SRC's Hub id, and whatever SRC's own card says). remote_code: also add the
-    trust_remote_code files (push_to_hub adds them anyway). Raises ConversionError; DST is then untouched.
+    trust_remote_code files (push_to_hub adds them anyway). pooling: "mean" or "cls" also writes the
+    sentence-transformers files (DST then loads with SentenceTransformer(DST)); None/"none" does not.
+    Raises ConversionError; DST is then untouched.
     """
     from .model_card import render_model_card
     from .remote_code import export_remote_code
+    from .sentence_transformers import SENTENCE_TRANSFORMERS_TAGS, check_pooling, write_sentence_transformers_files
 
+    pooling = check_pooling(pooling)
     target_dtype = resolve_dtype(dtype)
     dst = Path(dst).expanduser().absolute()
     if dst.exists() and not overwrite:
@@ -403,6 +408,7 @@ def convert(
         num_parameters = sum(p.numel() for p in reloaded.parameters())
         if remote_code:
             export_remote_code(tmp)
+        write_sentence_transformers_files(tmp, pooling)
         saved_config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         card = render_model_card(
             saved_config,
@@ -412,6 +418,7 @@ def convert(
             remote_code=remote_code,
             parameters=num_parameters,
             provenance=provenance,
+            tags=SENTENCE_TRANSFORMERS_TAGS if pooling != "none" else (),
             extra_metadata={k: v for k, v in carried.items() if k not in ("base_model", "license", "model-index")},
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")

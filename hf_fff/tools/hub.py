@@ -165,6 +165,10 @@ def prepare_repo_folder(
         export_remote_code(folder)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if card:
+        if (folder / "modules.json").is_file():  # written by `hf-fff convert --pooling`: an embedding model
+            from .sentence_transformers import SENTENCE_TRANSFORMERS_TAGS
+
+            tags = (*tags, *SENTENCE_TRANSFORMERS_TAGS)
         readme = folder / "README.md"
         carried, provenance = {}, None
         if readme.is_file():
