@@ -29,11 +29,11 @@ os.environ.pop("HF_TOKEN_PATH", None)
 
 import pytest  # noqa: E402
 
+from _model_helpers import FIXTURES as FIXTURES_DIR  # noqa: E402  (the small reference fixtures, tests/fixtures)
 from fake_hub import FakeHub  # noqa: E402
 
 HUB_USER = "tester"
 HUB_TOKEN = "hf_fake_write_token_0123456789"
-FIXTURES_DIR = Path(os.environ.get("HF_FFF_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "fixtures"
 
 
 @pytest.fixture(scope="session", autouse=True)
