@@ -103,7 +103,10 @@ def test_eager_inference_skips_the_dispatcher_but_autograd_and_modes_use_the_op(
 
 
 @pytest.mark.parametrize("dtype", _oracle.DTYPES, ids=str)
-@pytest.mark.parametrize("tokens, hidden, trees, depth", [(0, 13, 2, 3), (1, 1, 1, 0), (37, 65, 3, 4), (64, 768, 1, 11)])
+@pytest.mark.parametrize(
+    "tokens, hidden, trees, depth",
+    [(0, 13, 2, 3), (1, 1, 1, 0), (37, 65, 3, 4), pytest.param(64, 768, 1, 11, marks=pytest.mark.slow, id="64-768-1-11")],
+)
 def test_reference_passes_the_shared_oracle(tokens, hidden, trees, depth, dtype):
     """The oracle's float64 checks accept the reference itself, forward and backward, zero tokens included."""
     x, weight_in, bias_in, weight_out = _oracle.random_layer(tokens, hidden, trees, depth, dtype, seed=tokens + depth)

@@ -56,6 +56,7 @@ class TinySentimentData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
+@pytest.mark.slow
 def test_trainer_fine_tunes_sequence_classification(tmp_path):
     torch.manual_seed(0)
     model = hf_fff.UltraFastBertForSequenceClassification(tiny_config(vocab_size=64, num_labels=2, classifier_dropout=0.0))
