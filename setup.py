@@ -32,6 +32,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7", "accelerate>=1.1"],
+        "train": ["accelerate>=1.1"],  # transformers' Trainer needs it
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hf-fff=hf_fff.cli:main"]},
