@@ -80,3 +80,12 @@ def test_demo_on_a_local_published_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pretrained weights" in out and "RANDOM" not in out
     assert out.count("fill-mask:") == 2
+
+
+def test_demo_on_a_folder_without_a_tokenizer_says_how_to_get_one(tmp_path, capsys):
+    folder = tmp_path / "crammed"
+    shutil.copytree(FIXTURES / "crammed-tiny-1x3", folder)  # weights, no tokenizer
+    assert main(["demo", "--model", str(folder), "--no-bench"]) == 1
+    captured = capsys.readouterr()
+    assert str(folder) in captured.err and "tokenizer.json" in captured.err and "hf-fff convert" in captured.err
+    assert "RANDOM" not in captured.out
