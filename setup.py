@@ -33,6 +33,7 @@ setup(
     extras_require={
         # The test extra installs the optional integrations so that their tests run in CI instead of skipping.
         "test": ["pytest>=8", "tokenizers>=0.20", "matplotlib>=3.7", "accelerate>=1.1", "sentence-transformers>=3.0", "peft>=0.13"],
+        "train": ["accelerate>=1.1"],  # transformers' Trainer needs it
         "plot": ["matplotlib>=3.7"],
         "st": ["sentence-transformers>=3.0"],
         "peft": ["peft>=0.13"],

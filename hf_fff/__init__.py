@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    AutoTokenizer,
 )
 
 from .backends import available_backends, set_backend, use_backend
@@ -32,6 +33,7 @@ from .modeling_ultrafastbert import (
     UltraFastBertPreTrainedModel,
 )
 from .ops import fast_feedforward
+from .tokenization_ultrafastbert import UltraFastBertTokenizerFast
 
 _AUTO_CLASSES = (
     (AutoModel, UltraFastBertModel),
@@ -48,6 +50,9 @@ def _register_with_auto_classes() -> None:
     AutoConfig.register(CrammedBertConfig.model_type, CrammedBertConfig, exist_ok=True)
     for auto_class, model_class in _AUTO_CLASSES:
         auto_class.register(UltraFastBertConfig, model_class, exist_ok=True)
+    # Used only when a folder's tokenizer_config.json names no tokenizer class (or the folder has none).
+    for config_class in (UltraFastBertConfig, CrammedBertConfig):
+        AutoTokenizer.register(config_class, UltraFastBertTokenizerFast, exist_ok=True)
 
 
 _register_with_auto_classes()
@@ -82,6 +87,7 @@ __all__ = [
     "UltraFastBertForQuestionAnswering",
     "UltraFastBertPreTrainedModel",
     "ExtractiveQuestionAnsweringPipeline",
+    "UltraFastBertTokenizerFast",
     "FastFeedForward",
     "fast_feedforward",
     "convert",

@@ -35,7 +35,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .tools.demo import run_demo
 
-    return run_demo(args.model, device=args.device, download=args.download, bench=not args.no_bench)
+    try:
+        return run_demo(args.model, device=args.device, download=args.download, bench=not args.no_bench)
+    except OSError as error:  # e.g. a local folder with weights but no tokenizer
+        print(f"hf-fff demo: error: {error}", file=sys.stderr)
+        return 1
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,8 @@
 `load_extension` compiles sources with `torch.utils.cpp_extension` + ninja the first time they are
 needed, caches the result on disk for every later process, and never raises: when a compiler, ninja
 or nvcc is missing, or the build fails, it warns once (naming the cause) and returns None, so that the
-caller falls back to the plain torch implementation.
+caller falls back to the plain torch implementation. A build says so with one line on stderr (a logging
+warning) before the compiler starts, since it runs for about a minute without output.
 
 The on-disk cache is `$HF_FFF_CACHE` or `~/.cache/hf_fff/extensions`, one folder per
 `<name>-<hash>`, the hash covering everything that makes a binary unusable elsewhere: the sources'
@@ -22,6 +23,7 @@ import contextlib
 import hashlib
 import importlib.resources
 import importlib.util
+import logging
 import os
 import platform
 import shutil
@@ -40,6 +42,7 @@ _RECIPE_VERSION = "1"  # bump when this file changes how binaries are built
 _LIB_SUFFIX = ".pyd" if os.name == "nt" else ".so"  # what torch's build names the library
 _DONE_MARKER = "hf_fff_build_ok"  # sha256 of the library, written once a build loaded; else "rebuild"
 
+logger = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _LOADED: dict[str, Optional[types.ModuleType]] = {}  # by request (name, sources, flags); None records a failure already warned about
 
@@ -126,7 +129,7 @@ def build_key(name: str, paths: Sequence[Path], with_cuda: bool, *flag_lists: Se
         sys.implementation.cache_tag,  # the extension links against this Python's ABI
         platform.machine(),
         _cpu_identity(),
-        os.environ.get("CXX", "c++"),
+        cxx_compiler(),
         os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "",
         repr([list(flags) for flags in flag_lists]),
     ):
@@ -140,7 +143,7 @@ def check_toolchain(with_cuda: bool) -> None:
     """Raise BuildUnavailable naming the first missing tool."""
     if os.environ.get(FORCE_FAILURE_ENV, "").strip() not in ("", "0"):
         raise BuildUnavailable(f"{FORCE_FAILURE_ENV} is set")
-    compiler = os.environ.get("CXX", "c++")
+    compiler = cxx_compiler()
     if shutil.which(compiler) is None:
         raise BuildUnavailable(f"no C++ compiler found (looked for {compiler!r}; set CXX to choose one)")
     try:
@@ -150,9 +153,21 @@ def check_toolchain(with_cuda: bool) -> None:
     if with_cuda:
         if torch.version.cuda is None:
             raise BuildUnavailable("this torch build has no CUDA support")
-        cuda_home = _cpp_extension().CUDA_HOME
-        if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        if nvcc_path() is None:
             raise BuildUnavailable("the CUDA compiler nvcc was not found (set CUDA_HOME to the CUDA toolkit)")
+
+
+def cxx_compiler() -> str:
+    """The C++ compiler command builds use: $CXX, else `c++` (as torch.utils.cpp_extension)."""
+    return os.environ.get("CXX", "c++")
+
+
+def nvcc_path() -> Optional[Path]:
+    """nvcc of the CUDA toolkit torch builds with (CUDA_HOME), or None."""
+    cuda_home = _cpp_extension().CUDA_HOME
+    if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        return None
+    return Path(cuda_home) / "bin" / "nvcc"
 
 
 def build_directory(
@@ -191,6 +206,7 @@ def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, e
         # left torch's lock file, since no live process builds without our flock.
         for leftover in (build_dir / _DONE_MARKER, library, build_dir / "lock"):
             leftover.unlink(missing_ok=True)
+        _announce_build(name, build_dir)
         module = _cpp_extension().load(
             name=module_name,
             sources=[str(path) for path in paths],
@@ -250,6 +266,16 @@ def _cpu_identity() -> str:
         wanted = ("model name", "flags", "Features", "CPU part")
         return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
     return platform.processor()
+
+
+def _announce_build(name: str, build_dir: Path) -> None:
+    """One line on stderr before a build: the compiler runs for about a minute and prints nothing itself.
+
+    A logging warning rather than warnings.warn: with warnings turned into errors (-W error) a warning here
+    would abort the build and silently fall back to torch. Python prints it on stderr when logging is not
+    configured; a configured application decides where it goes.
+    """
+    logger.warning("hf_fff: compiling the FFF kernel %r (about a minute, once; cached in %s)", name, build_dir)
 
 
 def _warn_fallback(name: str, cause: str) -> None:

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HF_FFF_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
+# The small reference fixtures ship with the tests (tests/fixtures/README.md says where they come from).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Large optional references live outside the repository: HF_FFF_SHARED/fixtures (default ../shared beside the checkout).
+SHARED_FIXTURES = Path(os.environ.get("HF_FFF_SHARED", REPO.parent / "shared")) / "fixtures"
 TINY_FIXTURES = ("crammed-tiny-1x3", "crammed-tiny-4x2")
 
 CORPUS = [
@@ -74,7 +76,7 @@ def random_crammed_checkpoint(folder: Path, layout: dict, seed: int = 0, std: fl
 
 
 def full_size_layout() -> dict:
-    """{"arch": ..., "keys": {name: shape}} of UltraFastBERT-1x11-long, from the shared layout file."""
+    """{"arch": ..., "keys": {name: shape}} of UltraFastBERT-1x11-long, from the layout file in tests/fixtures."""
     raw = json.loads((FIXTURES / "ultrafastbert-1x11-long_layout.json").read_text())
     return {"arch": raw["config_arch"], "keys": {k: tuple(v) for k, v in raw["keys"].items()}}
 

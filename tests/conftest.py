@@ -29,11 +29,11 @@ os.environ.pop("HF_TOKEN_PATH", None)
 
 import pytest  # noqa: E402
 
+from _model_helpers import FIXTURES as FIXTURES_DIR  # noqa: E402  (the small reference fixtures, tests/fixtures)
 from fake_hub import FakeHub  # noqa: E402
 
 HUB_USER = "tester"
 HUB_TOKEN = "hf_fake_write_token_0123456789"
-FIXTURES_DIR = Path(os.environ.get("HF_FFF_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "fixtures"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -156,3 +156,20 @@ def converted_tiny(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 # ==================================================== end of the conversion and publishing group ===
+
+
+# ====================================================================================================
+# Markers (registered in pytest.ini): `gpu` and `slow`
+# ====================================================================================================
+
+
+def _skip_reason_names_the_gpu(item: pytest.Item) -> bool:
+    return any("GPU" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `gpu` every test that skips without a GPU (a skipif whose reason names the GPU, e.g. "needs a CUDA
+    GPU"), so that `-m "not gpu"` and `-m gpu` select by hardware without each test repeating the marker."""
+    for item in items:
+        if _skip_reason_names_the_gpu(item) and not item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.gpu)

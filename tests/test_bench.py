@@ -30,6 +30,7 @@ def tiny_results(tmp_path_factory):
     return results, folder
 
 
+@pytest.mark.slow
 def test_layer_rows_cover_every_implementation_and_token_count(tiny_results):
     results, _ = tiny_results
     layer = results["layer"]
@@ -46,6 +47,7 @@ def test_layer_rows_cover_every_implementation_and_token_count(tiny_results):
             assert set(row["speedup"]) == set(layer["baselines"]) and all(v > 0 for v in row["speedup"].values())
 
 
+@pytest.mark.slow
 def test_encoder_rows_compare_against_bert_on_the_same_batch(tiny_results):
     results, _ = tiny_results
     encoder = results["encoder"]
@@ -58,6 +60,7 @@ def test_encoder_rows_compare_against_bert_on_the_same_batch(tiny_results):
     assert sum(1 for row in encoder["rows"] if not row["speedup"]) == 1
 
 
+@pytest.mark.slow
 def test_json_file_matches_the_returned_results(tiny_results):
     results, folder = tiny_results
     written = json.loads((folder / "bench.json").read_text())
@@ -65,6 +68,7 @@ def test_json_file_matches_the_returned_results(tiny_results):
     assert {"device", "device_name", "torch", "date", "cpu_threads", "dtype", "fff_backend"} <= set(written["meta"])
 
 
+@pytest.mark.slow
 def test_plot_is_a_png(tiny_results):
     _, folder = tiny_results
     data = (folder / "bench.png").read_bytes()

@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+import hf_fff
+from hf_fff import backends, extension
 from hf_fff.cli import SUBCOMMANDS, build_parser, main
 
 from _model_helpers import FIXTURES, train_tokenizer
@@ -25,12 +27,43 @@ def test_missing_subcommand_is_an_error():
     assert exit_info.value.code == 2
 
 
-def test_env_reports_backends(capsys):
+@pytest.fixture
+def no_kernel_build(monkeypatch):
+    """`hf-fff env` without building the kernel (the build has its own tests in test_extension.py)."""
+    monkeypatch.setattr(backends, "resolve", lambda device: ("reference", None))
+
+
+def test_env_reports_versions_compilers_cache_and_backends(capsys, monkeypatch, tmp_path, no_kernel_build):
+    from hf_fff.tools.environment import describe
+
+    monkeypatch.setenv(extension.CACHE_ENV, str(tmp_path / "kernels"))
+    rows = dict(describe())
+    assert rows["hf_fff"] == hf_fff.__version__
+    assert rows["kernel cache"] == str(tmp_path / "kernels")
+    compiler = shutil.which(extension.cxx_compiler())
+    if compiler:
+        assert rows["C++ compiler"].startswith(compiler + ": ") and "version unknown" not in rows["C++ compiler"]
+    else:
+        assert rows["C++ compiler"].startswith("not found")
+    if shutil.which("nvcc") or extension.nvcc_path():
+        assert "release" in rows["nvcc"]
+    else:
+        assert rows["nvcc"].startswith("not found")
+    assert rows["FFF backend on cpu"] == "reference"
     assert main(["env"]) == 0
-    out = capsys.readouterr().out
-    assert "FFF backend on cpu" in out and "torch" in out
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in printed] == list(rows)
+    assert all(line.rstrip().endswith(value) for line, value in zip(printed, rows.values()))
 
 
+def test_env_names_a_missing_compiler(monkeypatch, no_kernel_build):
+    from hf_fff.tools.environment import describe
+
+    monkeypatch.setenv("CXX", "hf-fff-no-such-compiler")
+    assert dict(describe())["C++ compiler"].startswith("not found (looked for 'hf-fff-no-such-compiler'")
+
+
+@pytest.mark.slow
 def test_demo_without_cached_weights_is_labelled_random(capsys):
     """The session's HF cache is empty (see conftest), as on a fresh offline machine."""
     assert main(["demo", "--no-bench"]) == 0
@@ -47,3 +80,12 @@ def test_demo_on_a_local_published_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pretrained weights" in out and "RANDOM" not in out
     assert out.count("fill-mask:") == 2
+
+
+def test_demo_on_a_folder_without_a_tokenizer_says_how_to_get_one(tmp_path, capsys):
+    folder = tmp_path / "crammed"
+    shutil.copytree(FIXTURES / "crammed-tiny-1x3", folder)  # weights, no tokenizer
+    assert main(["demo", "--model", str(folder), "--no-bench"]) == 1
+    captured = capsys.readouterr()
+    assert str(folder) in captured.err and "tokenizer.json" in captured.err and "hf-fff convert" in captured.err
+    assert "RANDOM" not in captured.out

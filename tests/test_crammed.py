@@ -152,6 +152,7 @@ def full_size_checkpoint(tmp_path_factory):
     return folder, layout, state
 
 
+@pytest.mark.slow
 def test_full_size_checkpoint_loads_exactly(full_size_checkpoint):
     folder, layout, state = full_size_checkpoint
     model = AutoModelForMaskedLM.from_pretrained(folder).eval()

@@ -7,10 +7,12 @@ the cache are observed exactly as a user's fresh process sees them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from pathlib import Path
 
@@ -133,6 +135,7 @@ def test_cuda_build_without_cuda_warns_and_returns_none():
         assert extension.load_extension("cuda_probe", ["fff_cpu.cpp"], with_cuda=True) is None
 
 
+@pytest.mark.slow
 def test_forced_build_failure_warns_once_and_falls_back(tmp_path):
     report = probe_result(run_probe(FALLBACK_PROBE, tmp_path / "cache", **{extension.FORCE_FAILURE_ENV: "1"}))
     assert report["backend"] == "reference"
@@ -142,12 +145,14 @@ def test_forced_build_failure_warns_once_and_falls_back(tmp_path):
     assert "could not be loaded" in report["forced_error"]  # forcing the missing backend is a clear error
 
 
+@pytest.mark.slow
 def test_missing_compiler_is_named_in_the_warning(tmp_path):
     report = probe_result(run_probe(FALLBACK_PROBE, tmp_path / "cache", CXX="hf-fff-no-such-compiler"))
     assert report["backend"] == "reference" and report["matches_reference"]
     assert len(report["warnings"]) == 1 and "hf-fff-no-such-compiler" in report["warnings"][0]
 
 
+@pytest.mark.slow
 def test_two_processes_building_at_once_leave_a_working_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv(extension.CACHE_ENV, str(cache))
@@ -171,3 +176,68 @@ def test_two_processes_building_at_once_leave_a_working_cache(tmp_path, monkeypa
     library.write_bytes(library.read_bytes()[:1000])  # a damaged cache (disk full, interrupted copy)
     fourth = probe_result(run_probe(BUILD_PROBE, cache))
     assert fourth["ok"] and Path(fourth["file"]) == library  # rebuilt in place, silently
+
+
+class FakeCompiler:
+    """Stands in for torch.utils.cpp_extension: 'builds' by writing the library file and counting the builds."""
+
+    CUDA_HOME = None
+
+    def __init__(self):
+        self.builds = 0
+
+    def verify_ninja_availability(self):
+        pass
+
+    def load(self, name, build_directory, **kwargs):
+        self.builds += 1
+        Path(build_directory, f"{name}{extension._LIB_SUFFIX}").write_bytes(b"built library")
+        return types.ModuleType(name)
+
+
+def test_a_build_announces_itself_once_on_stderr(monkeypatch, tmp_path, caplog):
+    compiler = FakeCompiler()
+    monkeypatch.setenv(extension.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(extension, "_cpp_extension", lambda: compiler)
+    monkeypatch.setattr(extension, "check_toolchain", lambda with_cuda: None)
+    monkeypatch.setattr(extension, "_import_built", lambda module_name, library: types.ModuleType(module_name))
+    monkeypatch.setattr(extension, "_LOADED", {})
+    with caplog.at_level(logging.WARNING, logger="hf_fff.extension"):
+        assert extension.load_extension("announce_probe", ["fff_cpu.cpp"]) is not None
+        assert extension.load_extension("announce_probe", ["fff_cpu.cpp"]) is not None  # same process: no new build
+        extension._LOADED.clear()
+        assert extension.load_extension("announce_probe", ["fff_cpu.cpp"]) is not None  # new process: the cache
+    assert compiler.builds == 1
+    announcements = [record.getMessage() for record in caplog.records if "compiling" in record.getMessage()]
+    build_dir = extension.build_directory("announce_probe", ["fff_cpu.cpp"])
+    assert announcements == [f"hf_fff: compiling the FFF kernel 'announce_probe' (about a minute, once; cached in {build_dir})"]
+    assert "\n" not in announcements[0]
+
+
+@pytest.mark.slow
+def test_the_announcement_reaches_stderr_without_logging_configured(tmp_path):
+    """A user's process that never configured logging still sees the line (Python's last-resort handler)."""
+    script = textwrap.dedent(
+        """
+        import types
+        from pathlib import Path
+        from hf_fff import extension
+
+        class Compiler:
+            CUDA_HOME = None
+            def verify_ninja_availability(self):
+                pass
+            def load(self, name, build_directory, **kwargs):
+                Path(build_directory, name + extension._LIB_SUFFIX).write_bytes(b"built")
+                return types.ModuleType(name)
+
+        extension._cpp_extension = Compiler
+        extension.check_toolchain = lambda with_cuda: None
+        assert extension.load_extension("announce_probe", ["fff_cpu.cpp"]) is not None
+        """
+    )
+    process = run_probe(script, tmp_path / "cache")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "compiling the FFF kernel" in line]
+    assert len(lines) == 1 and str(tmp_path / "cache") in lines[0]

@@ -29,9 +29,18 @@ BENCH = {
 }
 
 
+RECORDED_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-amd-epyc-zen5.json"
+
+
+@pytest.fixture
+def bench_json() -> Path:
+    """A recorded `hf-fff bench --json` file (benchmarks/results): the publishing tests need one, not a new measurement."""
+    return RECORDED_BENCH
+
+
 @pytest.fixture(scope="module")
-def bench_json(tmp_path_factory) -> Path:
-    """A real `hf-fff bench --json` file, measured at toy sizes (the format is what matters here)."""
+def fresh_bench_json(tmp_path_factory) -> Path:
+    """A `hf-fff bench --json` file measured now at toy sizes, so the card renders what the current bench writes."""
     from hf_fff.tools import bench
 
     path = tmp_path_factory.mktemp("bench") / "bench.json"
@@ -126,9 +135,10 @@ def test_metrics_tables(tmp_path: Path):
         render_metrics({"accuracy": [1, 2]})
 
 
-def test_bench_json_of_hf_fff_bench_renders_as_tables(bench_json: Path):
-    results = json.loads(bench_json.read_text())
-    section = render_bench(bench_json)
+@pytest.mark.slow
+def test_bench_json_of_hf_fff_bench_renders_as_tables(fresh_bench_json: Path):
+    results = json.loads(fresh_bench_json.read_text())
+    section = render_bench(fresh_bench_json)
     assert section.startswith("Measured with `hf-fff bench` on ")
     assert results["meta"]["torch"] in section and results["meta"]["fff_backend"] in section
     layer_header = "| tokens | implementation | median | ns/token | " + " | ".join(f"vs {b}" for b in results["layer"]["baselines"]) + " |"
@@ -161,7 +171,7 @@ def test_ready_card_for_the_published_model_is_current():
     from hf_fff.tools.hub import reference_card_for_published_model
 
     committed = hub.load_template("UltraFastBERT-1x11-long.md")
-    recorded_bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results_cpu.json").read_text())
+    recorded_bench = json.loads(RECORDED_BENCH.read_text())
     assert committed == reference_card_for_published_model(bench=recorded_bench)  # speed table: the recorded CPU run
     metadata = front_matter(committed)
     assert metadata["base_model"] == "pbelcak/UltraFastBERT-1x11-long"
@@ -321,6 +331,7 @@ def test_transformers_push_to_hub_gives_a_loadable_repo(lfs_hub, hub_token, conv
     assert torch.equal(outputs(remote), outputs(model.eval()))
 
 
+@pytest.mark.slow
 def test_trainer_fine_tuned_classifier_publishes_the_same_way(lfs_hub, hub_token, converted_tiny: Path, tmp_path: Path, fresh_hf_cache):
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from transformers import (
@@ -375,6 +386,7 @@ def test_keep_card_uploads_the_folders_own_readme(lfs_hub, hub_token, converted_
     assert "modeling_ultrafastbert.py" not in lfs_hub.files(f"{HUB_USER}/own-card")
 
 
+@pytest.mark.slow
 def test_console_convert_then_push_in_a_fresh_process(lfs_hub, crammed_1x3: Path, tmp_path: Path, bench_json: Path):
     """The commands as a user runs them: HF_ENDPOINT and HF_TOKEN from the environment, nothing patched."""
     import os

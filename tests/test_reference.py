@@ -10,28 +10,35 @@ import hf_fff
 from hf_fff.backends import reference
 
 import _oracle
-from _model_helpers import FIXTURES
+from _model_helpers import FIXTURES, SHARED_FIXTURES
+
+
+def original_layer_reference(name: str) -> dict[str, torch.Tensor]:
+    """The original layer's inputs and output: the small one ships in tests/fixtures, the full-size one is optional."""
+    path = FIXTURES / f"{name}.safetensors"
+    if not path.exists():
+        path = SHARED_FIXTURES / f"{name}.safetensors"
+    if not path.exists():
+        pytest.skip(f"optional large reference {name}.safetensors not found: set HF_FFF_SHARED to a folder whose fixtures/ holds it (looked in {SHARED_FIXTURES})")
+    return load_file(str(path))
 
 
 @pytest.mark.parametrize("name, depth", [("fff-768-1x11", 11), ("fff-64-4x2", 2)])
 @pytest.mark.parametrize("forward", [reference.fff_forward, reference.fff_forward_masked], ids=["visited-only", "masked"])
 def test_matches_the_original_layer(name, depth, forward):
-    ref = load_file(str(FIXTURES / f"{name}.safetensors"))
+    ref = original_layer_reference(name)
     y, leaves = forward(ref["x"], ref["linear_in.weight"], ref["linear_in.bias"], ref["linear_out.weight"].t().contiguous(), depth)
     assert ((y - ref["y"]).norm() / ref["y"].norm()).item() < 1e-5
     assert leaves.shape == (ref["x"].shape[0], ref["linear_in.weight"].shape[0] // (2 ** (depth + 1) - 1))
 
 
-def random_layer(tokens, hidden, trees, depth, dtype=torch.float64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    rows = trees * reference.nodes_per_tree(depth)
-    make = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)  # noqa: E731
-    return make(tokens, hidden), make(rows, hidden), make(rows), make(rows, hidden)
+def random_layer64(tokens, hidden, trees, depth, seed=0):
+    return _oracle.random_layer(tokens, hidden, trees, depth, torch.float64, seed=seed)
 
 
 @pytest.mark.parametrize("tokens, hidden, trees, depth", [(0, 8, 1, 3), (1, 5, 1, 0), (17, 13, 3, 4), (64, 24, 8, 2), (9, 7, 1, 11)])
 def test_visited_only_equals_masked_in_float64(tokens, hidden, trees, depth):
-    args = random_layer(tokens, hidden, trees, depth)
+    args = random_layer64(tokens, hidden, trees, depth)
     y, leaves = reference.fff_forward(*args, depth)
     y_masked, leaves_masked = reference.fff_forward_masked(*args, depth)
     torch.testing.assert_close(y, y_masked, rtol=1e-12, atol=1e-12)
@@ -39,7 +46,7 @@ def test_visited_only_equals_masked_in_float64(tokens, hidden, trees, depth):
 
 
 def test_path_rows_recover_the_walk():
-    x, w_in, b_in, w_out = random_layer(50, 6, 2, 5)
+    x, w_in, b_in, w_out = random_layer64(50, 6, 2, 5)
     _, leaves = reference.fff_forward(x, w_in, b_in, w_out, 5)
     rows = reference.path_rows(leaves, 5)  # (M, T, L)
     logits = torch.einsum("mh,mtlh->mtl", x, w_in[rows]) + b_in[rows]
@@ -48,18 +55,8 @@ def test_path_rows_recover_the_walk():
     assert torch.equal(went_right, logits[..., :-1] > 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_accumulates_in_float32(dtype):
-    x, w_in, b_in, w_out = random_layer(40, 32, 2, 4, dtype=dtype)
-    y, _ = reference.fff_forward(x, w_in, b_in, w_out, 4)
-    y64, _ = reference.fff_forward(*(t.double() for t in (x, w_in, b_in, w_out)), 4)
-    assert y.dtype == dtype
-    per_token = (y.double() - y64).norm(dim=-1) / y64.norm(dim=-1)
-    assert (per_token < 1e-2).float().mean() > 0.9  # low-precision inputs, fp32 sums; a rare token may route differently
-
-
 def test_opcheck_and_gradcheck():
-    x, w_in, b_in, w_out = random_layer(6, 5, 2, 2)
+    x, w_in, b_in, w_out = random_layer64(6, 5, 2, 2)
     torch.library.opcheck(torch.ops.hf_fff.fff_forward.default, (x, w_in, b_in, w_out, 2))
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, w_in, b_in, w_out))
     with hf_fff.use_backend("reference"):
@@ -106,7 +103,10 @@ def test_eager_inference_skips_the_dispatcher_but_autograd_and_modes_use_the_op(
 
 
 @pytest.mark.parametrize("dtype", _oracle.DTYPES, ids=str)
-@pytest.mark.parametrize("tokens, hidden, trees, depth", [(0, 13, 2, 3), (1, 1, 1, 0), (37, 65, 3, 4), (64, 768, 1, 11)])
+@pytest.mark.parametrize(
+    "tokens, hidden, trees, depth",
+    [(0, 13, 2, 3), (1, 1, 1, 0), (37, 65, 3, 4), pytest.param(64, 768, 1, 11, marks=pytest.mark.slow, id="64-768-1-11")],
+)
 def test_reference_passes_the_shared_oracle(tokens, hidden, trees, depth, dtype):
     """The oracle's float64 checks accept the reference itself, forward and backward, zero tokens included."""
     x, weight_in, bias_in, weight_out = _oracle.random_layer(tokens, hidden, trees, depth, dtype, seed=tokens + depth)

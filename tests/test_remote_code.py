@@ -123,6 +123,7 @@ def test_remote_ops_match_the_package(converted_tiny: Path):
         torch.testing.assert_close(remote, packaged, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_published_repo_loads_with_trust_remote_code_without_hf_fff(lfs_hub, hub_token, converted_tiny: Path, tmp_path: Path):
     from transformers import AutoModel, AutoModelForMaskedLM
 

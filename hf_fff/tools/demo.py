@@ -28,11 +28,13 @@ def load_model_and_tokenizer(model_id: str, download: bool):
 
     try:
         model = AutoModelForMaskedLM.from_pretrained(model_id, local_files_only=not download)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=not download)
-        return model, tokenizer, f"{model_id} (pretrained weights)"
     except OSError as missing:
         print(f"note: {model_id} is not available here ({type(missing).__name__}); "
               "using RANDOM WEIGHTS in the UltraFastBERT-1x11-long architecture: timings are real, predictions are noise.")
+    else:
+        # Weights without a tokenizer are the user's folder to complete: its OSError says how, so it propagates.
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=not download)
+        return model, tokenizer, f"{model_id} (pretrained weights)"
     from .. import UltraFastBertConfig, UltraFastBertForMaskedLM
 
     torch.manual_seed(0)
