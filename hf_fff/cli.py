@@ -76,11 +76,11 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "reloaded and compared with SRC before it is moved into place."
     )
     parser.add_argument("src", help="Hub repo id (e.g. pbelcak/UltraFastBERT-1x11-long) or local folder")
-    parser.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("dst", help="output folder: missing or empty (or a previous model folder with --overwrite)")
     parser.add_argument("--dtype", default="float32", choices=CONVERT_DTYPES, help="weights dtype of DST (default float32)")
     parser.add_argument("--revision", help="Hub revision of SRC")
     parser.add_argument("--token", help="Hub token for a private SRC; prefer HF_TOKEN or `hf auth login`")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (after the new one passed its check)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous model folder at DST (after the new one passed its check; never other files)")
     parser.add_argument("--base-model", help="card base_model (default: SRC's Hub id)")
     parser.add_argument("--license", help="card license (default: carried over from SRC's card)")
     parser.add_argument("--remote-code", action="store_true", help="also write the trust_remote_code modeling files and auto_map")
