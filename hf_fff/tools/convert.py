@@ -121,11 +121,25 @@ def _local_source(src: PathLike, revision: Optional[str], token: Optional[str], 
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
         raise ConversionError(f"SRC {src} is not a folder (and does not look like a Hub repo id)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .hub import HubTokenError, clean_token, http_error_types, is_network_error, unreachable_message
 
     try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise ConversionError(f"SRC {src} is not a folder, nor a repo id the Hub accepts ({error})") from None
+    if token is not None:
+        try:
+            token = clean_token(token, "--token")
+        except HubTokenError as error:
+            raise ConversionError(str(error)) from None
+    try:
         folder = snapshot_download(text, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
-    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, *http_error_types()) as error:
+        if is_network_error(error):
+            raise ConversionError(f"cannot download {text}: {unreachable_message()}") from error
         raise ConversionError(f"cannot download {text} from the Hub: {error}") from None
     return Path(folder), text
 
@@ -135,9 +149,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"SRC {folder} has no config.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"SRC {path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"SRC {path} must hold a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def _model_class(config: dict[str, Any], folder: Path):
