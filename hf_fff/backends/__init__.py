@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -59,9 +60,23 @@ class NativeBackend:
         if not self._tried:
             with _LOCK:
                 if not self._tried:
-                    self._kernels = self.loader()
+                    self._kernels = self._load()
                     self._tried = True
         return self._kernels
+
+    def _load(self) -> Optional[Kernels]:
+        """The loader's kernels; a loader that raises (say, a cached module without the expected entry
+        point `fff_forward`) counts as unavailable after one warning, instead of failing every FFF call."""
+        try:
+            return self.loader()
+        except Exception as error:
+            warnings.warn(
+                f"hf_fff: the FFF backend {self.name!r} could not be loaded ({type(error).__name__}: {error}); "
+                "using the plain torch implementation instead, which is slower.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
 
 
 _LOCK = threading.Lock()
