@@ -346,8 +346,12 @@ def check_destination(dst: Path, source: Optional[Path], overwrite: bool) -> Non
     resolved = dst.resolve()
     if resolved.parent == resolved:
         raise ConversionError(f"DST {dst} is a filesystem root; choose a new folder")
-    for special, what in ((Path.cwd(), "the current directory"), (Path.home(), "your home directory")):
-        if resolved == special.resolve():
+    for special, what in ((Path.cwd, "the current directory"), (Path.home, "your home directory")):
+        try:
+            place = special().resolve()
+        except (OSError, RuntimeError):  # a deleted working directory, no HOME: nothing to compare with
+            continue
+        if resolved == place:
             raise ConversionError(f"DST {dst} is {what}; choose a new folder")
     if source is not None:
         source = source.resolve()

@@ -383,7 +383,10 @@ def push_to_hub(
             base_model=base_model, license=license, tags=tags, remote_code=remote_code, card=card,
             shown_as=source,
         )
-        (announce or logger.info)(describe_upload(repo_id, files, skipped))
+        if announce is not None:
+            announce(describe_upload(repo_id, files, skipped))
+        else:  # library use: the skipped files are worth a warning, the plain list is not
+            (logger.warning if skipped else logger.info)(describe_upload(repo_id, files, skipped))
         if dry_run:
             return PushReport(repo_id, repo_url="", commit_url=None, revision=revision or "main", pr_url=None,
                               files=files, remote_code=remote_code, skipped=skipped, dry_run=True)
