@@ -3,7 +3,9 @@
 It stages a folder (never modifying the user's), renders its card (model_card.py), adds the
 trust_remote_code files (remote_code.py), creates the repo if needed and uploads through
 huggingface_hub's HfApi. The Hub endpoint is huggingface_hub's (HF_ENDPOINT is honoured); the token
-comes from the argument, HF_TOKEN or the stored login, and is never printed.
+comes from the argument, HF_TOKEN or the stored login, is stripped of surrounding whitespace, refused
+(without being echoed) when it could not go into an HTTP header, and scrubbed from every message.
+Only a model repo's own files are staged (repo_files.plan_folder); the rest is listed as skipped.
 """
 
 from __future__ import annotations
