@@ -33,13 +33,12 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .tools.demo import run_demo
+    from .tools.demo import DemoError, run_demo
 
     try:
         return run_demo(args.model, device=args.device, download=args.download, bench=not args.no_bench)
-    except OSError as error:  # e.g. a local folder with weights but no tokenizer
-        print(f"hf-fff demo: error: {error}", file=sys.stderr)
-        return 1
+    except (DemoError, OSError) as error:
+        return _error("demo", error)
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +55,11 @@ def _bench(args: argparse.Namespace) -> int:
     if any(t < 0 for t in args.tokens) or args.repeats < 1:
         print("hf-fff bench: --tokens must be >= 0 and --repeats >= 1", file=sys.stderr)
         return 2
+    for path in (args.json_path, args.plot_path):
+        problem = _unwritable(path)
+        if problem:  # found now, not after a run of several minutes
+            print(f"hf-fff bench: error: {problem}", file=sys.stderr)
+            return 2
     from .tools.bench import DTYPES, run_bench
 
     try:
@@ -81,11 +85,11 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "reloaded and compared with SRC before it is moved into place."
     )
     parser.add_argument("src", help="Hub repo id (e.g. pbelcak/UltraFastBERT-1x11-long) or local folder")
-    parser.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("dst", help="output folder: missing or empty (or a previous model folder with --overwrite)")
     parser.add_argument("--dtype", default="float32", choices=CONVERT_DTYPES, help="weights dtype of DST (default float32)")
     parser.add_argument("--revision", help="Hub revision of SRC")
     parser.add_argument("--token", help="Hub token for a private SRC; prefer HF_TOKEN or `hf auth login`")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (after the new one passed its check)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous model folder at DST (after the new one passed its check; never other files)")
     parser.add_argument("--base-model", help="card base_model (default: SRC's Hub id)")
     parser.add_argument("--license", help="card license (default: carried over from SRC's card)")
     parser.add_argument("--remote-code", action="store_true", help="also write the trust_remote_code modeling files and auto_map")
@@ -117,8 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
             pooling=args.pooling,
         )
     except (ConversionError, ValueError, OSError) as error:
-        print(f"hf-fff convert: error: {error}", file=sys.stderr)
-        return 1
+        return _error("convert", error, token=args.token)
     print(report.summary())
     return 0
 
@@ -143,12 +146,15 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", action="append", default=[], dest="tags", help="extra card tag (repeatable)")
     parser.add_argument("--no-remote-code", action="store_true", help="do not ship the trust_remote_code modeling files")
     parser.add_argument("--keep-card", action="store_true", help="upload the folder's README.md as is instead of rendering one")
+    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        help="also upload files matching GLOB that are not part of a model repo by default, e.g. pytorch_model.bin (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded and what is skipped, then stop (no token, no network)")
 
 
 def _push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .tools.hub import HubTokenError, PublishError, push_to_hub
+    from .tools.hub import HubTokenError, PublishError, http_error_types, push_to_hub, scrub_secrets
 
     try:
         report = push_to_hub(
@@ -166,11 +172,13 @@ def _push(args: argparse.Namespace) -> int:
             tags=args.tags,
             remote_code=not args.no_remote_code,
             card=not args.keep_card,
+            include=args.include,
+            dry_run=args.dry_run,
+            announce=lambda text: print(scrub_secrets(text, args.token), flush=True),
         )
-    except (HubTokenError, PublishError, HfHubHTTPError, OSError) as error:
-        print(f"hf-fff push: error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
+    except (HubTokenError, PublishError, HfHubHTTPError, OSError, *http_error_types()) as error:
+        return _error("push", error, token=args.token)
+    print(scrub_secrets(report.summary(), args.token))
     return 0
 
 
@@ -186,6 +194,42 @@ def _env(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _unwritable(path: Optional[str]) -> Optional[str]:
+    """Why `path` cannot be written (None if it can, or if no path was given); leaves no file behind."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return f"{path} is a folder; give a file name"
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as error:
+        return f"cannot write {path}: {error.strerror or error}"
+    if not existed:
+        os.unlink(target)
+    return None
+
+
+def _error(command: str, error: BaseException, token: Optional[str] = None) -> int:
+    """Print `error` as one line on stderr, without any token in it, and return exit status 1."""
+    message = str(error) or type(error).__name__
+    try:
+        from .tools.hub import is_network_error, scrub_secrets, unreachable_message
+    except ImportError:  # huggingface_hub missing: nothing of ours could have sent a token
+        is_network_error = None
+    if is_network_error is not None:
+        if is_network_error(error) and "could not be reached" not in message:
+            message = f"{unreachable_message()} ({type(error).__name__})"
+        message = scrub_secrets(message, token)
+    print(f"hf-fff {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -212,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print(f"hf-fff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,27 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 
+# Far past any UltraFastBERT (the published ones have ~0.1 billion parameters), but small enough that a
+# damaged or hostile config.json is refused before anything is allocated.
+MAX_PARAMETERS = 50_000_000_000
+_UPPER_BOUNDS = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**16,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 2**12,
+    "fff_trees": 2**16,
+    "classifier_head_dim": 2**16,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
 class UltraFastBertConfig(PreTrainedConfig):
     r"""Configuration of an UltraFastBERT model: a pre-norm BERT whose feedforward layers are fast
     feedforward (FFF) trees.
@@ -66,12 +87,15 @@ class UltraFastBertConfig(PreTrainedConfig):
         self.validate_geometry()
 
     def validate_geometry(self) -> None:
-        """Reject settings no model can be built from, with the field named."""
+        """Reject settings no model can be built from, with the field named, before anything is allocated:
+        wrong types (bool is not an int here), out-of-range values, and sizes past `MAX_PARAMETERS`."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "fff_trees", "classifier_head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"UltraFastBertConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.fff_depth, int) or not 0 <= self.fff_depth <= 20:
+            if value > _UPPER_BOUNDS[name]:
+                raise ValueError(f"UltraFastBertConfig.{name} = {value} is past any sensible model (at most {_UPPER_BOUNDS[name]})")
+        if not _is_int(self.fff_depth) or not 0 <= self.fff_depth <= 20:
             raise ValueError(f"UltraFastBertConfig.fff_depth must be an int in [0, 20], got {self.fff_depth!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -79,8 +103,33 @@ class UltraFastBertConfig(PreTrainedConfig):
             )
         if self.classifier_pooling not in ("avg", "masked_avg"):
             raise ValueError(f"classifier_pooling must be 'avg' or 'masked_avg', got {self.classifier_pooling!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})")
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"pad_token_id ({self.pad_token_id!r}) must be a token id below vocab_size ({self.vocab_size})")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
+            raise ValueError(f"UltraFastBertConfig.max_position_embeddings must be a positive int, got {self.max_position_embeddings!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value <= 1:
+                raise ValueError(f"UltraFastBertConfig.{name} must be a probability in [0, 1], got {value!r}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"UltraFastBertConfig.{name} must be a non-negative number, got {value!r}")
+        if self.attention_scale is not None and not _is_real(self.attention_scale):
+            raise ValueError(f"UltraFastBertConfig.attention_scale must be a number or None, got {self.attention_scale!r}")
+        parameters = self.approximate_parameter_count()
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"this UltraFastBertConfig describes about {parameters:.3g} parameters (num_hidden_layers={self.num_hidden_layers}, "
+                f"hidden_size={self.hidden_size}, fff_depth={self.fff_depth}, fff_trees={self.fff_trees}, vocab_size={self.vocab_size}); "
+                f"refusing more than {MAX_PARAMETERS:.0e} (a damaged config.json?)"
+            )
+
+    def approximate_parameter_count(self) -> int:
+        """Parameters of the masked-LM model this config builds (embeddings, layers, norms), from the sizes alone."""
+        hidden, rows = self.hidden_size, self.fff_trees * self.fff_nodes_per_tree
+        per_layer = 4 * hidden * hidden + 4 * hidden + rows * (2 * hidden + 1)
+        return self.vocab_size * hidden + self.num_hidden_layers * per_layer + 4 * hidden + 1
 
     @property
     def head_dim(self) -> int:
@@ -96,6 +145,8 @@ class UltraFastBertConfig(PreTrainedConfig):
         # that every entry point (AutoConfig, from_pretrained of any class, pipeline) accepts it as is.
         from .crammed import is_crammed_config, native_config_kwargs_from_crammed
 
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"an UltraFastBERT config must be a JSON object, got a {type(config_dict).__name__}")
         if is_crammed_config(config_dict):
             config_dict = native_config_kwargs_from_crammed(config_dict)
         return super().from_dict(config_dict, **kwargs)

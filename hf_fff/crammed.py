@@ -65,6 +65,11 @@ def native_config_kwargs_from_crammed(config_dict: dict[str, Any]) -> dict[str, 
         raise CrammedCheckpointError('crammedBERT config.json has no "arch" dictionary')
     embedding, attention = arch.get("embedding", {}), arch.get("attention", {})
     head = arch.get("classification_head", {}) or {}
+    for where, section in (("arch.embedding", embedding), ("arch.attention", attention), ("arch.classification_head", head)):
+        if not isinstance(section, dict):
+            raise CrammedCheckpointError(f"crammedBERT config.json {where} must be a dictionary, got {type(section).__name__}")
+    if "hidden_size" not in arch:
+        raise CrammedCheckpointError("crammedBERT config.json lacks arch setting 'hidden_size'")
     _require(arch, _REQUIRED_ARCH, "arch.")
     _require(embedding, _REQUIRED_EMBEDDING, "arch.embedding.")
     _require(attention, _REQUIRED_ATTENTION, "arch.attention.")

@@ -12,7 +12,11 @@ contents, the flags, torch / CUDA / Python versions, the GPU arch list and the C
 built with `-march=native`). Concurrent processes serialise on an `flock` of that folder, so two
 processes building at once end with one working build, and a build killed half-way leaves no lock
 behind (torch's own lock file would then block every later process). A finished build records the
-SHA-256 of its library, so a damaged cache is rebuilt instead of crashing the import.
+SHA-256 of its library, so a damaged cache is rebuilt instead of crashing the import. A finished build
+is loaded without the lock, so a read-only cache that holds one (baked into a container image) works
+without a compiler. A library is loaded only when this user or root owns it and its folder and no one
+else can write to them: one owned by another user is refused (one warning, torch fallback), one of this
+user's that others could have replaced is rebuilt.
 
 Set HF_FFF_FORCE_BUILD_FAILURE=1 to make every build fail (for testing the fallback path).
 """
@@ -193,17 +197,28 @@ def _plan(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldfla
 
 
 def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags) -> types.ModuleType:
-    check_toolchain(with_cuda)
     paths, extra_cuda_cflags, build_dir = _plan(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, extra_ldflags)
-    build_dir.mkdir(parents=True, exist_ok=True)
     module_name = build_dir.name.replace("-", "_")  # one module name per build, so two builds can live in one process
     library = build_dir / f"{module_name}{_LIB_SUFFIX}"
-    with _exclusive(build_dir / "hf_fff.lock"):
-        if _is_intact(build_dir, library):
+    # A finished build never changes, so it is read without the lock (which needs write access): a cache
+    # baked read-only into a container image loads without a compiler, ninja or a writable folder.
+    if _is_intact(build_dir, library) and _trusted(build_dir, library):
+        return _import_built(module_name, library)
+    check_toolchain(with_cuda)
+    with contextlib.ExitStack() as stack:
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_exclusive(build_dir / "hf_fff.lock"))
+        except OSError as error:
+            raise BuildUnavailable(
+                f"the kernel cache {build_dir} holds no usable build and cannot be written ({error.strerror or error}); "
+                f"set {CACHE_ENV} to a writable folder"
+            ) from None
+        if _is_intact(build_dir, library) and _trusted(build_dir, library):  # built by another process meanwhile
             return _import_built(module_name, library)
-        # Not built, or damaged (an interrupted copy, a full disk): build again. Removing the library
-        # makes ninja relink it even when its timestamp looks up to date; only a killed build can have
-        # left torch's lock file, since no live process builds without our flock.
+        # Not built, damaged (an interrupted copy, a full disk) or writable by others: build again. Removing
+        # the library makes ninja relink it even when its timestamp looks up to date; only a killed build
+        # can have left torch's lock file, since no live process builds without our flock.
         for leftover in (build_dir / _DONE_MARKER, library, build_dir / "lock"):
             leftover.unlink(missing_ok=True)
         _announce_build(name, build_dir)
@@ -217,8 +232,48 @@ def _build_or_reuse(name, sources, with_cuda, extra_cflags, extra_cuda_cflags, e
             with_cuda=with_cuda,
             verbose=False,
         )
+        _private(build_dir, library)
         (build_dir / _DONE_MARKER).write_text(_digest(library) + "\n")
         return module
+
+
+def _trusted(build_dir: Path, library: Path) -> bool:
+    """Whether loading `library` runs only code that this user (or root) put there.
+
+    A library owned by another user, or that others may replace (group/world-writable library or
+    folder), is refused: importing it would run their code in this process. One this user owns is
+    rebuilt (returns False, after one warning); one owned by someone else cannot be, which raises
+    BuildUnavailable so that the caller falls back to torch. root's files are trusted, as ssh does:
+    a cache prebuilt by root in a container image serves unprivileged users.
+    """
+    if not hasattr(os, "geteuid"):  # Windows: no POSIX owners or modes to check
+        return True
+    me = os.geteuid()
+    for path in (build_dir, library):
+        status = path.stat()
+        if status.st_uid not in (me, 0):
+            raise BuildUnavailable(
+                f"the cached build {path} belongs to another user (uid {status.st_uid}), so loading it would run their code; "
+                f"set {CACHE_ENV} to a folder of your own"
+            )
+        if status.st_mode & 0o022:
+            if status.st_uid != me:
+                raise BuildUnavailable(f"the cached build {path} can be changed by other users; set {CACHE_ENV} to a folder of your own")
+            warnings.warn(
+                f"hf_fff: the cached build {path} could be changed by other users (mode {status.st_mode & 0o777:o}); rebuilding it",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return False
+    return True
+
+
+def _private(build_dir: Path, library: Path) -> None:
+    """Take write access from group and others (a umask of 002 would leave the build group-writable, which
+    `_trusted` refuses)."""
+    if hasattr(os, "geteuid"):
+        for path in (build_dir, library):
+            os.chmod(path, path.stat().st_mode & ~0o022)
 
 
 def _is_intact(build_dir: Path, library: Path) -> bool:

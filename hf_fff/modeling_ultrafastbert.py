@@ -9,6 +9,7 @@ visited nodes per tree instead of all of them.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +37,41 @@ from .ops import leaves_like, run_fff
 MASKED_SCORE = -10000.0
 
 
+# Parameters of one FastFeedForward past which construction is refused outright (about 1 TB in float32).
+MAX_FFF_PARAMETERS = 2**38
+
+
+def check_layer_sizes(hidden_size: int, depth: int, trees: int) -> None:
+    """Refuse FastFeedForward sizes that are not ints (bool included) or whose weights cannot fit in the
+    memory of the device the parameters would be created on, before allocating anything."""
+    for name, value, low in (("hidden_size", hidden_size, 1), ("depth", depth, 0), ("trees", trees, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"FastFeedForward {name} must be an int >= {low}, got {value!r}")
+    parameters = trees * (2 ** (depth + 1) - 1) * (2 * hidden_size + 1)
+    dtype = torch.get_default_dtype()
+    needed = parameters * dtype.itemsize
+    device = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
+    available = None if device.type == "meta" else _memory_bytes(device)
+    if parameters > MAX_FFF_PARAMETERS or (available is not None and needed > available):
+        where = f"{available / 2**30:.1f} GiB of {device.type} memory" if available is not None else f"the limit of {MAX_FFF_PARAMETERS:.2e} parameters"
+        raise ValueError(
+            f"FastFeedForward(hidden_size={hidden_size}, depth={depth}, trees={trees}) needs {parameters:.3g} parameters "
+            f"({needed / 2**30:.1f} GiB in {dtype}), more than {where}; each level of depth doubles the size"
+        )
+
+
+def _memory_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of `device` in bytes (physical RAM for the CPU), or None where it cannot be told."""
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.mem_get_info(device)[1]
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
 class FastFeedForward(nn.Module):
     """A fast feedforward layer: `trees` binary trees of depth `depth` over width `hidden_size`.
 
@@ -51,8 +87,7 @@ class FastFeedForward(nn.Module):
 
     def __init__(self, hidden_size: int, depth: int, trees: int = 1):
         super().__init__()
-        if hidden_size < 1 or trees < 1 or depth < 0:
-            raise ValueError(f"FastFeedForward needs hidden_size >= 1, trees >= 1, depth >= 0; got {hidden_size}, {trees}, {depth}")
+        check_layer_sizes(hidden_size, depth, trees)
         self.hidden_size, self.depth, self.trees = hidden_size, depth, trees
         rows = trees * (2 ** (depth + 1) - 1)
         self.weight_in = nn.Parameter(torch.empty(rows, hidden_size))
@@ -71,9 +106,9 @@ class FastFeedForward(nn.Module):
         weights = self._weights()
         if x.dtype != weights[0].dtype:  # e.g. bf16 activations over fp32 weights: compute in x's dtype, like autocast
             weights = tuple(w.to(x.dtype) for w in weights)
-        signature = self._signature(x, weights)
+        signature = self._signature(x, weights, self.depth)
         if self._checked_signature != signature:
-            check_fff_arguments(x, *weights, self.depth)  # full checks once per shape/dtype/device, not per call
+            self._check_call(x, weights)  # full checks once per shape/dtype/device/depth, not per call
             self._checked_signature = signature
         y, leaves = run_fff(x, *weights, self.depth)
         return (y, leaves_like(x, leaves, self.trees)) if return_leaves else y
@@ -87,11 +122,20 @@ class FastFeedForward(nn.Module):
         except KeyError:
             return self.weight_in, self.bias_in, self.weight_out
 
+    def _check_call(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> None:
+        trees = check_fff_arguments(x, *weights, self.depth)
+        if trees != self.trees:  # depth changed after construction in a way the row count happens to divide
+            raise ValueError(
+                f"FastFeedForward holds {weights[0].shape[0]} rows ({self.trees} trees of depth {self.depth}?), which is not "
+                f"{self.trees} trees of depth {self.depth}; was layer.depth changed after construction?"
+            )
+
     @staticmethod
-    def _signature(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple:
+    def _signature(x: torch.Tensor, weights: tuple[torch.Tensor, ...], depth: int) -> tuple:
         w_in, b_in, w_out = weights
-        # dtype and device of each tensor, and every size check_fff_arguments looks at
-        return (x.shape[-1], x.dtype, x.device, w_in.shape, b_in.shape, w_out.shape, w_in.dtype, b_in.dtype, w_out.dtype, w_in.device, b_in.device, w_out.device)
+        # dtype and device of each tensor, every size check_fff_arguments looks at, and the depth (an attribute
+        # anyone may change after a call)
+        return (depth, x.shape[-1], x.dtype, x.device, w_in.shape, b_in.shape, w_out.shape, w_in.dtype, b_in.dtype, w_out.dtype, w_in.device, b_in.device, w_out.device)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, depth={self.depth}, trees={self.trees}"
@@ -305,8 +349,8 @@ class UltraFastBertPreTrainedModel(PreTrainedModel):
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Out-of-range ids would index past the embedding (a crash on CUDA): refuse them with a clear error."""
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
+        raise TypeError(f"input_ids must be integer token ids of dtype int64 (torch.long) or int32, got {input_ids.dtype}; convert them with input_ids.long()")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
     if input_ids.numel() == 0 or torch.compiler.is_compiling():

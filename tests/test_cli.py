@@ -89,3 +89,76 @@ def test_demo_on_a_folder_without_a_tokenizer_says_how_to_get_one(tmp_path, caps
     captured = capsys.readouterr()
     assert str(folder) in captured.err and "tokenizer.json" in captured.err and "hf-fff convert" in captured.err
     assert "RANDOM" not in captured.out
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config list", "not a model"])
+def test_demo_with_a_damaged_local_model_is_a_clear_error(tmp_path, capsys, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "crammed-tiny-1x3", folder)
+    train_tokenizer(128).save_pretrained(folder)
+    if damage == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:500])
+    elif damage == "config list":
+        (folder / "config.json").write_text("[1, 2]")
+    else:
+        (folder / "config.json").write_text('{"model_type": "no-such-model"}')
+    assert main(["demo", "--model", str(folder), "--no-bench"]) == 1
+    out, err = capsys.readouterr()
+    line = _one_line_error(err)
+    assert f"cannot load {folder}" in line
+    assert "RANDOM" not in out  # the user's model, not noise in its place
+
+
+def _never_run(**kwargs):
+    raise AssertionError("the benchmark ran although its --json file cannot be written")
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder", "read-only folder"])
+def test_bench_refuses_an_unwritable_json_path_before_the_run(tmp_path, capsys, monkeypatch, where):
+    import os
+
+    from hf_fff.tools import bench
+
+    monkeypatch.setattr(bench, "run_bench", _never_run)
+    if where == "under a file":
+        (tmp_path / "file.txt").write_text("x")
+        path = tmp_path / "file.txt" / "bench.json"
+    elif where == "a folder":
+        path = tmp_path
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        path = tmp_path / "ro" / "bench.json"
+    assert main(["bench", "--tokens", "1", "--json", str(path)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(path) in line
+    assert not (tmp_path / "ro" / "bench.json").exists()
+
+
+def test_bench_json_check_leaves_no_file_behind(tmp_path, monkeypatch):
+    from hf_fff.tools import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: seen.update(exists=(tmp_path / "b.json").exists()))
+    assert main(["bench", "--tokens", "1", "--json", str(tmp_path / "b.json")]) == 0
+    assert seen == {"exists": False}
+
+
+def test_interrupt_is_one_line_and_status_130(monkeypatch, capsys):
+    from hf_fff.tools import environment
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(environment, "describe", interrupted)
+    assert main(["env"]) == 130
+    assert "interrupted" in _one_line_error(capsys.readouterr().err)

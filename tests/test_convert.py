@@ -6,6 +6,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,27 +168,143 @@ def test_failed_reload_check_leaves_nothing_behind(crammed_1x3: Path, tmp_path: 
     assert leftovers(dst.parent) == []
 
 
+def _fresh_crammed(parent: Path, name: str = "fresh") -> Path:
+    folder = parent / name
+    folder.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (folder / file).write_bytes((FIXTURES_DIR / "crammed-tiny-1x3" / file).read_bytes())
+    return folder
+
+
 def test_existing_dst_needs_overwrite_and_is_replaced_only_on_success(crammed_1x3: Path, tmp_path: Path):
     dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "marker.txt").write_text("keep me")
-    with pytest.raises(ConversionError, match="already exists"):
+    convert(crammed_1x3, dst)
+    with pytest.raises(ConversionError, match="not empty"):
         convert(crammed_1x3, dst)
-    assert (dst / "marker.txt").read_text() == "keep me"
 
     _damage(crammed_1x3, "nan")
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
     with pytest.raises(ConversionError):
         convert(crammed_1x3, dst, overwrite=True)
-    assert (dst / "marker.txt").read_text() == "keep me"  # a failed conversion does not touch DST
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # a failed conversion does not touch DST
 
-    fresh = crammed_1x3.parent / "fresh"
-    fresh.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (fresh / name).write_bytes((FIXTURES_DIR / "crammed-tiny-1x3" / name).read_bytes())
-    convert(fresh, dst, overwrite=True)
-    assert not (dst / "marker.txt").exists()
-    assert (dst / "model.safetensors").is_file()
+    report = convert(_fresh_crammed(tmp_path), dst, overwrite=True)  # a previous model folder is replaced
+    assert sorted(p.name for p in dst.iterdir()) == report.files
+    assert not (dst / "tokenizer.json").exists()  # the previous folder's files are gone, not merged
     assert leftovers(tmp_path) == []
+
+
+def test_overwrite_never_deletes_files_convert_did_not_write(crammed_1x3: Path, tmp_path: Path):
+    unrelated = tmp_path / "projects"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    (unrelated / "data").mkdir()
+    (unrelated / "data" / "train.csv").write_text("a,b\n")
+    with pytest.raises(ConversionError, match="not a previous model folder.*notes.txt"):
+        convert(crammed_1x3, unrelated, overwrite=True)
+    assert (unrelated / "notes.txt").read_text() == "keep me" and (unrelated / "data" / "train.csv").is_file()
+
+    model = tmp_path / "model"
+    convert(crammed_1x3, model)
+    (model / ".env").write_text("SECRET=1")  # a model folder with something of the user's in it
+    with pytest.raises(ConversionError, match=r"\.env"):
+        convert(crammed_1x3, model, overwrite=True)
+    assert (model / ".env").read_text() == "SECRET=1" and (model / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_empty_dst_is_used_like_git_clone(crammed_1x3: Path, tmp_path: Path):
+    dst = tmp_path / "empty"
+    dst.mkdir()
+    convert(crammed_1x3, dst)
+    assert (dst / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where", ["src", "parent of src", "cwd", "home", "root"])
+def test_dangerous_destinations_are_refused_even_with_overwrite(crammed_1x3: Path, tmp_path: Path, monkeypatch, where):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    dst = {"src": crammed_1x3, "parent of src": crammed_1x3.parent, "cwd": Path("."), "home": Path("~"), "root": Path("/")}[where]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConversionError, match="SRC|current directory|home directory|filesystem root"):
+        convert(crammed_1x3, dst, overwrite=True)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_dst_created_during_the_conversion_is_never_replaced(crammed_1x3: Path, tmp_path: Path, monkeypatch, overwrite):
+    """Another program (or a second convert) writes DST while the check runs: the final rename must refuse."""
+    dst = tmp_path / "dst"
+    if overwrite:
+        convert(crammed_1x3, dst)
+    original = convert_module._check_tokenizer
+
+    def meanwhile(folder):
+        original(folder)
+        dst.mkdir(exist_ok=True)
+        (dst / "theirs.txt").write_text("written by someone else")
+
+    monkeypatch.setattr(convert_module, "_check_tokenizer", meanwhile)
+    with pytest.raises(ConversionError, match="DST"):
+        convert(crammed_1x3, dst, overwrite=overwrite)
+    assert (dst / "theirs.txt").read_text() == "written by someone else"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_usual_permissions(crammed_1x3: Path, tmp_path: Path, umask):
+    previous = os.umask(umask)
+    try:
+        report = convert(crammed_1x3, tmp_path / "dst")
+    finally:
+        os.umask(previous)
+    dst = tmp_path / "dst"
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask
+    modes = {name: (dst / name).stat().st_mode & 0o777 for name in report.files}
+    assert modes == {name: 0o666 & ~umask for name in report.files}  # model.safetensors included
+
+
+# In a fresh process: convert, pausing inside the check (the temporary folder exists) until signalled.
+_SLOW_CONVERT = """
+import sys, time
+from pathlib import Path
+from hf_fff.tools import convert as convert_module
+original = convert_module._check_tokenizer
+def slow(folder):
+    original(folder)
+    Path(sys.argv[3]).write_text("converting")
+    time.sleep(120)
+convert_module._check_tokenizer = slow
+convert_module.convert(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_the_conversion_leaves_no_partial_folder(crammed_1x3: Path, tmp_path: Path, signum):
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CONVERT, str(crammed_1x3), str(out / "dst"), str(marker)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the conversion never reached its check"
+            time.sleep(0.1)
+        assert leftovers(out)  # the partial folder exists now
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "Traceback" not in stderr or signum == signal.SIGINT  # SIGTERM exits quietly
+    assert list(out.iterdir()) == []
 
 
 def test_missing_tokenizer_is_reported(tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -241,3 +242,105 @@ def test_the_announcement_reaches_stderr_without_logging_configured(tmp_path):
     assert process.returncode == 0, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if "compiling the FFF kernel" in line]
     assert len(lines) == 1 and str(tmp_path / "cache") in lines[0]
+
+
+# ---------------------------------------------------------------- caches this user did not (or cannot) write
+
+
+def _cache_with_a_valid_build(cache: Path, monkeypatch) -> Path:
+    """A cache holding a finished CPU build: a copy of this user's default cache when it has one, else built now."""
+    monkeypatch.delenv(extension.CACHE_ENV, raising=False)
+    existing = cpu_build_directory()
+    monkeypatch.setenv(extension.CACHE_ENV, str(cache))
+    build_dir = cpu_build_directory()
+    library = build_dir / f"{build_dir.name.replace('-', '_')}{extension._LIB_SUFFIX}"
+    if extension._is_intact(existing, existing / library.name):
+        shutil.copytree(existing, build_dir, symlinks=True)
+    else:
+        assert probe_result(run_probe(BUILD_PROBE, cache), timeout=600)["ok"]
+    (build_dir / "hf_fff.lock").unlink(missing_ok=True)  # a cache image ships without one
+    return build_dir
+
+
+def _run_read_only(script: str, cache: Path, **env_overrides: str) -> dict:
+    """Run `script` with `cache` read-only: a read-only bind mount for root (who writes through any mode),
+    the write bits removed for anyone else."""
+    if os.geteuid() != 0:
+        for path in (cache, *cache.rglob("*")):
+            path.chmod(path.stat().st_mode & ~0o222)
+        return probe_result(run_probe(script, cache, **env_overrides))
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("root, and no mount namespace to make the cache read-only in")
+    runner = f'mount --bind -o ro "$0" "$0" && exec "{sys.executable}" -c "$1"'
+    env = {**os.environ, "HF_FFF_CACHE": str(cache), "PYTHONPATH": str(REPO), **env_overrides}
+    env.pop("HF_FFF_BACKEND", None)
+    process = subprocess.Popen(["unshare", "-m", "sh", "-c", runner, str(cache), script], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return probe_result(process)
+
+
+def test_a_read_only_cache_with_a_valid_build_is_used(tmp_path, monkeypatch):
+    """A kernel cache baked into a container image: read-only, no compiler needed."""
+    cache = tmp_path / "cache"
+    _cache_with_a_valid_build(cache, monkeypatch)
+    report = _run_read_only(FALLBACK_PROBE, cache, **{extension.FORCE_FAILURE_ENV: "1"})  # any build attempt would fail
+    assert report["warnings"] == []
+    assert report["backend"] == "cpp" and report["matches_reference"]
+
+
+def test_a_read_only_cache_without_a_build_warns_once_and_falls_back(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    report = _run_read_only(FALLBACK_PROBE, cache)
+    assert report["backend"] == "reference" and report["matches_reference"]
+    assert len(report["warnings"]) == 1 and "cannot be written" in report["warnings"][0] and "HF_FFF_CACHE" in report["warnings"][0]
+
+
+def test_a_library_of_another_user_is_never_loaded(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("only root can give the cached build to another user")
+    build_dir = _cache_with_a_valid_build(tmp_path / "cache", monkeypatch)
+    for path in (build_dir, *build_dir.iterdir()):
+        os.chown(path, 12345, 12345)
+    report = probe_result(run_probe(FALLBACK_PROBE, tmp_path / "cache"))
+    assert report["backend"] == "reference" and report["matches_reference"]
+    assert len(report["warnings"]) == 1 and "another user (uid 12345)" in report["warnings"][0]
+
+
+@pytest.mark.parametrize("loose", ["library", "folder"])
+def test_a_library_others_can_replace_is_rebuilt_not_loaded(tmp_path, monkeypatch, loose):
+    build_dir = _cache_with_a_valid_build(tmp_path / "cache", monkeypatch)
+    library = build_dir / f"{build_dir.name.replace('-', '_')}{extension._LIB_SUFFIX}"
+    target = library if loose == "library" else build_dir
+    target.chmod(target.stat().st_mode | 0o022)
+    # The rebuild is made to fail at once, so that the test sees the refusal without a minutes-long build.
+    report = probe_result(run_probe(FALLBACK_PROBE, tmp_path / "cache", **{extension.FORCE_FAILURE_ENV: "1"}))
+    assert report["backend"] == "reference" and report["matches_reference"]
+    assert any("could be changed by other users" in w and "rebuilding" in w for w in report["warnings"])
+
+
+def test_a_module_without_the_entry_point_falls_back_with_one_warning(monkeypatch):
+    import types
+
+    import hf_fff
+    from hf_fff import backends
+    from hf_fff.backends import reference
+
+    monkeypatch.setattr(cpu, "load_module", lambda: types.ModuleType("fff_cpu_without_fff_forward"))
+    monkeypatch.delenv("HF_FFF_BACKEND", raising=False)
+    backends._reset_for_tests()
+    try:
+        generator = torch.Generator().manual_seed(3)
+        x, w_in, b_in, w_out = (torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((5, 12), (15, 12), (15,), (15, 12)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y1, leaves1 = hf_fff.fast_feedforward(x, w_in, b_in, w_out, 3)
+            y2, _ = hf_fff.fast_feedforward(x, w_in, b_in, w_out, 3)
+        y_ref, leaves_ref = reference.fff_forward(x, w_in, b_in, w_out, 3)
+        assert torch.equal(y1, y_ref) and torch.equal(y2, y_ref) and torch.equal(leaves1, leaves_ref)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "fff_forward" in messages[0] and "'cpp'" in messages[0]
+        assert backends.resolve("cpu")[0] == "reference"
+    finally:
+        monkeypatch.undo()
+        backends._reset_for_tests()

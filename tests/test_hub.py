@@ -417,3 +417,182 @@ def test_console_convert_then_push_in_a_fresh_process(lfs_hub, crammed_1x3: Path
     files = lfs_hub.files(f"{HUB_USER}/from-console")
     assert files["model.safetensors"].is_lfs and "modeling_ultrafastbert.py" in files
     assert render_bench(bench_json) in lfs_hub.file_bytes(f"{HUB_USER}/from-console", "README.md").decode()
+
+
+# ---------------------------------------------------------------- what push uploads, tokens, clear errors
+
+
+def _one_line_error(err: str) -> str:
+    """The CLI's error: exactly one line on stderr, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def littered_folder(converted_tiny: Path, tmp_path: Path) -> Path:
+    """A native model folder with what a working directory collects next to the model."""
+    folder = tmp_path / "littered"
+    shutil.copytree(converted_tiny, folder)
+    outside = tmp_path / "outside-secret.txt"
+    outside.write_text("SECRET-OUTSIDE")
+    (folder / ".env").write_text("HF_TOKEN=SECRET-DOTENV")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("SECRET-GIT")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    (folder / "notes.txt~").write_text("editor backup")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "extra.pkl").write_bytes(b"pickle")
+    (folder / "checkpoint-500").mkdir()
+    (folder / "checkpoint-500" / "model.safetensors").write_bytes(b"old")
+    (folder / "secret.txt").symlink_to(outside)
+    (folder / "vocab-link.txt").symlink_to(folder / "tokenizer.json")  # inside the folder, but not a model file
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
+    (folder / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    return folder
+
+
+def test_push_dry_run_lists_uploads_and_skips_without_token_or_network(lfs_hub, littered_folder: Path, capsys):
+    assert _cli([str(littered_folder), f"{HUB_USER}/tidy", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "dry run" in out and "model.safetensors" in out and "1_Pooling/config.json" in out
+    for skipped, reason in ((".env", "hidden"), (".git/config", "hidden"), ("notes.txt~", "litter"), ("pytorch_model.bin", "pickle"),
+                            ("training_args.bin", "training state"), ("checkpoint-500/model.safetensors", "training state"),
+                            ("secret.txt", "outside the folder")):
+        assert any(skipped in line and reason in line for line in out.splitlines()), (skipped, out)
+    assert "SECRET" not in out + err
+    assert lfs_hub.requests == [] and lfs_hub.repos == {}
+
+
+def test_push_uploads_only_what_a_model_repo_is_made_of(lfs_hub, hub_token, littered_folder: Path):
+    announced = []
+    report = push_to_hub(littered_folder, f"{HUB_USER}/tidy", include=["pytorch_model.bin"], announce=announced.append)
+    stored = lfs_hub.files(f"{HUB_USER}/tidy")
+    expected = {
+        "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json", "pytorch_model.bin",
+        "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+        "configuration_ultrafastbert.py", "modeling_ultrafastbert.py", "crammed.py", "ops.py",
+    }
+    uploaded = {path for path in stored if path != ".gitattributes"}  # the fake hub's initial commit
+    assert expected <= uploaded and uploaded == set(report.files)
+    for never in (".env", ".git/config", ".DS_Store", "notes.txt~", "training_args.bin", "extra.pkl", "secret.txt", "vocab-link.txt",
+                  "checkpoint-500/model.safetensors", "__pycache__/x.cpython-311.pyc"):
+        assert never not in uploaded
+    assert all(b"SECRET" not in lfs_hub.file_bytes(f"{HUB_USER}/tidy", path) for path in uploaded)
+    assert len(announced) == 1 and "skipped" in announced[0]  # said before the upload
+    assert dict(report.skipped)["extra.pkl"].startswith("pickle")
+
+
+def test_token_is_stripped_and_a_malformed_token_is_never_printed(lfs_hub, converted_tiny: Path, capsys, monkeypatch):
+    assert _cli([str(converted_tiny), f"{HUB_USER}/crlf", "--token", HUB_TOKEN + "\r\n"]) == 0  # a Windows token file
+    out, err = capsys.readouterr()
+    assert HUB_TOKEN not in out + err
+
+    halves = ("hf_first_half_of_a_secret", "hf_second_half_of_a_secret")
+    for malformed in (f"{halves[0]}\n{halves[1]}", f"{halves[0]} {halves[1]}", f"{halves[0]}\x00", f"{halves[0]}é"):
+        assert _cli([str(converted_tiny), f"{HUB_USER}/never", "--token", malformed]) == 1
+        out, err = capsys.readouterr()
+        assert "malformed" in _one_line_error(err)
+        assert halves[0] not in out + err and halves[1] not in out + err
+    monkeypatch.setenv("HF_TOKEN", f"{halves[0]}\x1b[2J")
+    with pytest.raises(HubTokenError, match="HF_TOKEN.*malformed") as caught:
+        push_to_hub(converted_tiny, f"{HUB_USER}/never")
+    assert halves[0] not in str(caught.value)
+    assert f"{HUB_USER}/never" not in lfs_hub.repos
+
+
+def test_http_client_errors_are_one_line_without_the_token(lfs_hub, hub_token, converted_tiny: Path, capsys, monkeypatch):
+    import httpx2
+    from huggingface_hub import HfApi
+
+    def failing_upload(self, **kwargs):
+        raise httpx2.RemoteProtocolError(f"server disconnected while sending Authorization: Bearer {HUB_TOKEN}")
+
+    monkeypatch.setattr(HfApi, "upload_folder", failing_upload)
+    assert _cli([str(converted_tiny), f"{HUB_USER}/broken"]) == 1
+    out, err = capsys.readouterr()
+    line = _one_line_error(err)
+    assert "server disconnected" in line and "could not be reached" not in line  # the server was reached
+    assert HUB_TOKEN not in out + err and "Bearer ***" in err
+
+
+def _closed_port_endpoint(monkeypatch) -> str:
+    import socket
+
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    return url
+
+
+def test_no_network_is_a_clear_error_naming_the_offline_switch(converted_tiny: Path, tmp_path: Path, monkeypatch, capsys, fresh_hf_cache):
+    from hf_fff.cli import main
+
+    url = _closed_port_endpoint(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    assert main(["push", str(converted_tiny), f"{HUB_USER}/offline"]) == 1
+    out, err = capsys.readouterr()
+    line = _one_line_error(err)
+    assert "could not be reached" in line and url in line and "HF_HUB_OFFLINE=1" in line and "--dry-run" in line
+    assert HUB_TOKEN not in out + err
+
+    assert main(["convert", f"{HUB_USER}/some-model", str(tmp_path / "dst")]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "could not be reached" in line and "HF_HUB_OFFLINE=1" in line
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("repo_id", ["tester/bad..name", "tester/-leading", "tester/double--dash", "tester/" + "x" * 100, "a/b/c", "tester/sp ace"])
+def test_repo_ids_the_hub_would_reject_are_refused_before_the_token(lfs_hub, converted_tiny: Path, repo_id, capsys):
+    with pytest.raises(PublishError, match="repo id|repo_id"):
+        push_to_hub(converted_tiny, repo_id)  # no token set: the id is checked first
+    assert _cli([str(converted_tiny), repo_id]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "token" not in line.lower()
+    assert lfs_hub.requests == []
+
+
+def test_push_of_a_crammed_folder_names_the_users_folder(lfs_hub, hub_token, crammed_1x3: Path, capsys):
+    assert _cli([str(crammed_1x3), f"{HUB_USER}/crammed"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(crammed_1x3) in line and "hf-fff convert" in line and "hf_fff-push-" not in line
+    assert lfs_hub.repos == {}
+
+
+DAMAGED_CONFIGS = {
+    "json list": [1, 2],
+    "wrong type": {"model_type": "ultrafastbert", "num_hidden_layers": "twelve"},
+    "bool layers": {"model_type": "ultrafastbert", "num_hidden_layers": True},
+    "millions of layers": {"model_type": "ultrafastbert", "num_hidden_layers": 5_000_000, "hidden_size": 32, "num_attention_heads": 2},
+    "crammed without sizes": {"model_type": "crammedBERT", "arch": {"embedding": {"vocab_size": 300}}},
+    "crammed millions of layers": {"arch": {"hidden_size": 32, "num_transformer_layers": 5_000_000, "intermed_depth": 3, "intermed_size": 1,
+                                            "embedding": {"vocab_size": 300}, "attention": {"num_attention_heads": 2}}},
+    "crammed arch list": {"arch": [1, 2]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED_CONFIGS))
+def test_damaged_config_is_a_clear_error_before_allocating(lfs_hub, hub_token, converted_tiny: Path, tmp_path: Path, name, capsys):
+    from hf_fff.cli import main
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(converted_tiny, folder)
+    (folder / "config.json").write_text(json.dumps(DAMAGED_CONFIGS[name]))
+    for argv in (["convert", str(folder), str(tmp_path / "dst")], ["push", str(folder), f"{HUB_USER}/damaged"], ["demo", "--model", str(folder), "--no-bench"]):
+        assert main(argv) == 1, argv
+        out, err = capsys.readouterr()
+        line = _one_line_error(err)
+        assert "error" in line
+    assert not (tmp_path / "dst").exists() and lfs_hub.repos == {}

@@ -261,3 +261,40 @@ def test_compiles_without_graph_breaks(config):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=x).last_hidden_state, model(input_ids=x).last_hidden_state)
+
+
+# ---------------------------------------------------------------- sizes, depth and id dtypes refused clearly
+
+
+@pytest.mark.parametrize("depth", [True, False, 2.0, "3", -1])
+def test_fast_feed_forward_rejects_a_depth_that_is_not_an_int(depth):
+    with pytest.raises(ValueError, match="depth must be an int"):
+        hf_fff.FastFeedForward(16, depth)
+
+
+@pytest.mark.parametrize("depth, trees, hidden", [(40, 1, 768), (33, 1, 16), (20, 2**20, 768)])
+def test_fast_feed_forward_rejects_weights_that_cannot_fit_in_memory(depth, trees, hidden):
+    with pytest.raises(ValueError, match="needs .* parameters"):
+        hf_fff.FastFeedForward(hidden, depth, trees)
+
+
+def test_fast_feed_forward_depth_changed_after_a_call_is_checked_again():
+    torch.manual_seed(0)
+    layer = hf_fff.FastFeedForward(12, depth=1, trees=1)  # 3 rows: depth 0 would read them as 3 trees
+    x = torch.randn(5, 12)
+    layer(x)
+    layer.depth = 0
+    with pytest.raises(ValueError, match="depth"):
+        layer(x)
+    layer.depth = 2  # 7 rows per tree: 3 rows cannot hold it
+    with pytest.raises(ValueError, match="depth"):
+        layer(x)
+    layer.depth = 1
+    assert layer(x).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16])
+def test_small_integer_ids_get_a_clear_error(config, dtype):
+    model = hf_fff.UltraFastBertModel(config).eval()
+    with pytest.raises(TypeError, match="input_ids must be integer token ids of dtype int64"):
+        model(input_ids=torch.ones(2, 5, dtype=dtype))

@@ -9,7 +9,8 @@ without a backward of its own uses the reference backward. Native backends are l
 a loader returns its `Kernels`, or None when the native code cannot be built (it warns once).
 
 The choice is automatic (the native backend for the device when it loads, else "reference") and can be
-forced with the environment variable HF_FFF_BACKEND or `hf_fff.set_backend` / `hf_fff.use_backend`.
+forced for the whole process with the environment variable HF_FFF_BACKEND or `hf_fff.set_backend`, and
+for one thread with `hf_fff.use_backend` (which overrides both in that thread only).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -58,15 +60,39 @@ class NativeBackend:
         if not self._tried:
             with _LOCK:
                 if not self._tried:
-                    self._kernels = self.loader()
+                    self._kernels = self._load()
                     self._tried = True
         return self._kernels
+
+    def _load(self) -> Optional[Kernels]:
+        """The loader's kernels; a loader that raises (say, a cached module without the expected entry
+        point `fff_forward`) counts as unavailable after one warning, instead of failing every FFF call."""
+        try:
+            return self.loader()
+        except Exception as error:
+            warnings.warn(
+                f"hf_fff: the FFF backend {self.name!r} could not be loaded ({type(error).__name__}: {error}); "
+                "using the plain torch implementation instead, which is slower.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
 
 
 _LOCK = threading.Lock()
 _NATIVE: dict[str, NativeBackend] = {}  # by backend name
 _forced: Optional[str] = None  # set_backend(); overrides the environment variable
-# resolve()'s choice by (forced choice, environment value, device type): a torch backend's function or a
+
+
+class _ThreadChoice(threading.local):
+    """use_backend()'s choice in this thread; overrides set_backend and the environment. A class attribute
+    as the default: reading it costs a plain attribute lookup (getattr with a default costs ~4x more)."""
+
+    forced: Optional[str] = None
+
+
+_THREAD = _ThreadChoice()
+# resolve()'s choice by (effective forced choice, environment value, device type): a torch backend's function or a
 # loaded native backend. Resolving costs ~2 us of Python, a sizeable part of a one-token call; anything that
 # can change the choice clears this. The native forward is read from the backend at each call, so a
 # patched or reloaded backend is seen at once.
@@ -82,15 +108,24 @@ def available_backends() -> list[str]:
     return [*_TORCH_BACKENDS, *_NATIVE]
 
 
+def _forced_here() -> Optional[str]:
+    """The forced choice in force for this thread: use_backend's, else set_backend's, else None."""
+    local = _THREAD.forced
+    return local if local is not None else _forced
+
+
 def requested_backend() -> str:
-    choice = _forced if _forced is not None else os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO
+    forced = _forced_here()
+    choice = forced if forced is not None else os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO
     if choice not in (AUTO, *available_backends()):
         raise ValueError(f"unknown FFF backend {choice!r} (from {ENV_VAR} or set_backend); choose one of {[AUTO, *available_backends()]}")
     return choice
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force a backend for every FFF call in this process ("auto", "reference", "masked", "cpp", "cuda"); None restores the default."""
+    """Force a backend for every FFF call in this process ("auto", "reference", "masked", "cpp", "cuda"); None restores the default.
+
+    A thread inside a `use_backend` block keeps that block's choice until the block ends."""
     global _forced
     if name is not None and name.lower() not in (AUTO, *available_backends()):
         raise ValueError(f"unknown FFF backend {name!r}; choose one of {[AUTO, *available_backends()]}")
@@ -99,21 +134,30 @@ def set_backend(name: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of `set_backend`, restoring the previous choice on exit."""
-    global _forced
-    previous = _forced
-    set_backend(name)
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend for the FFF calls of this thread inside the block; the previous choice of this
+    thread comes back on exit (None: back to set_backend / HF_FFF_BACKEND / automatic).
+
+    The choice is thread-local: other threads do not see it and keep whatever set_backend, HF_FFF_BACKEND
+    or their own use_backend block says, so overlapping blocks in several threads cannot leave each other's
+    choice behind. Work this thread hands to other threads sees their choice, not this block's: autograd's
+    backward of CUDA tensors runs on autograd's device threads (the backward op then uses the process-wide
+    choice, which computes the same gradients), and so do DataLoader workers and thread pools.
+    """
+    if name is not None and name.lower() not in (AUTO, *available_backends()):
+        raise ValueError(f"unknown FFF backend {name!r}; choose one of {[AUTO, *available_backends()]}")
+    previous = _THREAD.forced
+    _THREAD.forced = None if name is None else name.lower()
     try:
         yield
     finally:
-        _forced = previous
-        _RESOLVED.clear()
+        _THREAD.forced = previous
 
 
 def resolve_kernels(device_type: str) -> tuple[str, Kernels]:
     """(backend name, its kernels) that will run for tensors on `device_type`."""
-    key = (_forced, os.environ.get(ENV_VAR), device_type)
+    local = _THREAD.forced
+    key = (local if local is not None else _forced, os.environ.get(ENV_VAR), device_type)
     choice = _RESOLVED.get(key)
     if choice is None:
         choice = _RESOLVED[key] = _choose(device_type)  # errors raise and are not cached

@@ -26,7 +26,7 @@ MAX_DEPTH = 30  # leaves are addressed with int64 shifts; deeper trees would not
 
 def check_fff_arguments(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor, depth: int) -> int:
     """Raise a clear error for anything the kernels cannot take; return the number of trees."""
-    if not isinstance(depth, int) or not 0 <= depth <= MAX_DEPTH:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"FFF depth must be an int in [0, {MAX_DEPTH}], got {depth!r}")
     for name, tensor in (("x", x), ("weight_in", weight_in), ("bias_in", bias_in), ("weight_out", weight_out)):
         if not isinstance(tensor, torch.Tensor):

@@ -22,19 +22,27 @@ _TOKENIZER_CORPUS = (
 )
 
 
+class DemoError(RuntimeError):
+    """The model the user named cannot be loaded (a damaged local folder, a broken cached repo)."""
+
+
 def load_model_and_tokenizer(model_id: str, download: bool):
-    """(model, tokenizer, label). Falls back to random weights + a locally trained tokenizer, labelled as such."""
+    """(model, tokenizer, label). A Hub id that is not available here falls back to random weights + a
+    locally trained tokenizer, labelled as such; a local folder that does not load is a DemoError (the
+    user asked for that model: answering with noise would hide the damage)."""
+    from pathlib import Path
+
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     try:
         model = AutoModelForMaskedLM.from_pretrained(model_id, local_files_only=not download)
-    except OSError as missing:
-        print(f"note: {model_id} is not available here ({type(missing).__name__}); "
-              "using RANDOM WEIGHTS in the UltraFastBERT-1x11-long architecture: timings are real, predictions are noise.")
-    else:
-        # Weights without a tokenizer are the user's folder to complete: its OSError says how, so it propagates.
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=not download)
         return model, tokenizer, f"{model_id} (pretrained weights)"
+    except Exception as error:  # transformers, safetensors, tokenizers and json each raise their own types
+        if Path(model_id).expanduser().exists() or not isinstance(error, OSError):
+            raise DemoError(f"cannot load {model_id}: {type(error).__name__}: {error}") from None
+        print(f"note: {model_id} is not available here ({type(error).__name__}); "
+              "using RANDOM WEIGHTS in the UltraFastBERT-1x11-long architecture: timings are real, predictions are noise.")
     from .. import UltraFastBertConfig, UltraFastBertForMaskedLM
 
     torch.manual_seed(0)
