@@ -79,16 +79,6 @@ std::string dims(at::IntArrayRef sizes) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Level whose nodes become the buckets: deep enough that each bucket's subtree (both weight matrices)
-// fits in an SM's L1 (about 192 KB), shallow enough that the top levels, which every
-// token reads, stay few.
-int auto_split(int depth, int64_t hidden, int64_t element_size) {
-  const int64_t budget = 192 * 1024;  // fp32 width 768 depth 11 -> split 7, the best measured
-  int split = 1;
-  while (split < depth && ((int64_t{2} << (depth - split)) - 2) * 2 * hidden * element_size > budget) ++split;
-  return std::min(split, kMaxSplit);
-}
-
 // kSorted: one level below the shallowest split whose bucket rows fit in one block's shared memory (that one fills
 // it to the brim, 203-212 KB at width 768, leaving L1 ~40 KB of the SM's 256 for x, y and the rows being staged;
 // a level deeper halves the rows), or the shallowest itself when it is the deepest allowed, or 0 when none fits.
@@ -101,17 +91,6 @@ int sorted_split(int depth, int64_t hidden, int64_t element_size, int64_t smem_l
   return 0;
 }
 
-// kSortedTensor: the bucket's subtree is at most 5 levels (32 logit columns) and its output slots at most 48.
-bool sorted_tensor_ok(bool half_precision, int64_t hidden, int depth, int split, int64_t trees, bool fast,
-                      int64_t smem_limit) {
-  if (!(fast && half_precision && trees == 1 && hidden % 16 == 0 && split >= 1 && split <= depth && split <= kMaxSplit))
-    return false;
-  const int sub = (2 << (depth - split)) - 1;
-  return depth - split + 1 <= 5 && sub + split <= 48 && sorted_tc_smem_bytes(depth, split, hidden) <= smem_limit;
-}
-
-int sorted_tensor_split(int depth) { return std::max(1, depth - 4); }
-
 // kStaged: the deepest number of top levels (of w_in and of w_out alike) whose rows for every tree fit in one
 // block's shared memory, at most depth + 1 (0 when not even the roots fit: the walk then reads every row from
 // global memory, as kSingle).
@@ -121,15 +100,6 @@ int staged_levels(int64_t trees, int depth, int64_t hidden, int64_t element_size
          staged_smem_bytes(trees, levels + 1, levels + 1, hidden, element_size) <= smem_limit)
     ++levels;
   return levels;
-}
-
-// The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6); any width the
-// fast path takes (hidden % 8 == 0, 16-byte aligned rows) whose blocks' rows fit in shared memory (<= 960
-// on H100).
-bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t trees, bool fast, int64_t smem_limit) {
-  constexpr int64_t kStatic = 1024;  // the kernels' static shared memory (bucket offsets, biases, counters)
-  return fast && half_precision && trees == 1 && depth >= 6 && depth <= 11 &&
-         tc_logits_smem_bytes(hidden) + kStatic <= smem_limit && tc_output_smem_bytes(hidden) + kStatic <= smem_limit;
 }
 
 int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at::ScalarType dtype, bool fast,
@@ -175,14 +145,16 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor&
 
 }  // namespace
 
-// strategy: kAuto or a forced Strategy; split: bucket level for kBucketed (0: automatic). out /
+// strategy: kAuto or a forced Strategy; split: bucket level for kSorted, top levels held for kStaged (0: automatic). out /
 // leaves_out: optional preallocated outputs (contiguous, right shape and dtype), e.g. poisoned by tests.
 std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at::Tensor& w_in_arg,
                                                const at::Tensor& b_in_arg, const at::Tensor& w_out_arg, int64_t depth,
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy >= kAuto && strategy <= kSortedPipelined, "hf_fff CUDA: unknown strategy ", num(strategy));
+  TORCH_CHECK(strategy == kAuto || strategy == kSingle || strategy == kGeneral || strategy == kSubtree ||
+                  strategy == kSorted || strategy == kCluster || strategy == kStaged,
+              "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
   const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
@@ -252,12 +224,8 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                 "later), this device has ", num(major), ".x");
     TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 8, "hf_fff CUDA: the cluster strategy takes at most 2^28 tokens");
   }
-  if (p.strategy == kTensorCore)
-    TORCH_CHECK(tensor_core_ok(element_size == 2, hidden, static_cast<int>(depth), trees, fast, smem_limit),
-                "hf_fff CUDA: the tensor-core strategy needs float16/bfloat16, one tree, depth 6..11 and a width whose "
-                "rows fit in shared memory (", num(tc_logits_smem_bytes(hidden)), " bytes needed, ", num(smem_limit), " here)");
-
   if (p.strategy == kStaged) {  // split: levels to stage (0: as many as fit)
+    TORCH_CHECK(trees == 1, "hf_fff CUDA: the staged strategy takes one tree, got ", num(trees));
     const int fit = staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit);
     TORCH_CHECK(split >= 0 && split <= fit, "hf_fff CUDA: the staged strategy holds at most ", num(fit),
                 " top levels per matrix here (depth + 1 and the device's ", num(smem_limit),
@@ -266,48 +234,28 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   }
 
   at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
-  if (p.strategy == kBucketed || is_sorted_strategy(p.strategy) || p.strategy == kTensorCore ||
-      p.strategy == kSortedTensor) {
-    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategies take one tree, got ", num(trees));
-    TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategies need depth >= 1");
-    if (p.strategy == kTensorCore)
-      p.split = static_cast<int>(depth) - 5;  // the lower block is always 6 levels (63 nodes)
-    else if (split > 0)
-      p.split = static_cast<int>(split);
-    else if (is_sorted_strategy(p.strategy))
-      p.split = sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit);
-    else if (p.strategy == kSortedTensor)
-      p.split = sorted_tensor_split(static_cast<int>(depth));
-    else
-      p.split = auto_split(static_cast<int>(depth), hidden, element_size);
-    TORCH_CHECK(p.split >= 1 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [1, min(depth, ",
-                num(kMaxSplit), ")], got ", num(p.split), is_sorted_strategy(p.strategy) ? " (or no split's rows fit in shared memory)" : "");
-    if (p.strategy == kSortedTensor)
-      TORCH_CHECK(sorted_tensor_ok(element_size == 2, hidden, static_cast<int>(depth), p.split, trees, fast, smem_limit),
-                  "hf_fff CUDA: the sorted tensor-core strategy needs float16/bfloat16, hidden % 16 == 0, at most 5 "
-                  "levels below the split (split >= depth - 4) and its rows in shared memory; got split ", num(p.split));
-    if (is_sorted_strategy(p.strategy))
-      TORCH_CHECK(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size) <= smem_limit,
-                  "hf_fff CUDA: with split ", num(p.split), " the sorted strategy needs ",
-                  num(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size)),
-                  " bytes of shared memory per block, more than the device's ", num(smem_limit), "; use a deeper split");
+  if (p.strategy == kSorted) {
+    TORCH_CHECK(trees == 1, "hf_fff CUDA: the sorted strategy takes one tree, got ", num(trees));
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "hf_fff CUDA: the sorted strategy takes float32, got ",
+                c10::toString(x.scalar_type()));
+    p.split = split > 0 ? static_cast<int>(split) : sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit);
+    TORCH_CHECK(p.split >= 2 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [2, min(depth, ",
+                num(kMaxSplit), ")], got ", num(p.split), " (or no split's rows fit in shared memory)");
+    TORCH_CHECK(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size) <= smem_limit,
+                "hf_fff CUDA: with split ", num(p.split), " the sorted strategy needs ",
+                num(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size)),
+                " bytes of shared memory per block, more than the device's ", num(smem_limit), "; use a deeper split");
     const int64_t n_buckets = int64_t{1} << p.split;
-    // Strategies whose step 1 ranks tokens within their bucket (kSorted, kSortedTensor, kTensorCore) keep the
-    // ranks (tokens) and each step-1 block's first rank per bucket (at most num_sms blocks); kTensorCore also
-    // the subtree GELU values (tokens x 6).
-    const bool tensor = p.strategy == kTensorCore;
-    const bool ranked = p.strategy != kBucketed;
-    const int64_t ranks = ranked ? tokens : 0, bases = ranked ? kMaxRankedBlocksPerSm * num_sms * n_buckets : 0;
-    const int64_t subs = tensor ? tokens * 6 : 0;
-    scratch_int = at::empty({2 * tokens + ranks + 2 * n_buckets + bases}, x.options().dtype(at::kInt));
-    scratch_float = at::empty({tokens * p.split + subs}, x.options().dtype(at::kFloat));
+    const int64_t bases = kMaxRankedBlocksPerSm * num_sms * n_buckets;
+    // ints: bucket, order, rank (tokens each), counts and cursors (2 n_buckets), block_base; floats: g_top
+    scratch_int = at::empty({3 * tokens + 2 * n_buckets + bases}, x.options().dtype(at::kInt));
+    scratch_float = at::empty({tokens * p.split}, x.options().dtype(at::kFloat));
     p.bucket = scratch_int.data_ptr<int>();
     p.order = p.bucket + tokens;
-    p.rank = ranked ? p.order + tokens : nullptr;
-    p.counts = p.order + tokens + ranks;
-    p.block_base = ranked ? p.counts + 2 * n_buckets : nullptr;
+    p.rank = p.order + tokens;
+    p.counts = p.rank + tokens;
+    p.block_base = p.counts + 2 * n_buckets;
     p.g_top = scratch_float.data_ptr<float>();
-    p.g_sub = tensor ? p.g_top + tokens * p.split : nullptr;
   } else if (p.strategy == kGeneral) {
     const int64_t records = tokens * trees * (depth + 1);
     scratch_int = at::empty({records}, x.options().dtype(at::kInt));
@@ -338,11 +286,9 @@ std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth,
   const bool fast = vectors > 0 && hidden % (16 / element_size) == 0;
   const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, dtype, fast, static_cast<int>(num_sms),
                                 smem_limit, static_cast<int>(major));
-  const int split = s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size)
-                    : s == kSorted       ? sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit)
-                    : s == kSortedTensor ? sorted_tensor_split(static_cast<int>(depth))
-                    : s == kStaged       ? staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit)
-                                         : 0;
+  const int split = s == kSorted   ? sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit)
+                    : s == kStaged ? staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit)
+                                   : 0;
   return {s, split};
 }
 
@@ -359,14 +305,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("smem_limit") = 232448, py::arg("major") = 9);
   m.attr("AUTO") = int(hf_fff_cuda::kAuto);
   m.attr("SINGLE") = int(hf_fff_cuda::kSingle);
-  m.attr("SPECULATIVE") = int(hf_fff_cuda::kSpeculative);
-  m.attr("BUCKETED") = int(hf_fff_cuda::kBucketed);
   m.attr("GENERAL") = int(hf_fff_cuda::kGeneral);
-  m.attr("TENSOR_CORE") = int(hf_fff_cuda::kTensorCore);
   m.attr("SUBTREE") = int(hf_fff_cuda::kSubtree);
   m.attr("SORTED") = int(hf_fff_cuda::kSorted);
   m.attr("CLUSTER") = int(hf_fff_cuda::kCluster);
-  m.attr("SORTED_TENSOR") = int(hf_fff_cuda::kSortedTensor);
   m.attr("STAGED") = int(hf_fff_cuda::kStaged);
-  m.attr("SORTED_PIPELINED") = int(hf_fff_cuda::kSortedPipelined);
 }

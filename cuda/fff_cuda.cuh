@@ -18,15 +18,14 @@
 //   - kCluster / kSubtree (few tokens): a cluster of 8 blocks, or one block, per token computes the
 //     logits of a whole subtree (6 or 5 levels) per round, so a depth-11 walk waits on 2 or 3 rounds of
 //     row fetches instead of 12.
-//   - kBucketed / kSorted (many tokens, one tree): route the top `split` levels, sort tokens by the node
+//   - kSorted (many tokens, one tree, fp32): route the top `split` levels, sort tokens by the node
 //     reached (counting sort: histogram, scan, scatter; kSorted's in the routing kernel itself, a cooperative
-//     launch), then finish each bucket together: through L1 (kBucketed) or with the bucket's rows held in shared
-//     memory (kSorted; at fp32 two tokens of the bucket per warp, reading the rows they share once, and on Hopper
-//     two buckets' rows in turn, refilled by tensor copies while the warps work). kSortedPipelined is kSorted.
+//     launch), then finish each bucket together with the bucket's rows held in shared
+//     memory (two tokens of the bucket per warp, reading the rows they share once, and on Hopper
+//     two buckets' rows in turn, refilled by tensor copies while the warps work).
 //   - kStaged (many tokens): the one-warp walk with two tokens per warp and the top levels' rows held in
 //     shared memory, routing dot products on tensor cores at 16 bits (latency, not issue or L2, bounds the
 //     walk at 32768 tokens once its instructions are trimmed: more chains in flight is what pays).
-//   - kTensorCore / kSortedTensor (opt-in): the bucketed schemes with dense tensor-core products.
 //   See benchmarks/results_cuda.md for the profiles behind each choice.
 #pragma once
 
@@ -330,50 +329,6 @@ __device__ __forceinline__ void prefetch_rows(const T* base, int64_t first_row, 
   for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128) prefetch_l1(start + off);
 }
 
-// route() that fetches both children's rows before reducing the current dot product: the next level's
-// operands are in flight during the reduction. That alone still waits one L2 round trip per level (the
-// children are requested one level before use), so the walk also pulls the 8 rows three levels further
-// down into L1 (one of them will be the node there) and each visited node's w_out row (for the output
-// pass): a level then costs an L1 hit plus the reduction. (Prefetching to L2 instead was measured: 2 us
-// slower with the weights in L2, 0.6 us faster without.)
-template <typename T, int NV>
-__device__ __forceinline__ int route_speculative(const float (&xf)[NV][Elem<T>::kVec], const T* __restrict__ w_in,
-                                                 const T* __restrict__ b_in, const T* __restrict__ w_out, int hidden,
-                                                 int nvec, int lane, int depth, int& my_node, float& my_logit) {
-  int n = 0;
-  Row<T, NV> cur;
-  load_row<T, NV>(cur, w_in, lane, nvec);
-  float bias = Elem<T>::load(b_in);
-  if (depth >= 2) prefetch_rows<T>(w_in, 3, 4, hidden, lane);  // level 2; level 1 is loaded below
-  for (int level = 0; level <= depth; ++level) {
-    if (level + 3 <= depth) prefetch_rows<T>(w_in, (static_cast<int64_t>(n) + 1) * 8 - 1, 8, hidden, lane);
-    prefetch_rows<T>(w_out, n, 1, hidden, lane);
-    Row<T, NV> left, right;
-    float bias_left = 0.f, bias_right = 0.f;
-    const bool descend = level < depth;
-    if (descend) {
-      const int64_t child = 2 * static_cast<int64_t>(n) + 1;
-      load_row<T, NV>(left, w_in + child * hidden, lane, nvec);
-      load_row<T, NV>(right, w_in + (child + 1) * hidden, lane, nvec);
-      bias_left = Elem<T>::load(b_in + child);
-      bias_right = Elem<T>::load(b_in + child + 1);
-    }
-    const float logit = warp_sum(partial_dot<T, NV>(xf, cur)) + bias;
-    if (lane == level) {
-      my_node = n;
-      my_logit = logit;
-    }
-    if (descend) {
-      const bool go_right = logit > 0.f;
-      n = 2 * n + 1 + (go_right ? 1 : 0);
-#pragma unroll
-      for (int c = 0; c < NV; ++c) cur.v[c] = go_right ? right.v[c] : left.v[c];
-      bias = go_right ? bias_right : bias_left;
-    }
-  }
-  return n;
-}
-
 // y += g * row for one level's w_out row (already loaded).
 template <typename T, int NV>
 __device__ __forceinline__ void axpy_row(float (&yf)[NV][Elem<T>::kVec], float g, const Row<T, NV>& r) {
@@ -419,7 +374,25 @@ __device__ __forceinline__ void accumulate_out(float (&yf)[NV][Elem<T>::kVec], c
 }
 
 // ---------------------------------------------------------------------------------------------------
-// kSingle / kSpeculative: one warp per token, all trees, one launch.
+// Shared memory: asynchronous 16-byte copies into it, and the heap indices of a subtree staged there.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows and columns).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Global heap index of slot j of the subtree rooted at `root`: j at local level l has root * 2^l + j.
+__device__ __forceinline__ int subtree_node(int root, int j) {
+  const int level = 31 - __clz(j + 1);
+  return (root << level) + j;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kSingle: one warp per token, all trees, one launch.
 // Blocks per SM the walk is compiled for. At width 768 the bf16 walk fits 80 registers (3 blocks) as long as x is
 // left for the compiler to keep packed (widened again at each level); pinning it widened spilled (125 -> 157 us
 // at 32768 tokens). The fp16 walk spills at 80 registers either way, so it gets 104 at 2 blocks (151 -> 135 us).
@@ -428,9 +401,8 @@ struct SingleMinBlocks {
   static constexpr int value = std::is_same<T, __half>::value && NV == 3 ? 2 : MinBlocks<NV>::value;
 };
 
-// The speculative variant serves few tokens (latency-bound, few warps), so it may use every register.
-template <typename T, int NV, bool SPECULATIVE>
-__global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : SingleMinBlocks<T, NV>::value) single_kernel(const Params p) {
+template <typename T, int NV>
+__global__ void __launch_bounds__(kThreads, SingleMinBlocks<T, NV>::value) single_kernel(const Params p) {
   constexpr int V = Elem<T>::kVec;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
@@ -451,60 +423,13 @@ __global__ void __launch_bounds__(kThreads, SPECULATIVE ? 1 : SingleMinBlocks<T,
       const int64_t base = t * n_nodes;
       int my_node = 0;
       float my_logit = 0.f;
-      int n;
-      if (SPECULATIVE) {
-        n = route_speculative<T, NV>(xf, w_in + base * p.hidden, b_in + base, w_out + base * p.hidden, p.hidden, nvec,
-                                     lane, p.depth, my_node, my_logit);
-      } else {
-        n = route<T, NV>(xf, w_in + base * p.hidden, b_in + base, nvec, lane, 0, p.depth + 1, p.depth, 0,
-                         my_node, my_logit);
-      }
+      const int n = route<T, NV>(xf, w_in + base * p.hidden, b_in + base, nvec, lane, 0, p.depth + 1, p.depth, 0,
+                                 my_node, my_logit);
       accumulate_out<T, NV>(yf, w_out + base * p.hidden, nvec, lane, 0, p.depth + 1, my_node, gelu(my_logit));
       if (lane == 0) p.leaves[m * p.trees + t] = n - first_leaf;
     }
     store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
   }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// kBucketed, step 1: route the top `split` levels of the (single) tree; record the bucket (node at level
-// `split`), the GELU of the top logits, and a histogram of buckets (per block in shared memory, then
-// one global atomic per bucket and block).
-// Routing only (no output rows): fewer registers than the whole walk, so more warps hide its latency.
-template <int NV>
-struct RouteMinBlocks {
-  static constexpr int value = NV <= 6 ? 4 : 2;
-};
-
-template <typename T, int NV>
-__global__ void __launch_bounds__(kThreads, RouteMinBlocks<NV>::value) route_top_kernel(const Params p) {
-  constexpr int V = Elem<T>::kVec;
-  extern __shared__ int hist[];
-  const int n_buckets = 1 << p.split;
-  for (int i = threadIdx.x; i < n_buckets; i += blockDim.x) hist[i] = 0;
-  __syncthreads();
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const int lane = threadIdx.x & 31;
-  const int nvec = p.hidden / V;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t m = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); m < p.tokens; m += stride) {
-    float xf[NV][V];
-    load_x<T, NV>(xf, x + m * p.ldx, lane, nvec);
-    int my_node = 0;
-    float my_logit = 0.f;
-    const int n = route<T, NV>(xf, w_in, b_in, nvec, lane, 0, p.split, p.depth, 0, my_node, my_logit);
-    if (lane < p.split) p.g_top[m * p.split + lane] = gelu(my_logit);
-    if (lane == 0) {
-      const int b = n - (n_buckets - 1);
-      p.bucket[m] = b;
-      atomicAdd(&hist[b], 1);
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < n_buckets; i += blockDim.x)
-    if (hist[i] != 0) atomicAdd(&p.counts[i], hist[i]);
 }
 
 // Exclusive prefix sums of counts[0, n) into offsets[0, n) by one warp (every lane calls it; n <= 1024):
@@ -575,33 +500,6 @@ __device__ __forceinline__ Segment next_segment(const int* offs, const Run& r, c
   return settle(offs, r, s.b + 1, s.end);
 }
 
-// kBucketed, step 2: exclusive scan of the bucket counts (each block redoes it: at most 1024 entries),
-// then scatter token ids to order[offset[bucket] + rank]. Ranks come from one atomic per bucket and warp
-// (lanes with the same bucket are found with __match_any_sync); order within a bucket is arbitrary and
-// does not change any output, since every token is computed on its own.
-__global__ void __launch_bounds__(kThreads) scatter_kernel(const Params p) {
-  extern __shared__ int offset[];
-  const int n_buckets = 1 << p.split;
-  const int lane = threadIdx.x & 31;
-  if (threadIdx.x < 32) warp_exclusive_scan(p.counts, n_buckets, offset, lane);
-  __syncthreads();
-  int* cursor = p.counts + n_buckets;
-  const unsigned lower_lanes = (1u << lane) - 1u;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < p.tokens;
-       base += stride) {
-    const int64_t m = base + lane;
-    const bool valid = m < p.tokens;
-    const int b = valid ? p.bucket[m] : -1 - lane;  // invalid lanes: a group of their own
-    const unsigned peers = __match_any_sync(kFullMask, b);
-    const int leader = __ffs(peers) - 1;
-    int first = 0;
-    if (valid && lane == leader) first = atomicAdd(&cursor[b], __popc(peers));
-    first = __shfl_sync(kFullMask, first, leader);
-    if (valid) p.order[offset[b] + first + __popc(peers & lower_lanes)] = static_cast<int>(m);
-  }
-}
-
 // Step 2 after a step 1 that ranked each token within its bucket among its block's tokens (kSorted's shared-
 // memory routing, kTensorCore): order[offset[bucket] + block_base[block][bucket] + rank] = token, no
 // atomics. Token m was routed by block (m / per) % blocks.
@@ -615,43 +513,6 @@ __global__ void __launch_bounds__(kThreads) scatter_ranked_kernel(const Params p
     const int b = p.bucket[m];
     p.order[offset[b] + p.block_base[(m / per) % blocks * n_buckets + b] + p.rank[m]] = static_cast<int>(m);
   }
-}
-
-// Finish one token of a bucketed strategy (one warp) with its rows read through L1/L2: levels split..depth
-// from the bucket node that step 1 recorded, then the output over all levels. kSingle's arithmetic.
-template <typename T, int NV>
-__device__ __forceinline__ void finish_token(const Params& p, int64_t m, int lane, int nvec) {
-  constexpr int V = Elem<T>::kVec;
-  const int split = p.split;
-  const int node_at_split = (1 << split) - 1 + p.bucket[m];
-  float xf[NV][V];
-  load_x<T, NV>(xf, static_cast<const T*>(p.x) + m * p.ldx, lane, nvec);
-  // the path above the bucket node is implied by it: ancestor at level l = ((node + 1) >> (split - l)) - 1
-  int my_node = 0;
-  float my_g = 0.f, my_logit = 0.f;
-  if (lane < split) {
-    my_node = ((node_at_split + 1) >> (split - lane)) - 1;
-    my_g = p.g_top[m * split + lane];
-  }
-  const int n = route<T, NV>(xf, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in), nvec, lane,
-                             split, p.depth + 1, p.depth, node_at_split, my_node, my_logit);
-  if (lane >= split) my_g = gelu(my_logit);
-  float yf[NV][V];
-  zero(yf);
-  accumulate_out<T, NV>(yf, static_cast<const T*>(p.w_out), nvec, lane, 0, p.depth + 1, my_node, my_g);
-  store_y<T, NV>(static_cast<T*>(p.y) + m * p.hidden, yf, lane, nvec);
-  if (lane == 0) p.leaves[m] = n - ((int64_t{1} << p.depth) - 1);
-}
-
-// kBucketed, step 3: each block finishes a contiguous run of the sorted tokens (so an SM works on one or
-// two subtrees at a time).
-template <typename T, int NV>
-__global__ void __launch_bounds__(kThreads, MinBlocks<NV>::value) finish_kernel(const Params p, int64_t chunk) {
-  const int lane = threadIdx.x & 31;
-  const int nvec = p.hidden / Elem<T>::kVec;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
-  const int64_t end = min(begin + chunk, p.tokens);
-  for (int64_t pos = begin + (threadIdx.x >> 5); pos < end; pos += kWarps) finish_token<T, NV>(p, p.order[pos], lane, nvec);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -701,426 +562,6 @@ __global__ void __launch_bounds__(kThreads) general_kernel(const Params p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// kTensorCore (float16 / bfloat16, one tree, depth 6..11, hidden % 8 == 0 and small enough that a block's
-// rows fit in shared memory: <= 960 on H100): the tree as two dense blocks of levels on tensor cores
-// (mma.sync m16n8k16, fp32 accumulation). The top `split` = depth - 5 levels (at most 63 nodes) are shared
-// by every token; after a counting sort by the node reached at level `split`, all tokens of a bucket share
-// the 63-node subtree below it. So each block of levels is a small dense product, 64 logits per token where
-// 6 are used (cheap on tensor cores), and each weight row is read once per bucket and SM:
-//   step 1 logits_kernel<TOP>  tokens in order, the top block's rows in shared memory: L = X W_top^T + b,
-//                              route `split` levels, record bucket, rank, GELU of the top logits
-//   step 2 scatter_ranked_kernel  order[offset[bucket] + rank] = token
-//   step 3 logits_kernel<SUB>  sorted tokens, each bucket's subtree rows in shared memory: route 6 levels,
-//                              record the leaf and the 6 GELU values
-//   step 4 output_kernel       Y = G W_out[80 slots: the subtree's 63 nodes, the split ancestors], each
-//                              bucket's slot rows in shared memory; G (GELU values, zero off the path) is
-//                              split into hi + lo halves in the input dtype (two products), so the output
-//                              keeps fp32-accurate coefficients
-// Each block owns a contiguous run of positions (token order in step 1, sorted order after), so blocks carry
-// equal work whatever the routing. Inside a block, warps are independent: each takes 16-token groups of the
-// current bucket and streams their x through its own 4-stage cp.async ring (logits) or its own output stage,
-// synchronizing with the other warps only when the bucket (and so the rows in shared memory) changes.
-// Measured on H100 at 32768 tokens, bf16 (benchmarks/results_cuda.md): 134 us = step 1 35 + scatter 3 +
-// step 3 47 + step 4 39; the sorted CUDA-core strategy takes 127, so this one stays opt-in. Step 1 reads x at
-// about the rate torch reads 50 MB under the same L2 flush (31 us); steps 3 and 4 are bound by per-warp
-// latency and by the output's 10 products (hi + lo, 5 k steps) per 12 useful coefficients. Earlier designs:
-// block-wide tiles of 32 or 128 tokens with barriers between pipeline stages (215 and 165 us: 0.24
-// instructions issued per scheduler cycle, 9% tensor use), and x fragments loaded straight from global
-// memory into a register ring (153 us: more warps, but 64-byte pieces of each row scattered in time).
-namespace tc {
-constexpr int kGroup = 16;            // tokens per warp group: the mma M
-constexpr int kBlockLevels = 6;       // levels of the lower block (63 nodes), and at most of the top block
-constexpr int kNodes = 64;            // logit columns: a block's 63 nodes + 1 zero row
-constexpr int kSlots = 80;            // output slots: 63 subtree nodes + up to 6 ancestors, 5 k steps of 16
-constexpr int kAncestorSlot = kNodes - 1;
-constexpr int kChunk = 64;            // columns per x stage (logits kernel) and per output unit
-constexpr int kStages = 4;            // x ring depth per warp
-constexpr int kLStride = kNodes + 1;  // fp32 logit tile row
-constexpr int kChunkStride = kChunk + 8;  // 144-byte rows: the 8 rows of an ldmatrix land in distinct banks
-constexpr int kInfo = 16;             // per token: 6 subtree GELUs, 6 ancestor GELUs, leaf slot (output kernel)
-constexpr int kMaxBuckets = 64;
-constexpr int kLogitsThreads = kTcLogitsWarps * 32;
-constexpr int kOutputThreads = kTcOutputWarps * 32;
-constexpr int kRingBytes = kStages * kGroup * kChunkStride * 2;
-constexpr int kLogitTileBytes = kGroup * kLStride * 4;
-constexpr int kOutStageBytes = kGroup * kChunkStride * 2;
-static_assert(tc_logits_smem_bytes(0) == kNodes * 8 * 2 + kTcLogitsWarps * (kRingBytes + kLogitTileBytes), "layout");
-static_assert(tc_output_smem_bytes(0) == kSlots * 8 * 2 + kTcOutputWarps * (kOutStageBytes + kGroup * kInfo * 4), "layout");
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows and columns).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-// Four 8x8 16-bit matrices from mma accumulator layout (lane = row group * 4 + column pair) to shared memory: lane
-// 8 i + r addresses row r of matrix i, register i of lane 4 r + c holds that row's columns 2 c, 2 c + 1.
-// stmatrix_x4_shuffled does the same with shuffles and 4-byte stores (before Hopper, which lacks stmatrix).
-__device__ __forceinline__ void stmatrix_x4_shuffled(void* p, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
-  const unsigned address = smem_addr(p);
-  const int lane = threadIdx.x & 31;
-  const unsigned r[4] = {r0, r1, r2, r3};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const unsigned row = __shfl_sync(kFullMask, address, 8 * i + (lane >> 2));
-    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(row + 4 * (lane & 3)), "r"(r[i]) : "memory");
-  }
-}
-__device__ __forceinline__ void stmatrix_x4(void* p, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(p)), "r"(r0), "r"(r1),
-               "r"(r2), "r"(r3)
-               : "memory");
-#else
-  stmatrix_x4_shuffled(p, r0, r1, r2, r3);
-#endif
-}
-
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-};
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-};
-
-// Global heap index of slot j of the subtree rooted at `root`: j at local level l has root * 2^l + j.
-__device__ __forceinline__ int subtree_node(int root, int j) {
-  const int level = 31 - __clz(j + 1);
-  return (root << level) + j;
-}
-
-// Two coefficients as (hi, lo) pairs in the input dtype: v = hi + lo to about 16 significant bits.
-template <typename T>
-__device__ __forceinline__ void split_pair(float v0, float v1, unsigned& hi, unsigned& lo) {
-  hi = Elem<T>::pack2(v0, v1);
-  float h0, h1;
-  Elem<T>::unpack2(hi, h0, h1);
-  lo = Elem<T>::pack2(v0 - h0, v1 - h1);
-}
-
-// Coefficient of output slot s for a token whose walk reached local node j5 (level 5 of the subtree), with
-// info = its 6 subtree GELU values then its 6 ancestor GELU values (zero past the split).
-__device__ __forceinline__ float slot_coefficient(const float* info, int j5, int s) {
-  if (s < kAncestorSlot) {
-    const int level = 31 - __clz(s + 1);
-    const int on_path = ((j5 + 1) >> (kBlockLevels - 1 - level)) - 1;
-    return on_path == s ? info[level] : 0.f;
-  }
-  const int l = s - kAncestorSlot;
-  return l < kBlockLevels ? info[kBlockLevels + l] : 0.f;
-}
-
-// Steps 1 (TOP) and 3: logits of a 6-level block for 16-token groups, then routing through them.
-template <typename T, bool TOP>
-__global__ void __launch_bounds__(kLogitsThreads, 1) logits_kernel(const Params p, int64_t run) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float bias_s[kNodes];
-  __shared__ int offs[kMaxBuckets + 1];
-  __shared__ int hist_s[kMaxBuckets];
-  const int hidden = p.hidden, split = p.split, n_buckets = 1 << split;
-  const int ws = hidden + 8;  // weight row stride (elements): odd multiple of 16 bytes when hidden % 16 == 0
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair
-  T* const w_s = reinterpret_cast<T*>(smem);
-  unsigned char* const mine = smem + kNodes * ws * 2 + warp * (kRingBytes + kLogitTileBytes);
-  T* const ring = reinterpret_cast<T*>(mine);
-  float* const lt = reinterpret_cast<float*>(mine + kRingBytes);
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-
-  const Run r = block_run(p, run);
-  if (r.begin >= r.end) return;  // block-uniform
-  if (TOP) {
-    if (tid < kMaxBuckets) hist_s[tid] = 0;
-  } else {
-    bucket_offsets(p, n_buckets, offs);
-  }
-  if (tid < kNodes) {  // the padding columns [hidden, hidden + 8) of the weight rows: read by a partial k step
-#pragma unroll
-    for (int e = 0; e < 8; ++e) w_s[tid * ws + hidden + e] = Mma<T>::from(0.f);
-  }
-  __syncthreads();
-
-  const int n_chunks = (hidden + kChunk - 1) / kChunk;
-  const int pieces = hidden / 8;  // 16-byte pieces per row
-  int b = TOP ? 0 : bucket_at(offs, n_buckets, r.begin);
-  for (int64_t pos = r.begin; pos < r.end; ++b) {
-    const int64_t seg_end = TOP ? r.end : min(r.end, static_cast<int64_t>(offs[b + 1]));
-    if (seg_end <= pos) continue;  // empty bucket
-    const int root = TOP ? 0 : n_buckets - 1 + b;
-    const int block_nodes = (1 << (TOP ? split : kBlockLevels)) - 1;
-    // --- this block of levels' rows into shared memory (every warp is done with the previous ones) ------
-    __syncthreads();
-    for (int i = tid; i < kNodes * pieces; i += kLogitsThreads) {
-      const int row = i / pieces, c = (i - row * pieces) * 8;
-      const int node = row < block_nodes ? subtree_node(root, row) : -1;
-      cp_async16(w_s + row * ws + c, node >= 0 ? w_in + static_cast<int64_t>(node) * hidden + c : w_in, node >= 0);
-    }
-    cp_async_commit();
-    if (tid < kNodes) bias_s[tid] = tid < block_nodes ? Elem<T>::load(b_in + subtree_node(root, tid)) : 0.f;
-    cp_async_wait_all();
-    __syncthreads();
-
-    // --- this warp's groups: items (group, column chunk) through a 4-stage ring --------------------------
-    const int64_t n_groups = (seg_end - pos + kGroup - 1) / kGroup;
-    const int my_groups = n_groups > warp ? static_cast<int>((n_groups - warp + kTcLogitsWarps - 1) / kTcLogitsWarps) : 0;
-    const int n_items = my_groups * n_chunks;
-    auto token_at = [&](int g, int row) -> int {  // token of row `row` of this warp's group g, or -1
-      const int64_t q = pos + (static_cast<int64_t>(g) * kTcLogitsWarps + warp) * kGroup + row;
-      return q < seg_end ? (TOP ? static_cast<int>(q) : p.order[q]) : -1;
-    };
-    int tok_issue = -1;  // lane i < 16: token of row i of the group being loaded
-    auto issue = [&](int item) {  // warp-uniform
-      const int g = item / n_chunks, c = item - g * n_chunks;
-      if (c == 0) tok_issue = lane < kGroup ? token_at(g, lane) : -1;
-      T* st = ring + (item % kStages) * kGroup * kChunkStride;
-#pragma unroll
-      for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i) {
-        const int piece = lane + 32 * i, row = piece / (kChunk / 8), col = (piece % (kChunk / 8)) * 8;
-        const int m = __shfl_sync(kFullMask, tok_issue, row);
-        const int k = c * kChunk + col;
-        const bool ok = m >= 0 && k < hidden;
-        cp_async16(st + row * kChunkStride + col, ok ? x + static_cast<int64_t>(m) * p.ldx + k : x, ok);
-      }
-    };
-    float acc[kNodes / 8][4];
-    zero(acc);
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n_items) issue(s);
-      cp_async_commit();
-    }
-    for (int item = 0; item < n_items; ++item) {
-      if (item + kStages - 1 < n_items) issue(item + kStages - 1);  // into the stage item - 1 used
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();  // item's stage has landed (this lane's copies) ...
-      __syncwarp();                  // ... and every lane's
-      const int g = item / n_chunks, c = item - g * n_chunks;
-      const T* st = ring + (item % kStages) * kGroup * kChunkStride;
-#pragma unroll
-      for (int kk = 0; kk < kChunk; kk += 16) {
-        const int k = c * kChunk + kk;
-        if (k < hidden) {  // a step over [hidden - 8, hidden + 8) reads zeros from both operands' padding
-          unsigned a[4];
-          ldmatrix_x4(a, st + (lane & 15) * kChunkStride + kk + 8 * (lane >> 4));
-#pragma unroll
-          for (int np = 0; np < kNodes / 16; ++np) {
-            unsigned bf[4];
-            ldmatrix_x4(bf, w_s + (16 * np + (lane & 7) + 8 * (lane >> 4)) * ws + k + 8 * ((lane >> 3) & 1));
-            Mma<T>::run(acc[2 * np], a, bf[0], bf[1]);
-            Mma<T>::run(acc[2 * np + 1], a, bf[2], bf[3]);
-          }
-        }
-      }
-      if (c == n_chunks - 1) {  // the group's logits are complete: route its tokens
-#pragma unroll
-        for (int nt = 0; nt < kNodes / 8; ++nt) {
-          const int col = 8 * nt + 2 * tq;
-          lt[gq * kLStride + col] = acc[nt][0] + bias_s[col];
-          lt[gq * kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
-          lt[(gq + 8) * kLStride + col] = acc[nt][2] + bias_s[col];
-          lt[(gq + 8) * kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
-          zero(acc[nt]);
-        }
-        __syncwarp();
-        const int m = lane < kGroup ? token_at(g, lane) : -1;
-        if (m >= 0) {
-          int j = 0;
-          if (TOP) {
-            for (int level = 0; level < split; ++level) {
-              const float logit = lt[lane * kLStride + j];
-              p.g_top[static_cast<int64_t>(m) * split + level] = gelu(logit);
-              j = 2 * j + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 and NaN
-            }
-            const int bucket = j - (n_buckets - 1);
-            p.bucket[m] = bucket;
-            p.rank[m] = atomicAdd(&hist_s[bucket], 1);  // rank among this block's tokens of the bucket
-          } else {
-#pragma unroll
-            for (int level = 0; level < kBlockLevels; ++level) {
-              const float logit = lt[lane * kLStride + j];
-              p.g_sub[static_cast<int64_t>(m) * kBlockLevels + level] = gelu(logit);
-              if (level + 1 < kBlockLevels) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);
-            }
-            p.leaves[m] = subtree_node(root, j) - ((int64_t{1} << p.depth) - 1);
-          }
-        }
-      }
-      __syncwarp();  // the stage (and the logit tile) may be rewritten from here on
-    }
-    cp_async_wait_all();
-    pos = seg_end;
-  }
-  if (TOP) {  // this block's first rank in each bucket: one atomic per bucket and block
-    __syncthreads();
-    if (tid < n_buckets)
-      p.block_base[static_cast<int64_t>(blockIdx.x) * n_buckets + tid] = hist_s[tid] > 0 ? atomicAdd(&p.counts[tid], hist_s[tid]) : 0;
-  }
-}
-
-// Step 4: Y = G W_out[slots]. Work units are (16-token group, 64 columns) of the current bucket, split evenly
-// over the 16 warps; a warp builds a group's coefficient fragments when it reaches the group.
-template <typename T>
-__global__ void __launch_bounds__(kOutputThreads, 1) output_kernel(const Params p, int64_t run) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int offs[kMaxBuckets + 1];
-  const int hidden = p.hidden, split = p.split, n_buckets = 1 << split;
-  const int ws = hidden + 8;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gq = lane >> 2, tq = lane & 3;
-  T* const w_s = reinterpret_cast<T*>(smem);
-  unsigned char* const mine = smem + kSlots * ws * 2 + warp * (kOutStageBytes + kGroup * kInfo * 4);
-  T* const stage = reinterpret_cast<T*>(mine);
-  float* const infos = reinterpret_cast<float*>(mine + kOutStageBytes);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  T* __restrict__ y = static_cast<T*>(p.y);
-  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
-  // per-lane shared-memory addresses: B fragments (ldmatrix.trans of 16 slots x 16 columns), the output stage
-  const T* const b_lane = w_s + ((lane & 7) + 8 * ((lane >> 3) & 1)) * ws + 8 * (lane >> 4);
-  T* const st_lane = stage + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kChunkStride + 8 * (lane >> 4);
-  const int out_row = lane >> 3, out_col = (lane & 7) * 8;  // this lane's 16-byte pieces: rows out_row + 4 i
-
-  const Run r = block_run(p, run);
-  if (r.begin >= r.end) return;
-  bucket_offsets(p, n_buckets, offs);
-  __syncthreads();
-  const int n_chunks = (hidden + kChunk - 1) / kChunk;
-  const int pieces = hidden / 8;
-  int b = bucket_at(offs, n_buckets, r.begin);
-  for (int64_t pos = r.begin; pos < r.end; ++b) {
-    const int64_t seg_end = min(r.end, static_cast<int64_t>(offs[b + 1]));
-    if (seg_end <= pos) continue;
-    const int root = n_buckets - 1 + b;
-    __syncthreads();  // every warp is done with the previous bucket's rows
-    for (int i = tid; i < kSlots * pieces; i += kOutputThreads) {
-      const int slot = i / pieces, c = (i - slot * pieces) * 8;
-      int row = -1;
-      if (slot < kAncestorSlot) row = subtree_node(root, slot);
-      else if (slot - kAncestorSlot < split) row = ((root + 1) >> (split - (slot - kAncestorSlot))) - 1;  // ancestor
-      cp_async16(w_s + slot * ws + c, row >= 0 ? w_out + static_cast<int64_t>(row) * hidden + c : w_out, row >= 0);
-    }
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-
-    const int64_t n_units = (seg_end - pos + kGroup - 1) / kGroup * n_chunks;
-    const int64_t u_begin = n_units * warp / kTcOutputWarps, u_end = n_units * (warp + 1) / kTcOutputWarps;
-    int64_t g = -1;
-    int c = 0;
-    unsigned a_hi[kSlots / 16][4], a_lo[kSlots / 16][4];
-    T* y_rows[kGroup * (kChunk / 8) / 32];  // this lane's output rows of the group (nullptr: padding)
-    for (int64_t u = u_begin; u < u_end; ++u) {
-      if (g < 0 || ++c == n_chunks) {  // a new group: gather its coefficients, build the A fragments
-        g = u / n_chunks;
-        c = static_cast<int>(u - g * n_chunks);
-        const int64_t q = pos + g * kGroup + lane;
-        const int m = lane < kGroup && q < seg_end ? p.order[q] : -1;
-        __syncwarp();  // the previous group's infos are no longer read
-        if (lane < kGroup) {
-          float* info = infos + lane * kInfo;
-          if (m >= 0) {
-#pragma unroll
-            for (int l = 0; l < kBlockLevels; ++l) {
-              info[l] = p.g_sub[static_cast<int64_t>(m) * kBlockLevels + l];
-              info[kBlockLevels + l] = l < split ? p.g_top[static_cast<int64_t>(m) * split + l] : 0.f;
-            }
-            info[2 * kBlockLevels] =
-                __int_as_float(static_cast<int>(p.leaves[m] + first_leaf - (static_cast<int64_t>(root) << (kBlockLevels - 1))));
-          } else {  // padding row: all coefficients zero
-#pragma unroll
-            for (int i = 0; i <= 2 * kBlockLevels; ++i) info[i] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i) {
-          const int tok = __shfl_sync(kFullMask, m, out_row + 4 * i);
-          y_rows[i] = tok >= 0 ? y + static_cast<int64_t>(tok) * hidden + out_col : nullptr;
-        }
-        __syncwarp();
-        const float* info_a = infos + gq * kInfo;
-        const float* info_b = infos + (gq + 8) * kInfo;
-        const int j_a = __float_as_int(info_a[2 * kBlockLevels]), j_b = __float_as_int(info_b[2 * kBlockLevels]);
-#pragma unroll
-        for (int ks = 0; ks < kSlots / 16; ++ks)
-#pragma unroll
-          for (int f = 0; f < 4; ++f) {  // fragment register f: row gq (+ 8 if f odd), slots 2 tq (+ 8 if f >= 2)
-            const float* info = f & 1 ? info_b : info_a;
-            const int j5 = f & 1 ? j_b : j_a;
-            const int s = 16 * ks + 2 * tq + (f & 2 ? 8 : 0);
-            split_pair<T>(slot_coefficient(info, j5, s), slot_coefficient(info, j5, s + 1), a_hi[ks][f], a_lo[ks][f]);
-          }
-      }
-      // --- columns [c0, c0 + 64): products, then the 16 x 64 tile through the stage as 16-byte stores -----
-      const int c0 = c * kChunk;
-      float out[kChunk / 8][4];
-      zero(out);
-#pragma unroll
-      for (int ks = 0; ks < kSlots / 16; ++ks) {
-        unsigned bf[kChunk / 16][4];
-#pragma unroll
-        for (int np = 0; np < kChunk / 16; ++np)  // column blocks past the row end hold no output: skipped
-          if (c0 + 16 * np < hidden) ldmatrix_x4_trans(bf[np], b_lane + 16 * ks * ws + c0 + 16 * np);
-#pragma unroll
-        for (int np = 0; np < kChunk / 16; ++np)
-          if (c0 + 16 * np < hidden) {
-            Mma<T>::run(out[2 * np], a_hi[ks], bf[np][0], bf[np][1]);
-            Mma<T>::run(out[2 * np + 1], a_hi[ks], bf[np][2], bf[np][3]);
-          }
-#pragma unroll
-        for (int np = 0; np < kChunk / 16; ++np)
-          if (c0 + 16 * np < hidden) {
-            Mma<T>::run(out[2 * np], a_lo[ks], bf[np][0], bf[np][1]);
-            Mma<T>::run(out[2 * np + 1], a_lo[ks], bf[np][2], bf[np][3]);
-          }
-      }
-#pragma unroll
-      for (int nt = 0; nt < kChunk / 8; nt += 2)  // lane l addresses row l % 8 (+ 8) of column block nt (+ 1)
-        stmatrix_x4(st_lane + 8 * nt, Elem<T>::pack2(out[nt][0], out[nt][1]), Elem<T>::pack2(out[nt][2], out[nt][3]),
-                    Elem<T>::pack2(out[nt + 1][0], out[nt + 1][1]), Elem<T>::pack2(out[nt + 1][2], out[nt + 1][3]));
-      __syncwarp();
-      const bool in = c0 + out_col < hidden;
-#pragma unroll
-      for (int i = 0; i < kGroup * (kChunk / 8) / 32; ++i)
-        if (in && y_rows[i] != nullptr)
-          __stcs(reinterpret_cast<uint4*>(y_rows[i] + c0), *reinterpret_cast<const uint4*>(stage + (out_row + 4 * i) * kChunkStride + out_col));
-      __syncwarp();  // the stage is rewritten by the next unit
-    }
-    pos = seg_end;
-  }
-}
-}  // namespace tc
 
 // ---------------------------------------------------------------------------------------------------
 // kSubtree: few tokens, where a call is one chain of dependent row fetches and the GPU is mostly idle.
@@ -1204,7 +645,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
         for (int k = 0; k < 2; ++k) {
           const int j = warp + k * st::kWarps;
           if (j < count) {
-            const int node = tc::subtree_node(n, j);
+            const int node = subtree_node(n, j);
             load_row<T, NV>(rows[k], row_at(tw_in, node, p.hidden), lane, nvec);
             bias[k] = Elem<T>::load(tb_in + node);
           }
@@ -1220,7 +661,7 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
       } else {
 #pragma unroll 1
         for (int j = warp; j < count; j += st::kWarps) {
-          const int node = tc::subtree_node(n, j);
+          const int node = subtree_node(n, j);
           Row<T, NV> row;
           load_row<T, NV>(row, row_at(tw_in, node, p.hidden), lane, nvec);
           const float logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
@@ -1235,11 +676,11 @@ __global__ void __launch_bounds__(st::kThreads, 1) subtree_kernel(const Params p
           int j = 0;
           for (int d = 0; d < r; ++d) {
             const float logit = logit_s[j];
-            path_node[level0 + d] = tc::subtree_node(n, j);
+            path_node[level0 + d] = subtree_node(n, j);
             path_logit[level0 + d] = logit;
             if (level0 + d < depth) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 and NaN
           }
-          next_s = tc::subtree_node(n, j);  // the node below the round's last level (unused after the leaf)
+          next_s = subtree_node(n, j);  // the node below the round's last level (unused after the leaf)
         }
         __syncwarp();
         if (lane < r) path_g[level0 + lane] = gelu(path_logit[level0 + lane]);
@@ -1363,12 +804,12 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
       float logit = 0.f;
       if (level0 + r > depth && my_j < count && lane * 128 < per_block * 16) {
         // last round: pull this block's slice of every candidate's w_out row into L1 for the output pass
-        const int node = tc::subtree_node(n, my_j);
+        const int node = subtree_node(n, my_j);
         prefetch_l1(reinterpret_cast<const char*>(tw_out + static_cast<int64_t>(node) * p.hidden) +
                     static_cast<int64_t>(rank) * per_block * 16 + lane * 128);
       }
       if (my_j < count) {
-        const int node = tc::subtree_node(n, my_j);
+        const int node = subtree_node(n, my_j);
         Row<T, NV> row;
         load_row<T, NV>(row, row_at(tw_in, node, p.hidden), lane, nvec);
         logit = warp_sum(partial_dot<T, NV>(xf, row)) + Elem<T>::load(tb_in + node);
@@ -1386,11 +827,11 @@ __global__ void __launch_bounds__(cl::kThreads) cluster_kernel(const Params p) {
         int j = 0;
         for (int d = 0; d < r; ++d) {
           const float l = logit_s[parity][j];
-          path_node[level0 + d] = tc::subtree_node(n, j);
+          path_node[level0 + d] = subtree_node(n, j);
           path_g[level0 + d] = l;  // the logit for now: GELU below, off the serial walk
           if (level0 + d < depth) j = 2 * j + 1 + (l > 0.f ? 1 : 0);  // left on <= 0 and NaN
         }
-        logit_s[parity][cl::kRoundNodes] = __int_as_float(tc::subtree_node(n, j));  // next round's root
+        logit_s[parity][cl::kRoundNodes] = __int_as_float(subtree_node(n, j));  // next round's root
       }
       __syncthreads();
       if (tid < r) path_g[level0 + tid] = gelu(path_g[level0 + tid]);
@@ -1450,13 +891,13 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
   const int nvec = row_vectors<T, NV, kFull>(hidden);
   const int nvec16 = static_cast<int>(hidden * sizeof(T) / 16);
   for (int i = tid; i < rows * nvec16; i += kRouteSharedThreads)  // the top rows are contiguous in w_in
-    tc::cp_async16(reinterpret_cast<uint4*>(rows_s) + i, reinterpret_cast<const uint4*>(w_in) + i, true);
-  tc::cp_async_commit();
+    cp_async16(reinterpret_cast<uint4*>(rows_s) + i, reinterpret_cast<const uint4*>(w_in) + i, true);
+  cp_async_commit();
   for (int i = tid; i < rows; i += kRouteSharedThreads) bias_s[i] = Elem<T>::load(b_in + i);
   for (int i = tid; i < n_buckets; i += kRouteSharedThreads) hist[i] = 0;
   if (kFusedSort && blockIdx.x == 0)
     for (int i = tid; i < n_buckets; i += kRouteSharedThreads) p.counts[i] = 0;  // read after the first grid barrier
-  tc::cp_async_wait_all();
+  cp_async_wait_all();
   __syncthreads();
   // Each block routes one contiguous run of ceil(tokens / blocks) tokens, its warps taking every kW-th: the SMs get
   // equal shares (with warps striding over the whole grid, 100 of 132 blocks routed 256 tokens and 32 routed 224 at
@@ -1538,11 +979,6 @@ struct SortedPrefetch {
 
 __host__ __device__ inline int64_t sorted_subtree_rows(int depth, int split) { return (int64_t{2} << (depth - split)) - 1; }
 
-// A bucket with fewer tokens than this is finished with its rows read through L1/L2 instead of staged in shared
-// memory (sorted_finish_kernel's second pass); see benchmarks/results_cuda.md, item 13.
-constexpr int kSortedStageMin = 32;
-
-
 // Copy bucket `root`'s rows into shared memory with the whole block: rows_in holds the subtree's w_in rows (sub,
 // heap order below the bucket node), then its w_out rows (sub), then the w_out rows of the split ancestors (level
 // order); bias_s the subtree's biases. The caller puts a barrier before (the previous rows are no longer read) and
@@ -1556,14 +992,14 @@ __device__ __forceinline__ void stage_bucket_rows(T* rows_in, float* bias_s, con
   for (int i = threadIdx.x; i < staged * nvec16; i += blockDim.x) {
     const int r = i / nvec16, c = i - r * nvec16;
     const T* src;
-    if (r < sub) src = w_in + static_cast<int64_t>(tc::subtree_node(root, r)) * hidden;
-    else if (r < 2 * sub) src = w_out + static_cast<int64_t>(tc::subtree_node(root, r - sub)) * hidden;
+    if (r < sub) src = w_in + static_cast<int64_t>(subtree_node(root, r)) * hidden;
+    else if (r < 2 * sub) src = w_out + static_cast<int64_t>(subtree_node(root, r - sub)) * hidden;
     else src = w_out + static_cast<int64_t>(((root + 1) >> (split - (r - 2 * sub))) - 1) * hidden;  // ancestor
-    tc::cp_async16(reinterpret_cast<uint4*>(rows_in) + i, reinterpret_cast<const uint4*>(src) + c, true);
+    cp_async16(reinterpret_cast<uint4*>(rows_in) + i, reinterpret_cast<const uint4*>(src) + c, true);
   }
-  tc::cp_async_commit();
-  for (int i = threadIdx.x; i < sub; i += blockDim.x) bias_s[i] = Elem<T>::load(b_in + tc::subtree_node(root, i));
-  tc::cp_async_wait_all();
+  cp_async_commit();
+  for (int i = threadIdx.x; i < sub; i += blockDim.x) bias_s[i] = Elem<T>::load(b_in + subtree_node(root, i));
+  cp_async_wait_all();
 }
 
 // A finishing block's shared memory: the bucket's rows in stage_bucket_rows' layout, the subtree's biases and the
@@ -1586,15 +1022,10 @@ struct SortedSmem {
 // positions [pos, seg_end) in that bucket, whose node is `root`. With skip_small, buckets of fewer than
 // kSortedStageMin tokens are passed over (returned: whether there was one). s.offs must be filled.
 template <typename T, typename Finish>
-__device__ __forceinline__ bool for_each_staged_bucket(const Params& p, const Run& r, const SortedSmem<T>& s, int sub,
-                                                       bool skip_small, Finish finish) {
+__device__ __forceinline__ void for_each_staged_bucket(const Params& p, const Run& r, const SortedSmem<T>& s, int sub,
+                                                       Finish finish) {
   const int n_buckets = 1 << p.split;
-  bool any_small = false;
   for (Segment seg = first_segment(s.offs, n_buckets, r); seg.pos < r.end; seg = next_segment(s.offs, r, seg)) {
-    if (skip_small && s.offs[seg.b + 1] - s.offs[seg.b] < kSortedStageMin) {
-      any_small = true;
-      continue;
-    }
     const int root = n_buckets - 1 + seg.b;  // heap index of the bucket node
     __syncthreads();
     stage_bucket_rows<T>(s.rows_in, s.bias, static_cast<const T*>(p.w_in), static_cast<const T*>(p.b_in),
@@ -1602,7 +1033,6 @@ __device__ __forceinline__ bool for_each_staged_bucket(const Params& p, const Ru
     __syncthreads();
     finish(seg.pos, seg.end, root);
   }
-  return any_small;
 }
 
 template <typename T, int NV>
@@ -1617,7 +1047,6 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   const T* rows_in = s.rows_in;
   const T* rows_out = s.rows_out;
   const float* bias_s = s.bias;
-  const int* offs = s.offs;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -1625,15 +1054,10 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
   const int64_t first_leaf = (int64_t{1} << depth) - 1;
 
   const Run r = block_run(p, chunk);
-  const int64_t begin = r.begin, end = r.end;
-  if (begin >= end) return;  // block-uniform
+  if (r.begin >= r.end) return;  // block-uniform
   bucket_offsets(p, n_buckets, s.offs);
   __syncthreads();
-  // Small buckets are left to the second pass below, at 16 bits only: at fp32 (width 768) the staged loop has no
-  // registers to spare; with an earlier form of this pass compiled in, it ran 7% slower on uniform routing (174 ->
-  // 186 us at 32768 tokens).
-  constexpr bool kSmallPass = sizeof(T) == 2;
-  const bool any_small = for_each_staged_bucket(p, r, s, sub, kSmallPass, [&](int64_t pos, int64_t seg_end, int root) {
+  for_each_staged_bucket(p, r, s, sub, [&](int64_t pos, int64_t seg_end, int root) {
     constexpr bool kPrefetch = SortedPrefetch<NV>::value;
     int64_t q = pos + warp;
     uint4 x_next[kPrefetch ? NV : 1];
@@ -1680,222 +1104,9 @@ __global__ void __launch_bounds__(SortedThreads<T, NV>::value, 1) sorted_finish_
         axpy_row<T, NV>(yf, g, row);
       }
       store_y<T, NV>(y + m * hidden, yf, lane, nvec);
-      if (lane == 0) p.leaves[m] = tc::subtree_node(root, j) - first_leaf;
+      if (lane == 0) p.leaves[m] = subtree_node(root, j) - first_leaf;
     }
   });
-  // Second pass: the tokens of small buckets (fewer than kSortedStageMin tokens in all; routing far from
-  // uniform makes many). Staging their rows would cost more than reading them through L1/L2, and the barriers
-  // around it would idle every warp without a token: here each warp takes such tokens by position, no barrier.
-  if (!kSmallPass || !any_small) return;  // block-uniform: every thread walked the same buckets
-  for (int64_t q = begin + warp; q < end; q += kW) {
-    const int bq = bucket_at(offs, n_buckets, q);
-    if (offs[bq + 1] - offs[bq] < kSortedStageMin) finish_token<T, NV>(p, p.order[q], lane, nvec);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// kSortedTensor, step 3 (float16 / bfloat16): kSorted's finishing block with both products on tensor cores.
-// On CUDA cores every weight element costs a widening and an FMA, and kSorted's finishing kernel was
-// issue-bound (about 1860 warp instructions per token, item 14). Here each warp takes 16 tokens of one
-// bucket at a time:
-//   logits  L (16 x 32) = X (16 x H, fragments read straight from global memory) W_sub^T (shared) + b,
-//   route   one lane per token walks the subtree's 5 levels in L (fp32 logits) and writes its GELU
-//           values into G (16 x slots: the subtree nodes, then the split ancestors; zero elsewhere),
-//   output  Y (16 x H) = G W_out[slots] (shared), 64 columns at a time, G split into hi + lo halves in
-//           the input dtype so that the coefficients keep fp32 accuracy,
-// with mma.sync m16n8k16 and fp32 accumulation: about 110 instructions per token. The bucket's subtree
-// is at most 5 levels deep (split >= depth - 4), so its rows (32 + up to 48 slots, rows padded by 16 bytes
-// so that ldmatrix hits distinct banks) and 16 warps' tiles fit in one block's shared memory (216 KB at
-// width 768). Logits are summed in another order than kSorted's, so a near-tie can route differently;
-// the tests treat a logit within 1e-5 of sum |x w| of zero as either way, as for kTensorCore.
-namespace stc {
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-constexpr int kTok = 16;           // tokens per warp group: the mma M
-constexpr int kIn = 32;            // logit columns: up to 31 subtree nodes, zero-padded
-constexpr int kMaxSlotSteps = 3;   // output slots <= 48 (k steps of 16)
-constexpr int kPad = 8;            // elements of row padding (16 bytes)
-constexpr int kLStride = kIn + 1;  // fp32 logit tile row
-}  // namespace stc
-
-template <typename T>
-__global__ void __launch_bounds__(stc::kThreads, 1) sorted_tc_finish_kernel(const Params p, int64_t chunk) {
-  using namespace tc;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int hidden = p.hidden, split = p.split, depth = p.depth;
-  const int sub = (2 << (depth - split)) - 1;
-  const int slots = sorted_tc_slots(sub, split);
-  const int n_steps = slots / 16;
-  const int n_buckets = 1 << split;
-  const int stride = hidden + stc::kPad;
-  const int gstride = slots + stc::kPad;
-  T* rows_in = reinterpret_cast<T*>(smem);                      // [kIn][stride]
-  T* rows_out = rows_in + stc::kIn * stride;                      // [slots][stride]
-  T* g_tiles = rows_out + slots * stride;                         // per warp: hi, lo [kTok][gstride]
-  float* l_tiles = reinterpret_cast<float*>(g_tiles + stc::kWarps * 2 * stc::kTok * gstride);  // [kTok][kLStride]
-  float* bias_s = l_tiles + stc::kWarps * stc::kTok * stc::kLStride;  // [kIn]
-  int* offs = reinterpret_cast<int*>(bias_s + stc::kIn);             // [n_buckets + 1]
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  T* __restrict__ y = static_cast<T*>(p.y);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair
-  const int64_t first_leaf = (int64_t{1} << depth) - 1;
-  T* g_hi = g_tiles + warp * 2 * stc::kTok * gstride;
-  T* g_lo = g_hi + stc::kTok * gstride;
-  float* lt = l_tiles + warp * stc::kTok * stc::kLStride;
-
-  const Run r = block_run(p, chunk);
-  const int64_t begin = r.begin, end = r.end;
-  if (begin >= end) return;  // block-uniform
-  bucket_offsets(p, n_buckets, offs);
-  __syncthreads();
-  int b = bucket_at(offs, n_buckets, begin);
-  const int pieces = hidden / 8;  // 16-byte pieces per row
-  for (int64_t pos = begin; pos < end; ++b) {
-    const int64_t seg_end = min(end, static_cast<int64_t>(offs[b + 1]));
-    if (seg_end <= pos) continue;
-    const int root = n_buckets - 1 + b;
-    __syncthreads();  // the previous bucket's rows are no longer read
-    for (int i = tid; i < (stc::kIn + slots) * pieces; i += stc::kThreads) {
-      const int r = i / pieces, c = (i - r * pieces) * 8;
-      const T* src = nullptr;
-      if (r < stc::kIn) {
-        if (r < sub) src = w_in + static_cast<int64_t>(subtree_node(root, r)) * hidden;
-      } else if (r - stc::kIn < sub) {
-        src = w_out + static_cast<int64_t>(subtree_node(root, r - stc::kIn)) * hidden;
-      } else if (r - stc::kIn < sub + split) {
-        src = w_out + static_cast<int64_t>(((root + 1) >> (split - (r - stc::kIn - sub))) - 1) * hidden;  // ancestor
-      }
-      cp_async16(rows_in + r * stride + c, src != nullptr ? src + c : w_in, src != nullptr);  // zero rows pad
-    }
-    cp_async_commit();
-    if (tid < stc::kIn) bias_s[tid] = tid < sub ? Elem<T>::load(b_in + subtree_node(root, tid)) : 0.f;
-    cp_async_wait_all();
-    __syncthreads();
-
-    const int64_t n_groups = (seg_end - pos + stc::kTok - 1) / stc::kTok;
-    for (int64_t group = warp; group < n_groups; group += stc::kWarps) {
-      const int64_t q0 = pos + group * stc::kTok;
-      const int64_t m_a = q0 + gq < seg_end ? p.order[q0 + gq] : -1;          // token of fragment row gq
-      const int64_t m_b = q0 + gq + 8 < seg_end ? p.order[q0 + gq + 8] : -1;  // and of row gq + 8
-      const unsigned* xa = reinterpret_cast<const unsigned*>(x + (m_a >= 0 ? m_a : 0) * p.ldx);
-      const unsigned* xb = reinterpret_cast<const unsigned*>(x + (m_b >= 0 ? m_b : 0) * p.ldx);
-      // --- logits: L = X W_sub^T ------------------------------------------------------------------
-      float acc[4][4];
-      zero(acc);
-      // x fragments come straight from global memory, kKc k steps at a time, the next batch in flight while
-      // the current one multiplies (one batch per global round trip instead of one k step)
-      constexpr int kKc = 6;
-      unsigned cur[kKc][4], nxt[kKc][4];
-      auto load_batch = [&](unsigned (&a)[kKc][4], int k_first) {
-#pragma unroll
-        for (int u = 0; u < kKc; ++u) {
-          const int kk = k_first + 16 * u;
-          const int k2 = (kk >> 1) + tq;  // the element pair (kk + 2 tq, kk + 2 tq + 1)
-          const bool in = kk < hidden;
-          a[u][0] = in && m_a >= 0 ? __ldg(xa + k2) : 0u;
-          a[u][1] = in && m_b >= 0 ? __ldg(xb + k2) : 0u;
-          a[u][2] = in && m_a >= 0 ? __ldg(xa + k2 + 4) : 0u;
-          a[u][3] = in && m_b >= 0 ? __ldg(xb + k2 + 4) : 0u;
-        }
-      };
-      load_batch(cur, 0);
-      for (int k0 = 0; k0 < hidden; k0 += 16 * kKc) {
-        if (k0 + 16 * kKc < hidden) load_batch(nxt, k0 + 16 * kKc);
-#pragma unroll
-        for (int u = 0; u < kKc; ++u) {
-          const int kk = k0 + 16 * u;
-          if (kk < hidden) {
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-              unsigned bf[4];
-              ldmatrix_x4(bf, rows_in + (np * 16 + (lane & 7) + 8 * (lane >> 4)) * stride + kk + 8 * ((lane >> 3) & 1));
-              Mma<T>::run(acc[2 * np], cur[u], bf[0], bf[1]);
-              Mma<T>::run(acc[2 * np + 1], cur[u], bf[2], bf[3]);
-            }
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kKc; ++u)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) cur[u][i] = nxt[u][i];
-      }
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int col = nt * 8 + 2 * tq;
-        lt[gq * stc::kLStride + col] = acc[nt][0] + bias_s[col];
-        lt[gq * stc::kLStride + col + 1] = acc[nt][1] + bias_s[col + 1];
-        lt[(gq + 8) * stc::kLStride + col] = acc[nt][2] + bias_s[col];
-        lt[(gq + 8) * stc::kLStride + col + 1] = acc[nt][3] + bias_s[col + 1];
-      }
-      for (int i = lane; i < stc::kTok * gstride * 2 / 8; i += 32)  // G hi and lo back to zero
-        reinterpret_cast<uint4*>(g_hi)[i] = make_uint4(0u, 0u, 0u, 0u);
-      __syncwarp();
-      // --- route: lane i walks token i of the group ------------------------------------------------
-      if (lane < stc::kTok && q0 + lane < seg_end) {
-        const int64_t m = p.order[q0 + lane];
-        int j = 0;
-        for (int level = split; level <= depth; ++level) {
-          const float logit = lt[lane * stc::kLStride + j];
-          const float g = gelu(logit);
-          const T h = Mma<T>::from(g);
-          g_hi[lane * gstride + j] = h;
-          g_lo[lane * gstride + j] = Mma<T>::from(g - Mma<T>::to(h));
-          if (level < depth) j = 2 * j + 1 + (logit > 0.f ? 1 : 0);  // left on <= 0 and NaN
-        }
-        for (int l = 0; l < split; ++l) {  // the ancestors' GELU values, from step 1
-          const float g = p.g_top[m * split + l];
-          const T h = Mma<T>::from(g);
-          g_hi[lane * gstride + sub + l] = h;
-          g_lo[lane * gstride + sub + l] = Mma<T>::from(g - Mma<T>::to(h));
-        }
-        p.leaves[m] = subtree_node(root, j) - first_leaf;
-      }
-      __syncwarp();
-      // --- output: Y = G W_out[slots], 64 columns at a time -----------------------------------------
-      unsigned a_hi[stc::kMaxSlotSteps][4], a_lo[stc::kMaxSlotSteps][4];
-#pragma unroll
-      for (int ks = 0; ks < stc::kMaxSlotSteps; ++ks) {
-        if (ks < n_steps) {
-          ldmatrix_x4(a_hi[ks], g_hi + (lane & 15) * gstride + ks * 16 + 8 * (lane >> 4));
-          ldmatrix_x4(a_lo[ks], g_lo + (lane & 15) * gstride + ks * 16 + 8 * (lane >> 4));
-        }
-      }
-      for (int c0 = 0; c0 < hidden; c0 += 64) {
-        float out[8][4];
-        zero(out);
-#pragma unroll
-        for (int ks = 0; ks < stc::kMaxSlotSteps; ++ks) {
-          if (ks < n_steps) {
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-              if (c0 + np * 16 < hidden) {
-                unsigned bf[4];
-                ldmatrix_x4_trans(bf, rows_out + (ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * stride + c0 + np * 16 + 8 * (lane >> 4));
-                Mma<T>::run(out[2 * np], a_hi[ks], bf[0], bf[1]);
-                Mma<T>::run(out[2 * np], a_lo[ks], bf[0], bf[1]);
-                Mma<T>::run(out[2 * np + 1], a_hi[ks], bf[2], bf[3]);
-                Mma<T>::run(out[2 * np + 1], a_lo[ks], bf[2], bf[3]);
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const int col = c0 + nt * 8 + 2 * tq;
-          if (col < hidden) {
-            if (m_a >= 0) *reinterpret_cast<unsigned*>(y + m_a * hidden + col) = Elem<T>::pack2(out[nt][0], out[nt][1]);
-            if (m_b >= 0) *reinterpret_cast<unsigned*>(y + m_b * hidden + col) = Elem<T>::pack2(out[nt][2], out[nt][3]);
-          }
-        }
-      }
-      __syncwarp();  // this warp's tiles are rewritten by its next group
-    }
-    pos = seg_end;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -2129,59 +1340,6 @@ __global__ void __launch_bounds__(PairThreads<T, NV>::value, 1) staged_pair_kern
   }
 }
 
-// kStaged, several trees: one token per warp (y of all trees stays live), the top levels of every tree staged.
-template <typename T, int NV>
-__global__ void __launch_bounds__(StagedThreads<T, NV>::value, 1) staged_kernel(const Params p) {
-  constexpr int V = Elem<T>::kVec;
-  constexpr int kBlockWarps = StagedThreads<T, NV>::value / 32;
-  extern __shared__ uint4 staged_rows_smem[];
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ w_in = static_cast<const T*>(p.w_in);
-  const T* __restrict__ b_in = static_cast<const T*>(p.b_in);
-  const T* __restrict__ w_out = static_cast<const T*>(p.w_out);
-  T* __restrict__ y = static_cast<T*>(p.y);
-  const int lane = threadIdx.x & 31;
-  const int nvec = p.hidden / V;
-  const int64_t n_nodes = nodes_per_tree(p.depth);
-  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
-  // Levels [0, in_end) route from shared memory, [0, out_end) accumulate from it (the host keeps both <= depth + 1).
-  const int in_end = p.staged_in, out_end = p.staged_out;
-  const int in_rows = (1 << in_end) - 1, out_rows = (1 << out_end) - 1;
-  // Tree t's first in_rows rows of w_in, then (after all trees) its first out_rows rows of w_out: the top levels
-  // of a tree are its first rows in heap order, so each is one contiguous copy.
-  uint4* s_in = staged_rows_smem;
-  uint4* s_out = s_in + static_cast<int64_t>(p.trees) * in_rows * nvec;
-  for (int t = 0; t < p.trees; ++t) {
-    stage_vectors(s_in + t * in_rows * nvec, reinterpret_cast<const uint4*>(w_in + t * n_nodes * p.hidden), in_rows * nvec);
-    stage_vectors(s_out + t * out_rows * nvec, reinterpret_cast<const uint4*>(w_out + t * n_nodes * p.hidden),
-                  out_rows * nvec);
-  }
-  __syncthreads();
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlockWarps;
-  for (int64_t m = static_cast<int64_t>(blockIdx.x) * kBlockWarps + (threadIdx.x >> 5); m < p.tokens; m += stride) {
-    uint4 xr[NV];
-    load_x_raw<T, NV>(xr, x + m * p.ldx, lane, nvec);
-    float yf[NV][V];
-    zero(yf);
-    for (int t = 0; t < p.trees; ++t) {
-      const int64_t base = t * n_nodes;
-      const T* tree_s_in = reinterpret_cast<const T*>(s_in + t * in_rows * nvec);
-      const T* tree_s_out = reinterpret_cast<const T*>(s_out + t * out_rows * nvec);
-      int my_node = 0;
-      float my_logit = 0.f;
-      int n = route_raw<T, NV, From::kShared>(xr, tree_s_in, b_in + base, nvec, lane, 0, in_end, p.depth, 0, my_node,
-                                              my_logit);
-      n = route_raw<T, NV>(xr, w_in + base * p.hidden, b_in + base, nvec, lane, in_end, p.depth + 1, p.depth, n,
-                           my_node, my_logit);
-      const float my_g = gelu(my_logit);
-      accumulate_out<T, NV, From::kShared>(yf, tree_s_out, nvec, lane, 0, out_end, my_node, my_g);
-      accumulate_out<T, NV>(yf, w_out + base * p.hidden, nvec, lane, out_end, p.depth + 1, my_node, my_g);
-      if (lane == 0) p.leaves[m * p.trees + t] = n - first_leaf;
-    }
-    store_y<T, NV>(y + m * p.hidden, yf, lane, nvec);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // kSorted's finishing step with two tokens of one bucket per warp (fp32, width <= 768). The one-token finishing
 // kernel is latency-bound at fp32 (Nsight Compute, H200, split 8, 32768 tokens: 0.47 warp instructions issued per
@@ -2248,7 +1406,7 @@ template <typename T>
 struct GlobalBias {
   const T* __restrict__ b_in;
   int root;
-  __device__ __forceinline__ float operator()(int a) const { return Elem<T>::load(b_in + tc::subtree_node(root, a)); }
+  __device__ __forceinline__ float operator()(int a) const { return Elem<T>::load(b_in + subtree_node(root, a)); }
 };
 
 // kSorted step 3, two tokens of one bucket per warp, the bucket's rows in shared memory: the subtree's w_in rows and
@@ -2338,8 +1496,8 @@ __device__ __forceinline__ void finish_pair_staged(const Params& p, int64_t ma, 
   store_y<T, NV>(y + ma * p.hidden, ya, lane, nvec);
   if (mb != ma) store_y<T, NV>(y + mb * p.hidden, yb, lane, nvec);
   if (lane == 0) {
-    p.leaves[ma] = tc::subtree_node(root, ja) - first_leaf;
-    p.leaves[mb] = tc::subtree_node(root, jb) - first_leaf;
+    p.leaves[ma] = subtree_node(root, ja) - first_leaf;
+    p.leaves[mb] = subtree_node(root, jb) - first_leaf;
   }
 }
 
@@ -2388,7 +1546,7 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1) sorted_pair_finish_kern
   if (r.begin >= r.end) return;  // block-uniform
   bucket_offsets(p, 1 << p.split, s.offs);
   __syncthreads();
-  for_each_staged_bucket(p, r, s, sub, false, [&](int64_t pos, int64_t seg_end, int root) {
+  for_each_staged_bucket(p, r, s, sub, [&](int64_t pos, int64_t seg_end, int root) {
     for (int64_t q = pos + 2 * warp; q < seg_end; q += 2 * kW)
       finish_pair_at<T, NV>(p, q, seg_end, s.rows_in, s.rows_out, 0, sub + lane, SharedBias{s.bias}, root, lane, nvec);
   });
@@ -2436,7 +1594,7 @@ __host__ __device__ inline Layout layout(int depth, int split, int64_t hidden, i
 // only, Params::major >= 9; other builds compile the helpers empty and the kernel traps.)
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
 #if HF_FFF_HAS_CLUSTERS
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tc::smem_addr(bar)), "r"(count));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
 #endif
 }
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
@@ -2447,7 +1605,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
       "WAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(tc::smem_addr(bar)),
+      "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
 #endif
@@ -2455,7 +1613,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
 // Expect `bytes` more of tensor copies in the current phase, without arriving.
 __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, unsigned bytes) {
 #if HF_FFF_HAS_CLUSTERS
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(tc::smem_addr(bar)), "r"(bytes)
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 #endif
 }
@@ -2463,7 +1621,7 @@ __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, unsigned bytes) {
 // with, are ordered before what the threads that wait for the phase do next).
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #if HF_FFF_HAS_CLUSTERS
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tc::smem_addr(bar)) : "memory");
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 #endif
 }
 // One row of a (rows, hidden) matrix through its tensor map (tensor_row_map in the launcher: a 3-D view with a box of
@@ -2472,7 +1630,7 @@ __device__ __forceinline__ void tensor_row_copy(void* dst, const CUtensorMap* ma
 #if HF_FFF_HAS_CLUSTERS
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
-      ::"r"(tc::smem_addr(dst)), "l"(map), "r"(0), "r"(0), "r"(row), "r"(tc::smem_addr(bar))
+      ::"r"(smem_addr(dst)), "l"(map), "r"(0), "r"(0), "r"(row), "r"(smem_addr(bar))
       : "memory");
 #endif
 }
@@ -2506,7 +1664,7 @@ __device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, uin
   __syncwarp();  // the expected bytes are set before any copy can complete
   for (int c = lane; c < sub + n_out; c += 32) {
     if (c < sub) {
-      sp::tensor_row_copy(rows + c * static_cast<int64_t>(hidden), map_in, tc::subtree_node(root, c), bar_in);
+      sp::tensor_row_copy(rows + c * static_cast<int64_t>(hidden), map_in, subtree_node(root, c), bar_in);
       continue;
     }
     if (c < sub + first) {
@@ -2515,7 +1673,7 @@ __device__ __forceinline__ void fill_bucket_buffer(const Params& p, T* rows, uin
     }
     const int r = c - first;
     T* const dst = rows + r * static_cast<int64_t>(hidden);
-    if (r < 2 * sub) sp::tensor_row_copy(dst, map_out, tc::subtree_node(root, r - sub), bar_out);
+    if (r < 2 * sub) sp::tensor_row_copy(dst, map_out, subtree_node(root, r - sub), bar_out);
     else sp::tensor_row_copy(dst, map_out, ((root + 1) >> (split - (r - 2 * sub + 1))) - 1, bar_out);  // ancestor
   }
   __syncwarp();
@@ -2593,7 +1751,7 @@ __global__ void __launch_bounds__(kSortedPairThreads, 1)
     const int top_slot = lane == 0 ? 0 : out_first + sub + lane - 1;  // ancestor of level `lane` (lanes < split)
     // The biases from registers (lane j: subtree node j), loaded once per bucket: read from global memory at every
     // level they cost 10 us at 32768 tokens (a bucket's lines do not stay in L1 beside the x stream).
-    const float bias_of_lane = lane < sub ? Elem<T>::load(b_in + tc::subtree_node(root, lane)) : 0.f;
+    const float bias_of_lane = lane < sub ? Elem<T>::load(b_in + subtree_node(root, lane)) : 0.f;
     // A warp waits for the bucket's rows only once its pair's x loads are issued: for the w_in rows before the walk,
     // for the w_out rows before the output (a phase stays complete until every warp is done with the buffer, so the
     // waits after the first return at once). Measured on an H200 against waiting for all rows before drawing a pair:
@@ -2751,15 +1909,6 @@ void launch_persistent(Kernel kernel, int threads, int per_warp, size_t smem, Pe
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Step 2 of every bucketed strategy: one thread per token (at most 8 blocks per SM, grid-stride beyond),
-// the bucket offsets in shared memory.
-inline void launch_scatter(const Params& p, cudaStream_t stream) {
-  const int64_t blocks = (p.tokens + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(p.num_sms) * 8;
-  scatter_kernel<<<blocks < cap ? blocks : cap, kThreads, sizeof(int) * (size_t{1} << p.split), stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Step 2 after a ranking step 1 whose block (m / per) % blocks routed token m.
 inline void launch_scatter_ranked(const Params& p, int64_t per, int64_t blocks, cudaStream_t stream) {
   const int64_t grid = (p.tokens + kThreads - 1) / kThreads;
@@ -2822,12 +1971,7 @@ void launch_route_and_sort(const Params& p, cudaStream_t stream) {
       launch_scatter_ranked(p, (p.tokens + blocks - 1) / blocks, blocks, stream);  // step 1's runs per block
     });
   } else {
-    C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
-    static int route_per_sm = 0;
-    const auto route_kernel = route_top_kernel<T, NV>;
-    route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_scatter(p, stream);
+    TORCH_CHECK(false, "hf_fff CUDA: the sorted strategy needs split >= 2 and three rows of w_in in shared memory");
   }
 }
 
@@ -2861,7 +2005,7 @@ void launch_sorted_finish(const Params& p, cudaStream_t stream) {
   if constexpr (SortedPair<T, NV>::value) {
     if (p.depth <= kPairMaxDepth) {
       const int64_t pipelined = sp::layout(p.depth, p.split, p.hidden, sizeof(T)).bytes;
-      const bool pipeline = p.major >= 9 && pipelined <= p.smem_limit;  // kSorted and kSortedPipelined alike
+      const bool pipeline = p.major >= 9 && pipelined <= p.smem_limit;
       with_full<T, NV>(p, [&](auto full) {
         constexpr bool kFull = decltype(full)::value;
         CUtensorMap map_in = {}, map_out = {};
@@ -2888,46 +2032,18 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   switch (p.strategy) {
     case kSingle: {
       static int per_sm = 0;  // occupancy of this instantiation (same on every device of one build)
-      const auto kernel = single_kernel<T, NV, false>;
-      kernel<<<token_grid(kernel, p, 0, per_sm), kThreads, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      break;
-    }
-    case kSpeculative: {
-      static int per_sm = 0;
-      const auto kernel = single_kernel<T, NV, true>;
+      const auto kernel = single_kernel<T, NV>;
       kernel<<<token_grid(kernel, p, 0, per_sm), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
     case kStaged: {
       const size_t smem = static_cast<size_t>(staged_smem_bytes(p.trees, p.staged_in, p.staged_out, p.hidden, sizeof(T)));
-      if (p.trees == 1) {
-        with_full<T, NV>(p, [&](auto full) {
-          static PersistentLaunch cache;
-          launch_persistent(staged_pair_kernel<T, NV, decltype(full)::value>, PairThreads<T, NV>::value, 2, smem, cache,
-                            p, stream);
-        });
-      } else {
+      with_full<T, NV>(p, [&](auto full) {
         static PersistentLaunch cache;
-        launch_persistent(staged_kernel<T, NV>, StagedThreads<T, NV>::value, 1, smem, cache, p, stream);
-      }
-      break;
-    }
-    case kBucketed: {
-      const int n_buckets = 1 << p.split;
-      const size_t hist_bytes = sizeof(int) * n_buckets;
-      C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, 2 * hist_bytes, stream));
-      static int route_per_sm = 0, finish_per_sm = 0;
-      const auto route_kernel = route_top_kernel<T, NV>;
-      route_kernel<<<token_grid(route_kernel, p, hist_bytes, route_per_sm), kThreads, hist_bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_scatter(p, stream);
-      const auto finish = finish_kernel<T, NV>;
-      const int64_t blocks = token_grid(finish, p, 0, finish_per_sm);
-      const int64_t chunk = (p.tokens + blocks - 1) / blocks;
-      finish<<<(p.tokens + chunk - 1) / chunk, kThreads, 0, stream>>>(p, chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_persistent(staged_pair_kernel<T, NV, decltype(full)::value>, PairThreads<T, NV>::value, 2, smem, cache,
+                          p, stream);
+      });
       break;
     }
     case kCluster: {
@@ -2950,10 +2066,13 @@ void launch_fast(const Params& p, cudaStream_t stream) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
-    case kSorted:
-    case kSortedPipelined: {
-      launch_route_and_sort<T, NV>(p, stream);
-      launch_sorted_finish<T, NV>(p, stream);
+    case kSorted: {
+      if constexpr (std::is_same<T, float>::value) {
+        launch_route_and_sort<T, NV>(p, stream);
+        launch_sorted_finish<T, NV>(p, stream);
+      } else {
+        TORCH_CHECK(false, "hf_fff CUDA: the sorted strategy takes float32 only");
+      }
       break;
     }
     default:
@@ -2977,49 +2096,6 @@ void with_vectors(const Params& p, F&& f) {
 }
 
 template <typename T>
-void launch_sorted_tensor(const Params& p, cudaStream_t stream) {
-  with_vectors(p, [&](auto nv) { launch_route_and_sort<T, decltype(nv)::value>(p, stream); });
-  const auto finish = sorted_tc_finish_kernel<T>;
-  const size_t smem = static_cast<size_t>(sorted_tc_smem_bytes(p.depth, p.split, p.hidden));
-  static int smem_done[64] = {};
-  allow_smem(finish, smem, smem_done);
-  const int64_t chunk = sorted_chunk(p, 1);
-  finish<<<(p.tokens + chunk - 1) / chunk, stc::kThreads, smem, stream>>>(p, chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Positions per block for kTensorCore's steps: `blocks` blocks share the tokens in runs of whole 16-token groups.
-inline int64_t tc_run(const Params& p, int64_t blocks) {
-  const int64_t groups = (p.tokens + tc::kGroup - 1) / tc::kGroup;
-  return (groups + blocks - 1) / blocks * tc::kGroup;
-}
-
-template <typename T>
-void launch_tensor_core(const Params& p, cudaStream_t stream) {
-  static int top_done[64] = {}, sub_done[64] = {}, out_done[64] = {};
-  const auto top = tc::logits_kernel<T, true>;
-  const auto sub = tc::logits_kernel<T, false>;
-  const auto out = tc::output_kernel<T>;
-  const size_t logits_smem = static_cast<size_t>(tc_logits_smem_bytes(p.hidden));
-  const size_t output_smem = static_cast<size_t>(tc_output_smem_bytes(p.hidden));
-  allow_smem(top, logits_smem, top_done);
-  allow_smem(sub, logits_smem, sub_done);
-  allow_smem(out, output_smem, out_done);
-  C10_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, sizeof(int) * (size_t{1} << p.split), stream));
-  // one logits block per SM (each holds ~200 KB of shared memory): at most num_sms rows of block_base
-  const int64_t logits_run = tc_run(p, static_cast<int64_t>(kMaxRankedBlocksPerSm) * p.num_sms);
-  const int64_t logits_blocks = (p.tokens + logits_run - 1) / logits_run;
-  top<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_scatter_ranked(p, logits_run, logits_blocks, stream);
-  sub<<<logits_blocks, tc::kLogitsThreads, logits_smem, stream>>>(p, logits_run);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t output_run = tc_run(p, p.num_sms);
-  out<<<(p.tokens + output_run - 1) / output_run, tc::kOutputThreads, output_smem, stream>>>(p, output_run);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T>
 void launch(const Params& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
   if (p.strategy == kGeneral) {
@@ -3027,16 +2103,6 @@ void launch(const Params& p, cudaStream_t stream) {
     const auto kernel = general_kernel<T>;
     kernel<<<token_grid(kernel, p, 0, per_sm), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  if (p.strategy == kTensorCore || p.strategy == kSortedTensor) {
-    if constexpr (std::is_same<T, float>::value) {
-      TORCH_CHECK(false, "hf_fff CUDA: the tensor-core strategies take float16 or bfloat16");
-    } else if (p.strategy == kTensorCore) {
-      launch_tensor_core<T>(p, stream);
-    } else {
-      launch_sorted_tensor<T>(p, stream);
-    }
     return;
   }
   with_vectors(p, [&](auto nv) { launch_fast<T, decltype(nv)::value>(p, stream); });

@@ -6,9 +6,8 @@ first CUDA tensor reaches the FFF op. When it cannot happen (no nvcc, no ninja, 
 reference on the GPU.
 
 The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
-environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
-subtree, sorted, cluster, sorted_tensor, staged; sorted_pipelined is sorted) and HF_FFF_CUDA_SPLIT (bucket level;
-for staged, the top levels held in shared memory) force one, read once when the backend loads. For tests,
+environment variables HF_FFF_CUDA_STRATEGY (auto, single, general, subtree, sorted, cluster, staged) and
+HF_FFF_CUDA_SPLIT (bucket level of sorted; for staged, the top levels held in shared memory) force one, read once when the backend loads. For tests,
 HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with separate launches, as it must
 where a cooperative launch of one block per SM is refused (MPS, green contexts).
 """
@@ -33,10 +32,7 @@ HEADERS = ["fff_cuda.h", "fff_cuda.cuh"]
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 CFLAGS = ["-O3"]
 
-STRATEGIES = {
-    "auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5, "subtree": 6, "sorted": 7,
-    "cluster": 8, "sorted_tensor": 9, "staged": 10, "sorted_pipelined": 11,
-}
+STRATEGIES = {"auto": 0, "single": 1, "general": 4, "subtree": 6, "sorted": 7, "cluster": 8, "staged": 10}
 STRATEGY_ENV = "HF_FFF_CUDA_STRATEGY"
 SPLIT_ENV = "HF_FFF_CUDA_SPLIT"
 
