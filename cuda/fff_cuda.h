@@ -1,34 +1,27 @@
-// Interface between the CUDA FFF kernels (fff_cuda.cuh, instantiated per dtype in fff_cuda_*.cu, built by
-// nvcc without torch headers so that the per-dtype files compile fast and in parallel) and the binding
-// fff_cuda.cpp (host compiler: tensor checks, allocation, strategy choice).
+// The interface between the binding (fff_cuda.cpp: host compiler, torch) and the CUDA sources (nvcc, no torch
+// headers, so that the per-dtype files fff_cuda_{f32,f16,bf16}.cu compile fast and in parallel): the parameter
+// struct every kernel takes, and the three calls the binding makes (plan, bind_scratch, launch_<dtype>).
+//
+// The sources: strategies.h (the table), common.cuh (device helpers), launch.cuh (host launch helpers), one header
+// per strategy family (walk.cuh, few_tokens.cuh, staged.cuh, sorted.cuh), dispatch.cuh (the automatic choice and the
+// table-driven dispatch), fff_cuda_plan.cu and fff_cuda_{f32,f16,bf16}.cu (what is compiled). docs/cuda_design.md says
+// why each strategy exists.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
 
-// Helpers that both the binding (host compiler) and the kernels (nvcc) compute.
-#ifdef __CUDACC__
-#define HF_FFF_HOST_DEVICE __host__ __device__
-#else
-#define HF_FFF_HOST_DEVICE
-#endif
+#include "strategies.h"
 
 namespace hf_fff_cuda {
 
-// How a call is computed. Every strategy computes the same function; they differ in speed only.
+// How a call is computed: kAuto (choose_strategy picks) or a row of strategies.h.
 enum Strategy : int {
-  kAuto = 0,     // pick one of the below from the problem size (choose_strategy)
-  kSingle = 1,   // one warp per token walks every level of every tree, one launch
-  kGeneral = 4,  // any hidden size, stride or alignment: scalar loads, nothing held in registers
-  kSubtree = 6,  // few tokens: a block per token computes the logits of 5 levels of subtree at once, then
-                 // routes through them in shared memory (3 dependent rounds of fetches at depth 11, not 12)
-  kSorted = 7,   // fp32, one tree, many tokens: route the top `split` levels, group tokens by the node they reached
-                 // (counting sort), finish each group with its subtree's rows held in shared memory
-  kCluster = 8,  // few tokens, Hopper and later: a cluster of 8 blocks per token computes 6 levels of subtree
-                 // per round over distributed shared memory (2 dependent rounds of fetches at depth 11)
-  kStaged = 10,  // one tree: kSingle with the top levels' rows in shared memory (one block per SM), two tokens per
-                 // warp and, at 16 bits, the routing dot products on tensor cores
+  kAuto = 0,
+#define HF_FFF_STRATEGY_ENUMERATOR(enumerator, name, id, purpose) enumerator = id,
+  HF_FFF_STRATEGIES(HF_FFF_STRATEGY_ENUMERATOR)
+#undef HF_FFF_STRATEGY_ENUMERATOR
 };
 
 struct Params {
@@ -48,8 +41,8 @@ struct Params {
   int num_sms;
   int64_t smem_limit;  // the device's opt-in shared memory per block
   int major;           // the device's compute capability major version
-  // kSorted scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then cursors, zeroed by the
-  // launcher), g_top (tokens * split GELU values of the top levels)
+  // kSorted: the bucket level, and scratch: bucket (tokens), order (tokens), counts (2 * 2^split: counts then
+  // cursors, zeroed by the launcher), g_top (tokens * split GELU values of the top levels)
   int split;
   int* bucket;
   int* order;
@@ -67,20 +60,31 @@ struct Params {
   float* rec_g;
 };
 
-// Dynamic shared memory of kSorted's finishing block: the bucket's rows (w_in of its subtree, w_out of its
-// subtree and of the split ancestors), the subtree's biases and the bucket offsets.
-HF_FFF_HOST_DEVICE inline int64_t sorted_smem_bytes(int depth, int split, int64_t hidden, int64_t element_size) {
-  const int64_t sub = (int64_t{2} << (depth - split)) - 1;
-  return (2 * sub + split) * hidden * element_size + 4 * sub + 4 * ((int64_t{1} << split) + 1);
-}
+// What the binding knows beyond Params: the element size, whether the 16-byte vector path applies (sizes, row
+// stride and alignment allow it) and the strategy's setting from HF_FFF_CUDA_SPLIT (0: automatic).
+struct Problem {
+  int64_t element_size;
+  bool fast;
+  int64_t option;
+};
 
-// Dynamic shared memory of kStaged's block: the top in_levels rows of w_in and out_levels rows of w_out per tree.
-inline int64_t staged_smem_bytes(int64_t trees, int in_levels, int out_levels, int64_t hidden, int64_t element_size) {
-  return trees * (((int64_t{1} << in_levels) - 1) + ((int64_t{1} << out_levels) - 1)) * hidden * element_size;
-}
+// A strategy's plan: the scratch it needs (int32 and float32 elements) and its setting (kSorted: the bucket level,
+// kStaged: the top levels held in shared memory; 0 for the others).
+struct Plan {
+  int64_t ints = 0;
+  int64_t floats = 0;
+  int setting = 0;
+};
 
-constexpr int kMaxRankedBlocksPerSm = 1;  // kSorted's step-1 blocks per SM: block_base has num_sms rows
+// Resolves p.strategy (kAuto: the automatic choice) and fills the strategy's own fields of p; throws
+// std::runtime_error, naming the limit, where the strategy cannot take the problem.
+Plan plan(Params& p, const Problem& problem);
+// Points p's scratch fields into `ints` and `floats` (allocated by the caller as plan() asked).
+void bind_scratch(Params& p, int* ints, float* floats);
+// The name of a strategy id (strategies.h), or "unknown".
+const char* strategy_name(int strategy);
 
+// Enqueue the kernels of p.strategy on `stream`; throw std::runtime_error on a CUDA error.
 void launch_f32(const Params& p, cudaStream_t stream);
 void launch_f16(const Params& p, cudaStream_t stream);
 void launch_bf16(const Params& p, cudaStream_t stream);
