@@ -180,7 +180,7 @@ struct AlwaysInside {
 
 // Vectors past the row end read as zeros. Only the last one or two vectors of a lane can be past it, so only
 // those loads are predicated and zero-filled: doing so for every vector cost 10-16 instructions per row (about
-// 15% of kSorted's finishing instructions at bf16). `at` points at this lane's first vector of the row.
+// 15% of the sorted finishing instructions at bf16). `at` points at this lane's first vector of the row.
 template <int NV, From kFrom = From::kGlobal>
 __device__ __forceinline__ void load_lane_row(uint4 (&r)[NV], const uint4* at, int lane, int nvec) {
 #pragma unroll
@@ -238,7 +238,7 @@ __device__ __forceinline__ void load_x(float (&xf)[NV][Elem<T>::kVec], const T* 
 }
 
 // Keep x widened in registers: without this the compiler may keep x packed and widen it again at every
-// level (one more instruction per element and level, about 12% of kSorted's finishing instructions at bf16).
+// level (one more instruction per element and level, about 12% of the sorted finishing instructions at bf16).
 template <int NV, int V>
 __device__ __forceinline__ void pin_x(float (&xf)[NV][V]) {
 #pragma unroll

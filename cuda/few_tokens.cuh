@@ -18,7 +18,7 @@ namespace {
 // together), then one thread routes through them in shared memory. Depth 11 costs 3 dependent rounds of
 // fetches instead of 12 (4x the w_in reads, which at this size nobody else wants). During routing, warp 0
 // pulls the visited w_out rows into L1, and the output pass gives each thread one 16-byte vector of the
-// row, over all levels. Logits and the output sum are computed exactly as kSingle computes them (same
+// row, over all levels. Logits and the output sum are computed exactly as single computes them (same
 // lane layout, reduction and order), so both strategies give the same bits.
 namespace subtree {
 constexpr int kThreads = 512;
@@ -29,7 +29,7 @@ constexpr int kMaxLevels = 32;                   // depth <= 30
 }  // namespace subtree
 
 // yv += g(level) * w_out row vector, levels [first, end) with their vectors in raw[0, end - first), in
-// level order (the order kSingle sums in). Shared by the subtree and cluster kernels.
+// level order (the order single sums in). Shared by the subtree and cluster kernels.
 template <typename T, int N>
 __device__ __forceinline__ void accumulate_levels(float (&yv)[Elem<T>::kVec], const uint4 (&raw)[N], const float* path_g,
                                                   int first, int end) {
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(subtree::kThreads, 1) subtree_kernel(const Par
 // the 6 levels itself (same logits, same path, no second exchange). Depth 11 is 2 rounds of fetches, each
 // block reading 8 rows instead of a whole round's 63. While a round computes, each block also loads its
 // slice of the previous round's w_out rows (the output: block r owns columns r/8 of the row). Logits and
-// the output sum are those of kSingle, bit for bit.
+// the output sum are those of single, bit for bit.
 namespace cluster {
 constexpr int kBlocks = 8;                       // cluster size (portable maximum)
 constexpr int kThreads = 256;

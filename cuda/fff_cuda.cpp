@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy == kAuto || std::string(strategy_name(static_cast<int>(strategy))) != "unknown",
+  TORCH_CHECK(strategy == kAuto || std::strcmp(strategy_name(static_cast<int>(strategy)), "unknown") != 0,
               "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
@@ -160,12 +161,15 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   p.w_out = w_out.data_ptr();
   p.y = y.data_ptr();
   p.leaves = leaves.data_ptr<int64_t>();
-  const Plan plan_ = plan(p, Problem{element_size, fast, split});
+  const Plan chosen = plan(p, Problem{element_size, fast, split});
 
-  // kept alive until the launches are enqueued (the caching allocator reuses them in stream order)
-  const at::Tensor scratch_int = at::empty({plan_.ints}, x.options().dtype(at::kInt));
-  const at::Tensor scratch_float = at::empty({plan_.floats}, x.options().dtype(at::kFloat));
-  bind_scratch(p, scratch_int.data_ptr<int>(), scratch_float.data_ptr<float>());
+  // Kept alive until the launches are enqueued (the caching allocator reuses them in stream order). None for the
+  // strategies without scratch: the few-token calls are host-bound, and an allocation is a visible part of them.
+  at::Tensor scratch_int, scratch_float;
+  if (chosen.ints > 0) scratch_int = at::empty({chosen.ints}, x.options().dtype(at::kInt));
+  if (chosen.floats > 0) scratch_float = at::empty({chosen.floats}, x.options().dtype(at::kFloat));
+  bind_scratch(p, chosen.ints > 0 ? scratch_int.data_ptr<int>() : nullptr,
+               chosen.floats > 0 ? scratch_float.data_ptr<float>() : nullptr);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   switch (x.scalar_type()) {
