@@ -189,10 +189,13 @@ def main() -> int:
               f"{len(removed)} only before (deleted), {len(added)} only after")
         for key, _ in changed:
             print(f"  DIFFERS: {key}")
-        for key in added:
-            print(f"  only after: {key}")
-        for key in removed:
-            print(f"  only before: {key}")
+        for label, keys in (("only after", added), ("only before", removed)):
+            families: dict[str, int] = {}
+            for key in keys:  # grouped by kernel template: "single_kernel<...> x 18"
+                family = re.sub(r"<.*", "", key.split("(")[0]).split(" ")[-1]
+                families[family] = families.get(family, 0) + 1
+            for family, count in sorted(families.items()):
+                print(f"  {label}: {family} x {count}")
         differ += len(changed)
     return 1 if differ else 0
 
