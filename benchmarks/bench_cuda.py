@@ -35,7 +35,7 @@ from hf_fff.backends import cuda as cuda_backend  # noqa: E402
 from hf_fff.backends import reference  # noqa: E402
 
 HIDDEN, DEPTH = 768, 11
-STRATEGY = cuda_backend.STRATEGIES  # name -> the binding's strategy number (what HF_FFF_CUDA_STRATEGY accepts)
+STRATEGY = cuda_backend.strategies()  # name -> id, the rows of cuda/strategies.h (what HF_FFF_CUDA_STRATEGY accepts)
 RESULTS: dict = {}
 
 
@@ -84,15 +84,15 @@ def bench_layers(ext, quick: bool) -> None:
             x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).to(dtype)
             strategies = ["auto"]
             if tokens <= 512:
-                strategies += ["single", "speculative", "subtree", "cluster"]
-            if tokens >= 512:
-                strategies += ["sorted"] + (["sorted_tensor"] if dtype != torch.float32 else [])
+                strategies += ["single", "subtree"] + (["cluster"] if torch.cuda.get_device_capability()[0] >= 9 else [])
+            if tokens >= 512 and dtype == torch.float32:
+                strategies += ["sorted"]  # float32 only: staged is faster at 16 bits
             if tokens >= 1024:
-                strategies += ["single", "staged", "bucketed"] + (["tensor_core"] if dtype != torch.float32 else [])
+                strategies += ["single", "staged"]
             for strategy in strategies:
                 splits = [0]
                 if strategy == "sorted" and tokens == 32768 and not quick:
-                    splits = [0, 7, 9] if dtype == torch.float32 else [0, 6]  # the automatic split is 8 / 7
+                    splits = [0, 7, 9]  # the automatic split is 8
                 for split in splits:
                     label = f"fff {name} M={tokens} {strategy}" + (f" split={split}" if split else "")
                     record(label, us(lambda: ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=STRATEGY[strategy], split=split)))

@@ -4,8 +4,8 @@ second), so that `ncu` can report where their time goes (stall reasons, issue ra
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \\
         --section Occupancy python benchmarks/profile_cuda.py [DTYPE:TOKENS:STRATEGY:SPLIT ...]
 
-With arguments, only those cases run (e.g. float32:32768:7:8 for the sorted strategy at split 8; the strategy
-numbers are hf_fff.backends.cuda.STRATEGIES).
+With arguments, only those cases run (e.g. float32:32768:sorted:8 for the sorted strategy at split 8; the strategy
+names are those of cuda/strategies.h).
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ from hf_fff.backends import cuda as cuda_backend  # noqa: E402
 
 HIDDEN, DEPTH = 768, 11
 CASES = [  # (dtype, tokens, strategy, split)
-    (torch.bfloat16, 1, 6, 0),  # subtree
-    (torch.bfloat16, 1, 1, 0),  # single
-    (torch.bfloat16, 32768, 7, 0),  # sorted: route_top, scatter, sorted_finish
-    (torch.bfloat16, 32768, 9, 0),  # sorted_tensor
-    (torch.bfloat16, 32768, 1, 0),  # single
-    (torch.float32, 32768, 7, 8),  # sorted, split 8
+    (torch.bfloat16, 1, "subtree", 0),
+    (torch.bfloat16, 1, "single", 0),
+    (torch.bfloat16, 32768, "staged", 0),  # the 16-bit default at many tokens
+    (torch.bfloat16, 32768, "single", 0),
+    (torch.float32, 32768, "sorted", 8),  # the fp32 default at many tokens: step 1 (routing + sort), finishing kernel
 ]
 
 
 def parse_case(text: str) -> tuple:
-    """DTYPE:TOKENS:STRATEGY:SPLIT, e.g. float32:32768:7:8 (sorted at split 8)."""
+    """DTYPE:TOKENS:STRATEGY:SPLIT, e.g. float32:32768:sorted:8 (sorted at split 8)."""
     dtype, tokens, strategy, split = text.split(":")
-    return getattr(torch, dtype), int(tokens), int(strategy), int(split)
+    return getattr(torch, dtype), int(tokens), strategy, int(split)
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> int:
         w_out = (torch.randn(rows, HIDDEN, device="cuda", generator=gen) * HIDDEN**-0.5).to(dtype)
         x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).to(dtype)
         for _ in range(2):
-            ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=strategy, split=split)
+            ext.fff_forward(x, w_in, b_in, w_out, DEPTH, strategy=cuda_backend.strategies()[strategy], split=split)
         torch.cuda.synchronize()
         print(f"profiled {dtype} tokens={tokens} strategy={strategy} split={split}", flush=True)
     return 0

@@ -1,5 +1,7 @@
-// Python binding of the CUDA FFF kernels: checks, output allocation, strategy choice, launch on the
-// current stream (so that CUDA-graph capture and torch.compile see an ordinary stream-ordered op).
+// Python binding of the CUDA FFF kernels: tensor checks, output and scratch allocation, and the launch on the
+// current stream (so that CUDA-graph capture and torch.compile see an ordinary stream-ordered op). The strategy
+// choice and each strategy's checks live with the kernels (plan() in fff_cuda.h; dispatch.cuh), which nvcc compiles
+// without torch; their std::runtime_error reaches Python as RuntimeError.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -7,10 +9,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <atomic>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
-
-#include <limits>
 #include <tuple>
 
 #include "fff_cuda.h"
@@ -18,26 +20,9 @@
 namespace hf_fff_cuda {
 namespace {
 
-constexpr int kMaxDepth = 30;        // node indices are int32 heap indices; lane l records level l (<= 31)
-constexpr int kMaxVectors = 8;       // fast path keeps x in registers: up to 8 16-byte vectors per lane
-constexpr int kMaxSplit = 10;        // bucket histogram lives in shared memory (2^10 ints)
-constexpr int kBucketMinDepth = 6;
-// Automatic choice between the fast strategies (H100, width 768, depth 11; benchmarks/results_cuda.md).
-// One tree, many tokens: the staged strategy (two tokens per warp, top levels in shared memory, tensor-core routing
-// dot products for 16-bit types) from 8192 tokens at 16 bits (run 22, bf16: 36.7 vs 43.8 us for the single walk
-// at 8192, 109.2 vs 122.8 at 32768, where the sorted strategy takes 122.6; fp16 at 32768: 114.7 vs 121.9 sorted),
-// and at fp32 from 4096 tokens (37.6 vs 41.9 us) until the sorted strategy wins (16384: 108.1 vs 111.5; 32768: 170.7
-// vs 208.1).
-// Below that the single walk: the staged block's copy of ~190 KB of rows and its 64 tokens per block cost more
-// than they save on few tokens. The sorted strategy pays a fixed ~40 us (four launches, each block staging up to
-// 200 KB of rows); inside the compiled 256 x 128 encoder, where the layer's input is still in L2, it lost to the
-// single walk at bf16. The tensor-core strategies are never faster than all of these; opt-in.
-constexpr int64_t kStagedMinTokens16 = 8192;
-constexpr int64_t kStagedMinTokens32 = 4096;
-constexpr int64_t kSortedMinTokens32 = 16384;
-constexpr int64_t kSubtreeMaxBlocksPerSm = 1;  // 128 tokens: 14.3 vs 16.9 us; 512: 36.7 vs 16.4 us (bf16)
-constexpr int64_t kClusterMaxTokens = 16;      // 8 SMs per token: 16 tokens fill an H100
+constexpr int kMaxDepth = 30;   // node indices are int32 heap indices; lane l records level l (<= 31)
 
+// The fast paths' 16-byte vectors of a row per lane (0: the row is too wide for them).
 int vectors_for(int64_t hidden, int64_t element_size) {
   const int64_t per_vector = 16 / element_size;
   const int64_t per_lane = (hidden / per_vector + 31) / 32;
@@ -79,74 +64,6 @@ std::string dims(at::IntArrayRef sizes) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Level whose nodes become the buckets: deep enough that each bucket's subtree (both weight matrices)
-// fits in an SM's L1 (about 192 KB), shallow enough that the top levels, which every
-// token reads, stay few.
-int auto_split(int depth, int64_t hidden, int64_t element_size) {
-  const int64_t budget = 192 * 1024;  // fp32 width 768 depth 11 -> split 7, the best measured
-  int split = 1;
-  while (split < depth && ((int64_t{2} << (depth - split)) - 2) * 2 * hidden * element_size > budget) ++split;
-  return std::min(split, kMaxSplit);
-}
-
-// kSorted: one level below the shallowest split whose bucket rows fit in one block's shared memory (that one fills
-// it to the brim, 203-212 KB at width 768, leaving L1 ~40 KB of the SM's 256 for x, y and the rows being staged;
-// a level deeper halves the rows), or the shallowest itself when it is the deepest allowed, or 0 when none fits.
-// Measured at width 768, depth 11, 32768 tokens: fp32 split 8 (115 KB) 145.7 us against 151.6 for split 7 (208 KB)
-// on an H200 (and 167.3 against 170.7 on an H100 before); bf16 split 7 (104 KB) and 6 (199 KB) alike, 118-120 us.
-int sorted_split(int depth, int64_t hidden, int64_t element_size, int64_t smem_limit) {
-  const int deepest = std::min(depth, kMaxSplit);
-  for (int split = 1; split <= deepest; ++split)
-    if (sorted_smem_bytes(depth, split, hidden, element_size) <= smem_limit) return std::min(split + 1, deepest);
-  return 0;
-}
-
-// kSortedTensor: the bucket's subtree is at most 5 levels (32 logit columns) and its output slots at most 48.
-bool sorted_tensor_ok(bool half_precision, int64_t hidden, int depth, int split, int64_t trees, bool fast,
-                      int64_t smem_limit) {
-  if (!(fast && half_precision && trees == 1 && hidden % 16 == 0 && split >= 1 && split <= depth && split <= kMaxSplit))
-    return false;
-  const int sub = (2 << (depth - split)) - 1;
-  return depth - split + 1 <= 5 && sub + split <= 48 && sorted_tc_smem_bytes(depth, split, hidden) <= smem_limit;
-}
-
-int sorted_tensor_split(int depth) { return std::max(1, depth - 4); }
-
-// kStaged: the deepest number of top levels (of w_in and of w_out alike) whose rows for every tree fit in one
-// block's shared memory, at most depth + 1 (0 when not even the roots fit: the walk then reads every row from
-// global memory, as kSingle).
-int staged_levels(int64_t trees, int depth, int64_t hidden, int64_t element_size, int64_t smem_limit) {
-  int levels = 0;
-  while (levels < depth + 1 && levels < 24 &&
-         staged_smem_bytes(trees, levels + 1, levels + 1, hidden, element_size) <= smem_limit)
-    ++levels;
-  return levels;
-}
-
-// The tensor-core path: 16-bit floats, one tree, two blocks of levels (top depth - 5, then 6); any width the
-// fast path takes (hidden % 8 == 0, 16-byte aligned rows) whose blocks' rows fit in shared memory (<= 960
-// on H100).
-bool tensor_core_ok(bool half_precision, int64_t hidden, int depth, int64_t trees, bool fast, int64_t smem_limit) {
-  constexpr int64_t kStatic = 1024;  // the kernels' static shared memory (bucket offsets, biases, counters)
-  return fast && half_precision && trees == 1 && depth >= 6 && depth <= 11 &&
-         tc_logits_smem_bytes(hidden) + kStatic <= smem_limit && tc_output_smem_bytes(hidden) + kStatic <= smem_limit;
-}
-
-int choose_strategy(int64_t tokens, int64_t hidden, int depth, int64_t trees, at::ScalarType dtype, bool fast,
-                    int num_sms, int64_t smem_limit, int major) {
-  if (!fast) return kGeneral;
-  const int64_t element_size = c10::elementSize(dtype);
-  if (trees == 1 && depth >= kBucketMinDepth) {
-    if (element_size == 2 && tokens >= kStagedMinTokens16) return kStaged;
-    if (element_size == 4 && tokens >= kSortedMinTokens32 && sorted_split(depth, hidden, element_size, smem_limit) > 0)
-      return kSorted;
-    if (element_size == 4 && tokens >= kStagedMinTokens32) return kStaged;
-  }
-  if (major >= 9 && tokens <= kClusterMaxTokens) return kCluster;
-  if (tokens <= kSubtreeMaxBlocksPerSm * static_cast<int64_t>(num_sms)) return kSubtree;
-  return kSingle;
-}
-
 void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& w_out,
                   int64_t depth) {
   TORCH_CHECK(depth >= 0 && depth <= kMaxDepth, "hf_fff CUDA: depth must be in [0, ", num(kMaxDepth), "], got ", num(depth));
@@ -173,16 +90,34 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor&
   TORCH_CHECK(w_in.size(0) < std::numeric_limits<int>::max(), "hf_fff CUDA: at most 2^31 - 1 weight rows");
 }
 
+// The problem as plan() sees it. strategy: kAuto or an id of strategies.h; option: HF_FFF_CUDA_SPLIT's value.
+Params problem_params(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, int64_t element_size,
+                      int64_t strategy, int num_sms, int64_t smem_limit, int major) {
+  Params p{};
+  p.tokens = tokens;
+  p.hidden = static_cast<int>(hidden);
+  p.depth = static_cast<int>(depth);
+  p.trees = static_cast<int>(trees);
+  p.strategy = static_cast<int>(strategy);
+  p.vectors = vectors_for(hidden, element_size);
+  p.num_sms = num_sms;
+  p.smem_limit = smem_limit;
+  p.major = major;
+  return p;
+}
+
 }  // namespace
 
-// strategy: kAuto or a forced Strategy; split: bucket level for kBucketed (0: automatic). out /
-// leaves_out: optional preallocated outputs (contiguous, right shape and dtype), e.g. poisoned by tests.
+// strategy: 0 (auto) or an id of strategies.h; split: the strategy's setting (sorted: the bucket level, staged: the
+// top levels held in shared memory; 0: automatic). out / leaves_out: optional preallocated outputs (contiguous, right
+// shape and dtype), e.g. poisoned by tests.
 std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at::Tensor& w_in_arg,
                                                const at::Tensor& b_in_arg, const at::Tensor& w_out_arg, int64_t depth,
                                                int64_t strategy, int64_t split, const std::optional<at::Tensor>& out,
                                                const std::optional<at::Tensor>& leaves_out) {
   check_inputs(x_arg, w_in_arg, b_in_arg, w_out_arg, depth);
-  TORCH_CHECK(strategy >= kAuto && strategy <= kSortedPipelined, "hf_fff CUDA: unknown strategy ", num(strategy));
+  TORCH_CHECK(strategy == kAuto || std::strcmp(strategy_name(static_cast<int>(strategy)), "unknown") != 0,
+              "hf_fff CUDA: unknown strategy ", num(strategy));
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   // Rows of x may be strided (a slice of a wider tensor): only the column stride must be 1.
   const at::Tensor x = x_arg.size(1) == 1 || x_arg.stride(1) == 1 ? x_arg : x_arg.contiguous();
@@ -191,8 +126,7 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   const at::Tensor w_out = w_out_arg.contiguous();
 
   const int64_t tokens = x.size(0), hidden = x.size(1);
-  const int64_t n_nodes = (int64_t{2} << depth) - 1;
-  const int64_t trees = w_in.size(0) / n_nodes;
+  const int64_t trees = w_in.size(0) / ((int64_t{2} << depth) - 1);
   at::Tensor y, leaves;
   if (out.has_value()) {
     y = *out;
@@ -215,14 +149,11 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   const int64_t element_size = x.element_size();
   const int64_t per_vector = 16 / element_size;
   const int64_t ldx = tokens == 1 ? hidden : x.stride(0);
-  const int vectors = vectors_for(hidden, element_size);
-  const bool fast = vectors > 0 && hidden % per_vector == 0 && ldx % per_vector == 0 && aligned16(x.data_ptr()) &&
+  const int device = x.get_device();
+  Params p = problem_params(tokens, hidden, depth, trees, element_size, strategy, sm_count(device),
+                            max_smem_optin(device), cc_major(device));
+  const bool fast = p.vectors > 0 && hidden % per_vector == 0 && ldx % per_vector == 0 && aligned16(x.data_ptr()) &&
                     aligned16(w_in.data_ptr()) && aligned16(w_out.data_ptr()) && aligned16(y.data_ptr());
-  const int num_sms = sm_count(x.get_device());
-  const int64_t smem_limit = max_smem_optin(x.get_device());
-  const int major = cc_major(x.get_device());
-
-  Params p{};
   p.x = x.data_ptr();
   p.ldx = ldx;
   p.w_in = w_in.data_ptr();
@@ -230,91 +161,15 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   p.w_out = w_out.data_ptr();
   p.y = y.data_ptr();
   p.leaves = leaves.data_ptr<int64_t>();
-  p.tokens = tokens;
-  p.hidden = static_cast<int>(hidden);
-  p.depth = static_cast<int>(depth);
-  p.trees = static_cast<int>(trees);
-  p.vectors = vectors;
-  p.num_sms = num_sms;
-  p.smem_limit = smem_limit;
-  p.major = major;
-  p.strategy = strategy == kAuto
-                   ? choose_strategy(tokens, hidden, static_cast<int>(depth), trees, x.scalar_type(), fast, num_sms,
-                                     smem_limit, major)
-                   : static_cast<int>(strategy);
-  if (p.strategy != kGeneral)
-    TORCH_CHECK(fast, "hf_fff CUDA: strategy ", num(p.strategy), " needs hidden % ", num(per_vector),
-                " == 0, 16-byte aligned rows and hidden <= ", num(kMaxVectors * 32 * per_vector), "; use strategy ",
-                num(kGeneral));
+  const Plan chosen = plan(p, Problem{element_size, fast, split});
 
-  if (p.strategy == kCluster) {
-    TORCH_CHECK(major >= 9, "hf_fff CUDA: the cluster strategy needs thread-block clusters (compute capability 9.0 or "
-                "later), this device has ", num(major), ".x");
-    TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 8, "hf_fff CUDA: the cluster strategy takes at most 2^28 tokens");
-  }
-  if (p.strategy == kTensorCore)
-    TORCH_CHECK(tensor_core_ok(element_size == 2, hidden, static_cast<int>(depth), trees, fast, smem_limit),
-                "hf_fff CUDA: the tensor-core strategy needs float16/bfloat16, one tree, depth 6..11 and a width whose "
-                "rows fit in shared memory (", num(tc_logits_smem_bytes(hidden)), " bytes needed, ", num(smem_limit), " here)");
-
-  if (p.strategy == kStaged) {  // split: levels to stage (0: as many as fit)
-    const int fit = staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit);
-    TORCH_CHECK(split >= 0 && split <= fit, "hf_fff CUDA: the staged strategy holds at most ", num(fit),
-                " top levels per matrix here (depth + 1 and the device's ", num(smem_limit),
-                " bytes of shared memory per block), asked for ", num(split));
-    p.staged_in = p.staged_out = split > 0 ? static_cast<int>(split) : fit;
-  }
-
-  at::Tensor scratch_int, scratch_float;  // kept alive until the launches are enqueued (stream-ordered reuse)
-  if (p.strategy == kBucketed || is_sorted_strategy(p.strategy) || p.strategy == kTensorCore ||
-      p.strategy == kSortedTensor) {
-    TORCH_CHECK(trees == 1, "hf_fff CUDA: the bucketed strategies take one tree, got ", num(trees));
-    TORCH_CHECK(depth >= 1, "hf_fff CUDA: the bucketed strategies need depth >= 1");
-    if (p.strategy == kTensorCore)
-      p.split = static_cast<int>(depth) - 5;  // the lower block is always 6 levels (63 nodes)
-    else if (split > 0)
-      p.split = static_cast<int>(split);
-    else if (is_sorted_strategy(p.strategy))
-      p.split = sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit);
-    else if (p.strategy == kSortedTensor)
-      p.split = sorted_tensor_split(static_cast<int>(depth));
-    else
-      p.split = auto_split(static_cast<int>(depth), hidden, element_size);
-    TORCH_CHECK(p.split >= 1 && p.split <= depth && p.split <= kMaxSplit, "hf_fff CUDA: split must be in [1, min(depth, ",
-                num(kMaxSplit), ")], got ", num(p.split), is_sorted_strategy(p.strategy) ? " (or no split's rows fit in shared memory)" : "");
-    if (p.strategy == kSortedTensor)
-      TORCH_CHECK(sorted_tensor_ok(element_size == 2, hidden, static_cast<int>(depth), p.split, trees, fast, smem_limit),
-                  "hf_fff CUDA: the sorted tensor-core strategy needs float16/bfloat16, hidden % 16 == 0, at most 5 "
-                  "levels below the split (split >= depth - 4) and its rows in shared memory; got split ", num(p.split));
-    if (is_sorted_strategy(p.strategy))
-      TORCH_CHECK(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size) <= smem_limit,
-                  "hf_fff CUDA: with split ", num(p.split), " the sorted strategy needs ",
-                  num(sorted_smem_bytes(static_cast<int>(depth), p.split, hidden, element_size)),
-                  " bytes of shared memory per block, more than the device's ", num(smem_limit), "; use a deeper split");
-    const int64_t n_buckets = int64_t{1} << p.split;
-    // Strategies whose step 1 ranks tokens within their bucket (kSorted, kSortedTensor, kTensorCore) keep the
-    // ranks (tokens) and each step-1 block's first rank per bucket (at most num_sms blocks); kTensorCore also
-    // the subtree GELU values (tokens x 6).
-    const bool tensor = p.strategy == kTensorCore;
-    const bool ranked = p.strategy != kBucketed;
-    const int64_t ranks = ranked ? tokens : 0, bases = ranked ? kMaxRankedBlocksPerSm * num_sms * n_buckets : 0;
-    const int64_t subs = tensor ? tokens * 6 : 0;
-    scratch_int = at::empty({2 * tokens + ranks + 2 * n_buckets + bases}, x.options().dtype(at::kInt));
-    scratch_float = at::empty({tokens * p.split + subs}, x.options().dtype(at::kFloat));
-    p.bucket = scratch_int.data_ptr<int>();
-    p.order = p.bucket + tokens;
-    p.rank = ranked ? p.order + tokens : nullptr;
-    p.counts = p.order + tokens + ranks;
-    p.block_base = ranked ? p.counts + 2 * n_buckets : nullptr;
-    p.g_top = scratch_float.data_ptr<float>();
-    p.g_sub = tensor ? p.g_top + tokens * p.split : nullptr;
-  } else if (p.strategy == kGeneral) {
-    const int64_t records = tokens * trees * (depth + 1);
-    scratch_int = at::empty({records}, x.options().dtype(at::kInt));
-    scratch_float = at::empty({records}, x.options().dtype(at::kFloat));
-    p.rec_row = scratch_int.data_ptr<int>();
-    p.rec_g = scratch_float.data_ptr<float>();
-  }
+  // Kept alive until the launches are enqueued (the caching allocator reuses them in stream order). None for the
+  // strategies without scratch: the few-token calls are host-bound, and an allocation is a visible part of them.
+  at::Tensor scratch_int, scratch_float;
+  if (chosen.ints > 0) scratch_int = at::empty({chosen.ints}, x.options().dtype(at::kInt));
+  if (chosen.floats > 0) scratch_float = at::empty({chosen.floats}, x.options().dtype(at::kFloat));
+  bind_scratch(p, chosen.ints > 0 ? scratch_int.data_ptr<int>() : nullptr,
+               chosen.floats > 0 ? scratch_float.data_ptr<float>() : nullptr);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   switch (x.scalar_type()) {
@@ -325,25 +180,20 @@ std::tuple<at::Tensor, at::Tensor> fff_forward(const at::Tensor& x_arg, const at
   return {y, leaves};
 }
 
-// What fff_forward(strategy=0) would run for this problem: (strategy, split), for benchmarks and tests (for the
-// staged strategy, split is the number of top levels held in shared memory).
-// dtype: "float32", "float16" or "bfloat16".
-std::tuple<int64_t, int64_t> plan(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees, const std::string& dtype_name,
-                                  int64_t num_sms, int64_t smem_limit, int64_t major) {
-  const at::ScalarType dtype = dtype_name == "float32" ? at::kFloat : dtype_name == "float16" ? at::kHalf : at::kBFloat16;
+// What fff_forward(strategy=0) would run for this problem: (strategy, setting), for benchmarks and tests (the
+// setting: sorted's bucket level, staged's top levels held in shared memory, else 0). dtype: "float32", "float16"
+// or "bfloat16".
+std::tuple<int64_t, int64_t> plan_auto(int64_t tokens, int64_t hidden, int64_t depth, int64_t trees,
+                                       const std::string& dtype_name, int64_t num_sms, int64_t smem_limit,
+                                       int64_t major) {
   TORCH_CHECK(dtype_name == "float32" || dtype_name == "float16" || dtype_name == "bfloat16", "hf_fff CUDA: plan takes "
               "float32, float16 or bfloat16, got ", dtype_name);
-  const int64_t element_size = c10::elementSize(dtype);
-  const int vectors = vectors_for(hidden, element_size);
-  const bool fast = vectors > 0 && hidden % (16 / element_size) == 0;
-  const int s = choose_strategy(tokens, hidden, static_cast<int>(depth), trees, dtype, fast, static_cast<int>(num_sms),
-                                smem_limit, static_cast<int>(major));
-  const int split = s == kBucketed ? auto_split(static_cast<int>(depth), hidden, element_size)
-                    : s == kSorted       ? sorted_split(static_cast<int>(depth), hidden, element_size, smem_limit)
-                    : s == kSortedTensor ? sorted_tensor_split(static_cast<int>(depth))
-                    : s == kStaged       ? staged_levels(trees, static_cast<int>(depth), hidden, element_size, smem_limit)
-                                         : 0;
-  return {s, split};
+  const int64_t element_size = dtype_name == "float32" ? 4 : 2;
+  Params p = problem_params(tokens, hidden, depth, trees, element_size, kAuto, static_cast<int>(num_sms), smem_limit,
+                            static_cast<int>(major));
+  const bool fast = p.vectors > 0 && hidden % (16 / element_size) == 0;
+  const Plan chosen = plan(p, Problem{element_size, fast, 0});
+  return {p.strategy, chosen.setting};
 }
 
 }  // namespace hf_fff_cuda
@@ -354,19 +204,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "FFF forward (CUDA): x (M, H), weight_in (T*N, H), bias_in (T*N,), weight_out (T*N, H) -> (y, leaves)",
         py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"),
         py::arg("strategy") = 0, py::arg("split") = 0, py::arg("out") = py::none(), py::arg("leaves_out") = py::none());
-  m.def("plan", &hf_fff_cuda::plan, "(strategy, split) that fff_forward picks for a problem", py::arg("tokens"),
+  m.def("plan", &hf_fff_cuda::plan_auto, "(strategy, setting) that fff_forward picks for a problem", py::arg("tokens"),
         py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("dtype"), py::arg("num_sms"),
         py::arg("smem_limit") = 232448, py::arg("major") = 9);
-  m.attr("AUTO") = int(hf_fff_cuda::kAuto);
-  m.attr("SINGLE") = int(hf_fff_cuda::kSingle);
-  m.attr("SPECULATIVE") = int(hf_fff_cuda::kSpeculative);
-  m.attr("BUCKETED") = int(hf_fff_cuda::kBucketed);
-  m.attr("GENERAL") = int(hf_fff_cuda::kGeneral);
-  m.attr("TENSOR_CORE") = int(hf_fff_cuda::kTensorCore);
-  m.attr("SUBTREE") = int(hf_fff_cuda::kSubtree);
-  m.attr("SORTED") = int(hf_fff_cuda::kSorted);
-  m.attr("CLUSTER") = int(hf_fff_cuda::kCluster);
-  m.attr("SORTED_TENSOR") = int(hf_fff_cuda::kSortedTensor);
-  m.attr("STAGED") = int(hf_fff_cuda::kStaged);
-  m.attr("SORTED_PIPELINED") = int(hf_fff_cuda::kSortedPipelined);
+  // strategies.h as {name: id}, auto included: the table the Python backend also parses from the header
+  py::dict strategies;
+  strategies["auto"] = int(hf_fff_cuda::kAuto);
+#define HF_FFF_STRATEGY_ATTR(enumerator, name, id, purpose) strategies[#name] = id;
+  HF_FFF_STRATEGIES(HF_FFF_STRATEGY_ATTR)
+#undef HF_FFF_STRATEGY_ATTR
+  m.attr("STRATEGIES") = strategies;
 }

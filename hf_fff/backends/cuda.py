@@ -1,23 +1,24 @@
-"""The "cuda" backend: the CUDA kernels in cuda/fff_cuda*.cu for CUDA tensors, JIT-built on first use.
+"""The "cuda" backend: the CUDA kernels in cuda/ for CUDA tensors, JIT-built on first use.
 
 Nothing is compiled at import (this module imports on CPU-only machines too): the build happens when the
 first CUDA tensor reaches the FFF op. When it cannot happen (no nvcc, no ninja, a failed build),
 `hf_fff.extension` warns once and the loader returns None, so the registry falls back to the plain torch
 reference on the GPU.
 
-The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
-environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
-subtree, sorted, cluster, sorted_tensor, staged; sorted_pipelined is sorted) and HF_FFF_CUDA_SPLIT (bucket level;
-for staged, the top levels held in shared memory) force one, read once when the backend loads. For tests,
-HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with separate launches, as it must
-where a cooperative launch of one block per SM is refused (MPS, green contexts).
+The kernel picks its strategy from the problem size (choose_strategy in cuda/dispatch.cuh; docs/cuda_design.md says
+why). The strategies are the rows of cuda/strategies.h, which `strategy_table()` reads, so their names are known
+without a build. For measurements, the environment variables HF_FFF_CUDA_STRATEGY (auto or a name of that table)
+and HF_FFF_CUDA_SPLIT (sorted's bucket level; staged's top levels held in shared memory) force one, read once when
+the backend loads. For tests, HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with
+separate launches, as it must where a cooperative launch of one block per SM is refused (MPS, green contexts).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+import re
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -25,18 +26,48 @@ from .. import extension
 from . import Kernels, reference, register_native_backend
 
 EXTENSION_NAME = "fff_cuda"
-SOURCES = ["fff_cuda.cpp", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu"]
-# The .cu files include these; listed so that the build cache key changes when they do.
-HEADERS = ["fff_cuda.h", "fff_cuda.cuh"]
+# The binding (host compiler, torch) and the CUDA translation units (nvcc, no torch headers).
+SOURCES = ["fff_cuda.cpp", "fff_cuda_plan.cu", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu"]
+CUDA_UNITS = [source for source in SOURCES if source.endswith(".cu")]
+# The sources include these; listed so that the build cache key changes when they do.
+HEADERS = [
+    "fff_cuda.h", "strategies.h", "common.cuh", "launch.cuh", "walk.cuh", "few_tokens.cuh", "staged.cuh", "sorted.cuh",
+    "dispatch.cuh",
+]
 # -lineinfo: compute-sanitizer and profilers can name source lines; it costs nothing at run time.
 # No --use_fast_math: erff and the fp32 accumulation must match the torch reference.
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 CFLAGS = ["-O3"]
 
-STRATEGIES = {
-    "auto": 0, "single": 1, "speculative": 2, "bucketed": 3, "general": 4, "tensor_core": 5, "subtree": 6, "sorted": 7,
-    "cluster": 8, "sorted_tensor": 9, "staged": 10, "sorted_pipelined": 11,
-}
+
+
+class Strategy(NamedTuple):
+    """A row of cuda/strategies.h."""
+
+    name: str
+    id: int
+    purpose: str
+
+
+# X(enumerator, name, id, "purpose"), one row per line (strategies.h asks its editors to keep it so).
+_STRATEGY_ROW = re.compile(r'^\s*X\(\s*k\w+\s*,\s*(\w+)\s*,\s*(\d+)\s*,\s*"([^"]*)"\s*\)')
+
+
+def strategy_table() -> list[Strategy]:
+    """The rows of cuda/strategies.h, in order (auto, id 0, is not a row)."""
+    text = extension.resolve_source("strategies.h").read_text()
+    rows = [Strategy(m.group(1), int(m.group(2)), m.group(3)) for m in map(_STRATEGY_ROW.match, text.splitlines()) if m]
+    if not rows:
+        raise RuntimeError("cuda/strategies.h has no strategy rows")
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def strategies() -> dict[str, int]:
+    """{name: id} of every strategy HF_FFF_CUDA_STRATEGY takes: auto (0) and the rows of cuda/strategies.h."""
+    return {"auto": 0, **{row.name: row.id for row in strategy_table()}}
+
+
 STRATEGY_ENV = "HF_FFF_CUDA_STRATEGY"
 SPLIT_ENV = "HF_FFF_CUDA_SPLIT"
 
@@ -68,10 +99,11 @@ def load_module():
 def forced_strategy() -> tuple[int, int]:
     """(strategy, split) from the environment; (0, 0) means automatic."""
     name = os.environ.get(STRATEGY_ENV, "auto").strip().lower() or "auto"
-    if name not in STRATEGIES:
-        raise ValueError(f"{STRATEGY_ENV}={name!r}: choose one of {sorted(STRATEGIES)}")
+    table = strategies()
+    if name not in table:
+        raise ValueError(f"{STRATEGY_ENV}={name!r}: choose one of {sorted(table)}")
     split = int(os.environ.get(SPLIT_ENV, "0") or 0)
-    return STRATEGIES[name], split
+    return table[name], split
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
