@@ -49,10 +49,14 @@ def cflags(march: str) -> list[str]:
     return ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", *_header_flags()]
 
 
+def resolved_march(march: Optional[str] = None) -> str:
+    """The -march a build uses: `march`, else $HF_FFF_CPU_MARCH, else native."""
+    return march or os.environ.get(MARCH_ENV, "").strip() or DEFAULT_MARCH
+
+
 def load_module(march: Optional[str] = None):
     """The compiled extension for `march` (default: $HF_FFF_CPU_MARCH or native), or None after one warning."""
-    march = march or os.environ.get(MARCH_ENV, "").strip() or DEFAULT_MARCH
-    return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=cflags(march), extra_ldflags=LDFLAGS)
+    return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=cflags(resolved_march(march)), extra_ldflags=LDFLAGS)
 
 
 def load_kernels() -> Optional[Kernels]:
