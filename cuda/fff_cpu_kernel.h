@@ -429,8 +429,14 @@ inline void for_each_run(const int64_t* order, int64_t count, NodeOf&& node_of, 
 // ---------------------------------------------------------------------------------------------------
 // Cache blocking
 
-inline constexpr int64_t kChunkBytes = 256 << 10;    // inputs of a chunk of tokens: stay in L2 across levels
-inline constexpr int64_t kSubtreeBytes = 512 << 10;  // both matrices' rows of a bottom subtree: stay in L2
+#ifndef HF_FFF_CHUNK_KB
+#define HF_FFF_CHUNK_KB 256
+#endif
+inline constexpr int64_t kChunkBytes = int64_t{HF_FFF_CHUNK_KB} << 10;    // inputs of a chunk of tokens: stay in L2 across levels
+#ifndef HF_FFF_SUBTREE_KB
+#define HF_FFF_SUBTREE_KB 512
+#endif
+inline constexpr int64_t kSubtreeBytes = int64_t{HF_FFF_SUBTREE_KB} << 10;  // both matrices' rows of a bottom subtree: stay in L2
 
 // Tokens per chunk: the chunk's inputs (x, and grad_y in the backward) fit in kChunkBytes.
 template <typename A>
