@@ -92,13 +92,17 @@ def cache_root() -> Path:
 
 
 def resolve_source(file_name: str) -> Path:
-    """Path of a native source: inside the installed package `hf_fff.csrc`, else the checkout's cuda/."""
-    candidates = []
+    """Path of a native source: the cuda/ folder beside this package (a checkout), else the installed `hf_fff.csrc`.
+
+    The checkout comes first: with an editable install of another checkout on the path, `hf_fff.csrc`
+    resolves to that other checkout's sources, which would silently build code this package was not
+    written against.
+    """
+    candidates = [Path(__file__).resolve().parent.parent / "cuda" / file_name]
     with contextlib.suppress(ModuleNotFoundError):
         installed = importlib.resources.files("hf_fff.csrc").joinpath(file_name)
         if isinstance(installed, Path):  # a zipped install has no real path for the compiler to read
             candidates.append(installed)
-    candidates.append(Path(__file__).resolve().parent.parent / "cuda" / file_name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate

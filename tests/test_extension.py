@@ -88,7 +88,7 @@ def probe_result(process: subprocess.Popen, timeout: float = 300) -> dict:
 
 
 def cpu_build_directory() -> Path:
-    return extension.build_directory(cpu.EXTENSION_NAME, cpu.SOURCES, extra_cflags=cpu.CFLAGS, extra_ldflags=cpu.LDFLAGS)
+    return extension.build_directory(cpu.EXTENSION_NAME, cpu.SOURCES, extra_cflags=cpu.cflags(cpu.resolved_march()), extra_ldflags=cpu.LDFLAGS)
 
 
 def test_sources_are_found_in_the_checkout():

@@ -1,11 +1,19 @@
-"""The "cpp" backend: the C++ kernel cuda/fff_cpu.cpp for CPU tensors, JIT-built on first use.
+"""The "cpp" backend: the C++ kernel (cuda/fff_cpu.cpp around cuda/fff_cpu_kernel.h) for CPU tensors.
 
-When the extension cannot be built (no compiler, no ninja, a failed build) `hf_fff.extension` warns
-once and the loader returns None, so the registry falls back to the plain torch reference.
+JIT-built on first use. When the extension cannot be built (no compiler, no ninja, a failed build)
+`hf_fff.extension` warns once and the loader returns None, so the registry falls back to the plain torch
+reference. The kernel provides both the forward and the fused backward (docs/cpu_design.md).
+
+The build targets this CPU (-march=native): the kernel's SIMD width follows the target's registers. For
+measurements, HF_FFF_CPU_MARCH (or `load_module(march=...)`) builds for another target this CPU can run,
+e.g. x86-64-v3 (AVX2 + FMA) on an AVX-512 machine; each target is its own cached build.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from typing import Optional
 
 from .. import extension
@@ -13,20 +21,47 @@ from . import Kernels, register_native_backend
 
 EXTENSION_NAME = "fff_cpu"
 SOURCES = ["fff_cpu.cpp"]
-# -march=native: the inner loops are written for the compiler to vectorise with the widest SIMD here
-# (the cache key includes the CPU model, so the binary is never reused on a different CPU).
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+HEADERS = ["fff_cpu_kernel.h"]  # included by the source; its content goes into the build's cache key
+MARCH_ENV = "HF_FFF_CPU_MARCH"
+DEFAULT_MARCH = "native"  # the cache key includes the CPU model, so the binary is never reused on a different CPU
 LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded: one OpenMP runtime, one thread pool
 
 
-def load_module():
-    """The compiled extension module, or None (after one warning) when it cannot be built."""
-    return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
+def _header_flags() -> list[str]:
+    """-I for the headers' folder and a define carrying their content hash (the builder hashes sources only)."""
+    digest = hashlib.sha256()
+    folder = None
+    for header in HEADERS:
+        try:
+            path = extension.resolve_source(header)
+        except extension.BuildUnavailable:
+            digest.update(header.encode())
+            continue
+        folder = path.parent
+        digest.update(path.read_bytes())
+    include = [f"-I{folder}"] if folder is not None else []
+    return include + [f"-DHF_FFF_HEADERS={digest.hexdigest()[:16]}"]
+
+
+def cflags(march: str) -> list[str]:
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):
+        raise ValueError(f"{MARCH_ENV}={march!r} is not a -march value")
+    return ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", *_header_flags()]
+
+
+def resolved_march(march: Optional[str] = None) -> str:
+    """The -march a build uses: `march`, else $HF_FFF_CPU_MARCH, else native."""
+    return march or os.environ.get(MARCH_ENV, "").strip() or DEFAULT_MARCH
+
+
+def load_module(march: Optional[str] = None):
+    """The compiled extension for `march` (default: $HF_FFF_CPU_MARCH or native), or None after one warning."""
+    return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=cflags(resolved_march(march)), extra_ldflags=LDFLAGS)
 
 
 def load_kernels() -> Optional[Kernels]:
     module = load_module()
-    return None if module is None else Kernels(forward=module.fff_forward)
+    return None if module is None else Kernels(forward=module.fff_forward, backward=module.fff_backward)
 
 
 register_native_backend("cpp", "cpu", load_kernels)
