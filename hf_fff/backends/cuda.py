@@ -25,9 +25,9 @@ from .. import extension
 from . import Kernels, reference, register_native_backend
 
 EXTENSION_NAME = "fff_cuda"
-SOURCES = ["fff_cuda.cpp", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu"]
+SOURCES = ["fff_cuda.cpp", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu", "fff_cuda_backward.cpp", "fff_cuda_backward.cu"]
 # The .cu files include these; listed so that the build cache key changes when they do.
-HEADERS = ["fff_cuda.h", "fff_cuda.cuh"]
+HEADERS = ["fff_cuda.h", "fff_cuda.cuh", "backward.h", "backward.cuh"]
 # -lineinfo: compute-sanitizer and profilers can name source lines; it costs nothing at run time.
 # No --use_fast_math: erff and the fp32 accumulation must match the torch reference.
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
@@ -89,7 +89,14 @@ def load_kernels() -> Optional[Kernels]:
             return reference.fff_forward(x, weight_in, bias_in, weight_out, depth)
         return kernel(x, weight_in, bias_in, weight_out, depth)
 
-    return Kernels(forward=forward)
+    def backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves):
+        # The fused kernel (cuda/backward.cuh) is deterministic, so it also serves
+        # torch.use_deterministic_algorithms(True); float64 takes the torch path, as in forward.
+        if x.dtype not in KERNEL_DTYPES:
+            return reference.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+        return module.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+
+    return Kernels(forward=forward, backward=backward)
 
 
 register_native_backend("cuda", "cuda", load_kernels)
