@@ -223,9 +223,10 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
   const int col = blockIdx.x * kColumns + threadIdx.x;
   const int64_t start = chunk * chunk_size;
   const int len = static_cast<int>(min(int64_t{chunk_size}, p.tokens - start));
-  float* s_coef_in = smem;                                          // (chunk, levels)
-  float* s_coef_out = s_coef_in + chunk_size * levels;              // (chunk, levels)
-  int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * levels);  // (chunk)
+  const int stride = backward_coef_stride(levels);                  // levels padded for 16-byte reads
+  float* s_coef_in = smem;                                          // (chunk, stride)
+  float* s_coef_out = s_coef_in + chunk_size * stride;              // (chunk, stride)
+  int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * stride);  // (chunk)
   int* s_token = s_leaf + chunk_size;                                // (chunk)
   float* s_x = reinterpret_cast<float*>(s_token + chunk_size);       // (kGroup, kColumns): this thread's column only
   float* s_g = s_x + kGroup * kColumns;
@@ -240,8 +241,8 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
   for (int i = threadIdx.x; i < len * levels; i += kColumns) {
     const int at = i / levels, level = i - at * levels;
     const int64_t source = (s_token[at] * int64_t{trees} + tree) * levels + level;
-    s_coef_in[i] = p.coef_in[source];
-    s_coef_out[i] = p.coef_out[source];
+    s_coef_in[at * stride + level] = p.coef_in[source];
+    s_coef_out[at * stride + level] = p.coef_out[source];
   }
   __syncthreads();
   if (col > hidden) return;  // no barrier below
@@ -277,13 +278,20 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
     for (int j = 0; j < group_len; ++j) {
       const int at = g0 + j;
       const float xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
-      const float* ci = s_coef_in + at * levels;
-      const float* co = s_coef_out + at * levels;
+      const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
+      const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
 #pragma unroll
-      for (int l = 0; l < kMaxLevels; ++l) {
-        if (l < levels) {
-          sum_in[l] = fmaf(ci[l], xv, sum_in[l]);
-          sum_out[l] = fmaf(co[l], gv, sum_out[l]);
+      for (int l = 0; l < kMaxLevels; l += 4) {
+        if (l < levels) {  // padding coefficients are never read into a level that exists
+          const float4 a = ci[l / 4], b = co[l / 4];
+          sum_in[l] = fmaf(a.x, xv, sum_in[l]);
+          sum_out[l] = fmaf(b.x, gv, sum_out[l]);
+          sum_in[l + 1] = fmaf(a.y, xv, sum_in[l + 1]);
+          sum_out[l + 1] = fmaf(b.y, gv, sum_out[l + 1]);
+          sum_in[l + 2] = fmaf(a.z, xv, sum_in[l + 2]);
+          sum_out[l + 2] = fmaf(b.z, gv, sum_out[l + 2]);
+          sum_in[l + 3] = fmaf(a.w, xv, sum_in[l + 3]);
+          sum_out[l + 3] = fmaf(b.w, gv, sum_out[l + 3]);
         }
       }
       // Levels whose node ends at this token: all at the chunk's end, else those at and below the highest

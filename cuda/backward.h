@@ -30,6 +30,12 @@
 #include <tuple>
 #endif
 
+#ifdef __CUDACC__
+#define HF_FFF_BWD_HOST_DEVICE __host__ __device__
+#else
+#define HF_FFF_BWD_HOST_DEVICE
+#endif
+
 namespace hf_fff_cuda {
 
 constexpr int kBackwardMaxLevels = 31;  // depth <= 30 (leaves are int32 heap offsets below 2^30)
@@ -65,9 +71,12 @@ inline int backward_chunk(int levels) { return levels > 16 ? 128 : 256; }
 
 inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
 
+// Weight pass: a token's coefficients in shared memory, padded to a multiple of 4 for 16-byte reads.
+HF_FFF_BWD_HOST_DEVICE inline int backward_coef_stride(int levels) { return (levels + 3) & ~3; }
+
 // Shared memory of the weight pass: coefficient pairs, leaves and token ids of its chunk.
 inline int64_t backward_weight_smem_bytes(int chunk, int levels) {
-  return int64_t{chunk} * (2 * levels * 4 + 4 + 4);
+  return int64_t{chunk} * (2 * backward_coef_stride(levels) * 4 + 4 + 4);
 }
 
 void launch_backward_f32(const BackwardParams& p, cudaStream_t stream);
