@@ -13,6 +13,6 @@ echo "pytest rc=$? at ${SECONDS}s"; grep -E "passed|failed|Error|error|assert" "
 timeout ${BENCH_S:-110} python benchmarks/bench_backward.py --tokens 1024 4096 16384 32768 --profile 2>&1 | tee "$OUT/bench.log"
 echo "bench done at ${SECONDS}s"
 for tool in memcheck racecheck; do
-  timeout ${SAN_S:-50} compute-sanitizer --tool $tool --error-exitcode 9 python benchmarks/sanitize_backward.py >"$OUT/$tool.log" 2>&1
+  timeout ${SAN_S:-60} compute-sanitizer --tool $tool --error-exitcode 9 python benchmarks/sanitize_backward.py >"$OUT/$tool.log" 2>&1
   echo "$tool rc=$? at ${SECONDS}s"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|done|Error" "$OUT/$tool.log" | tail -3
 done
