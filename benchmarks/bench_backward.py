@@ -67,7 +67,7 @@ def profile_kernels(kernels, problem) -> list[tuple[str, float]]:
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if device_us:
             rows.append((event.key[:70], device_us / 20))
-    return sorted(rows, key=lambda r: -r[1])
+    return sorted(rows, key=lambda r: -r[1])[:14]
 
 
 def main() -> None:
