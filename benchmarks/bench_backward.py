@@ -26,7 +26,7 @@ HIDDEN, DEPTH, TREES, DENSE = 768, 11, 1, 3072
 
 
 def median_us(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+    return do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3
 
 
 def fff_problem(tokens: int, dtype: torch.dtype, kernels):
