@@ -5,6 +5,9 @@ first CUDA tensor reaches the FFF op. When it cannot happen (no nvcc, no ninja, 
 `hf_fff.extension` warns once and the loader returns None, so the registry falls back to the plain torch
 reference on the GPU.
 
+The backward is the fused kernel of cuda/backward.cuh (deterministic: fixed summation order, no atomics);
+float64 stays on the torch reference in both directions.
+
 The kernel picks its strategy from the problem size (see cuda/fff_cuda.h). For measurements, the
 environment variables HF_FFF_CUDA_STRATEGY (auto, single, speculative, bucketed, general, tensor_core,
 subtree, sorted, cluster, sorted_tensor, staged; sorted_pipelined is sorted) and HF_FFF_CUDA_SPLIT (bucket level;
