@@ -52,9 +52,11 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x, con
                   leaves.size(1) == trees,
               "hf_fff CUDA backward: leaves must be int64 (", tokens, ", ", trees, "), got ", leaves.scalar_type(), " ",
               leaves.sizes());
+  // Launch limits: token ids are int32 in the weight pass; the fixup's grid has trees * levels blocks in z.
   TORCH_CHECK(tokens < std::numeric_limits<int>::max() && hidden < std::numeric_limits<int>::max() / 2 &&
-                  trees < 65536,
-              "hf_fff CUDA backward: too large (tokens ", tokens, ", hidden ", hidden, ", trees ", trees, ")");
+                  trees * (depth + 1) <= 65535,
+              "hf_fff CUDA backward: too large (tokens ", tokens, ", hidden ", hidden, ", trees ", trees, ", depth ", depth,
+              ")");
 }
 
 }  // namespace
