@@ -11,6 +11,9 @@ without a build. For measurements, the environment variables HF_FFF_CUDA_STRATEG
 and HF_FFF_CUDA_SPLIT (sorted's bucket level; staged's top levels held in shared memory) force one, read once when
 the backend loads. For tests, HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with
 separate launches, as it must where a cooperative launch of one block per SM is refused (MPS, green contexts).
+
+The backward is the fused kernel of cuda/backward.cuh (deterministic: fixed summation order, no atomics);
+float64 stays on the torch reference in both directions.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from . import Kernels, reference, register_native_backend
 
 EXTENSION_NAME = "fff_cuda"
 # The binding (host compiler, torch) and the CUDA translation units (nvcc, no torch headers).
-SOURCES = ["fff_cuda.cpp", "fff_cuda_plan.cu", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu"]
+SOURCES = [
+    "fff_cuda.cpp", "fff_cuda_plan.cu", "fff_cuda_f32.cu", "fff_cuda_f16.cu", "fff_cuda_bf16.cu", "fff_cuda_backward.cpp", "fff_cuda_backward.cu",
+]
 CUDA_UNITS = [source for source in SOURCES if source.endswith(".cu")]
 # The sources include these; listed so that the build cache key changes when they do.
 HEADERS = [
     "fff_cuda.h", "strategies.h", "common.cuh", "launch.cuh", "walk.cuh", "few_tokens.cuh", "staged.cuh", "sorted.cuh",
-    "dispatch.cuh",
+    "dispatch.cuh", "backward.h", "backward.cuh",
 ]
 # -lineinfo: compute-sanitizer and profilers can name source lines; it costs nothing at run time.
 # No --use_fast_math: erff and the fp32 accumulation must match the torch reference.
@@ -121,7 +126,14 @@ def load_kernels() -> Optional[Kernels]:
             return reference.fff_forward(x, weight_in, bias_in, weight_out, depth)
         return kernel(x, weight_in, bias_in, weight_out, depth)
 
-    return Kernels(forward=forward)
+    def backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves):
+        # The fused kernel (cuda/backward.cuh) is deterministic, so it also serves
+        # torch.use_deterministic_algorithms(True); float64 takes the torch path, as in forward.
+        if x.dtype not in KERNEL_DTYPES:
+            return reference.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+        return module.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+
+    return Kernels(forward=forward, backward=backward)
 
 
 register_native_backend("cuda", "cuda", load_kernels)

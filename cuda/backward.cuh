@@ -1,0 +1,575 @@
+// Kernels of the fused FFF backward (the design is in backward.h). Deterministic: every sum is taken in a
+// fixed order (warp butterflies, tokens in sorted order, chunk partials in chunk order); no atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "backward.h"
+
+namespace hf_fff_cuda {
+namespace bwd {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kTokenWarps = 8;                 // token pass: tokens (warps) per block
+constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block, one column each
+constexpr int kGroup = 16;                     // weight pass: tokens whose x / grad_y loads are in flight together
+constexpr int kFixupBatch = 8;                 // fixup: chunk partials loaded before they are added in order
+
+// The .cu files are compiled without torch headers; a CUDA error becomes a C++ exception, which pybind11
+// hands to Python as a RuntimeError.
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("hf_fff CUDA backward: ") + what + ": " + cudaGetErrorString(status));
+  }
+}
+#define HF_FFF_BWD_LAUNCH_CHECK(what) ::hf_fff_cuda::bwd::check_cuda(cudaGetLastError(), what)
+
+// ---------------------------------------------------------------------------------------------------
+// Element conversions (fp32 accumulation; round to nearest even on the way out, as torch's .to()).
+__device__ __forceinline__ float load_f(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load_f(const __half* p) { return __half2float(__ldg(p)); }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Butterfly sum: every lane ends with the same bits (each pairwise add is commutative), so the
+// coefficients computed from it agree in all lanes.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Exact (erf) GELU and its derivative Phi(z) + z phi(z). The erfc form keeps Phi accurate for z << 0,
+// where 1 + erf(z / sqrt 2) cancels.
+__device__ __forceinline__ float gelu(float z) { return 0.5f * z * erfcf(-z * 0.70710678118654752f); }
+__device__ __forceinline__ float gelu_grad(float z) {
+  const float cdf = 0.5f * erfcf(-z * 0.70710678118654752f);
+  const float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
+  return fmaf(z, pdf, cdf);
+}
+
+// 16-byte vectors of T (4 floats or 8 halves) <-> fp32.
+template <typename T>
+struct Vec {
+  static constexpr int kElems = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ void unpack(const uint4& v, float (&f)[4], const float*) {
+  f[0] = __uint_as_float(v.x), f[1] = __uint_as_float(v.y), f[2] = __uint_as_float(v.z), f[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&f)[8], const __half*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    f[2 * i] = pair.x, f[2 * i + 1] = pair.y;
+  }
+}
+__device__ __forceinline__ void unpack(const uint4& v, float (&f)[8], const __nv_bfloat16*) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 is the top half of an fp32: widening is exact
+    f[2 * i] = __uint_as_float(w[i] << 16), f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ uint4 pack(const float (&f)[4], const float*) {
+  return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+__device__ __forceinline__ uint4 pack(const float (&f)[8], const __half*) {
+  unsigned w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 h = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    w[i] = *reinterpret_cast<const unsigned*>(&h);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ uint4 pack(const float (&f)[8], const __nv_bfloat16*) {
+  unsigned w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    w[i] = *reinterpret_cast<const unsigned*>(&h);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* row, int vector, float (&f)[Vec<T>::kElems]) {
+  unpack(__ldg(reinterpret_cast<const uint4*>(row) + vector), f, row);
+}
+
+__device__ __forceinline__ int64_t nodes_per_tree(int depth) { return (int64_t{2} << depth) - 1; }
+
+// Row of the weights visited at `level` by a token that reached `leaf` of `tree`.
+__device__ __forceinline__ int64_t path_row(int tree, int level, int leaf, int depth) {
+  return tree * nodes_per_tree(depth) + ((int64_t{1} << level) - 1) + (leaf >> (depth - level));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Leaf keys for the sort: (tokens, trees) int64 -> (trees, tokens) int32, masked into the tree so that a
+// corrupt leaf can only give wrong rows of the right tree, never an out-of-bounds access.
+__global__ void keys_kernel(const int64_t* __restrict__ leaves, int* __restrict__ keys, int64_t tokens, int trees,
+                            int depth) {
+  const int64_t total = tokens * trees;
+  const int64_t mask = (int64_t{1} << depth) - 1;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t token = i / trees, tree = i % trees;
+    keys[tree * tokens + token] = static_cast<int>(leaves[i] & mask);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Token pass. One warp per token (taken in tree 0's sorted order: warps of a block then walk nearly the
+// same rows, which stay in L1). kPerLane > 0: the row fits in 32 * kPerLane columns and x, grad_y, the
+// current w_in row and grad_x live in registers (lane holds columns lane + 32 k). kPerLane == 0: any width,
+// coefficients first (rows read from global / L1), then grad_x column block by column block.
+template <typename T, int kPerLane>
+__global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLane > 8 ? 2 : 3)) token_pass_kernel(const BackwardParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
+  if (position >= p.tokens) return;  // whole warps only: no block-wide barrier below
+  const int64_t token = p.order[position];
+  const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
+  const T* x = static_cast<const T*>(p.x) + token * hidden;
+  const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
+  const T* w_in = static_cast<const T*>(p.w_in);
+  const T* w_out = static_cast<const T*>(p.w_out);
+  const T* b_in = static_cast<const T*>(p.b_in);
+  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
+  float* coef_in = p.coef_in + token * trees * levels;
+  float* coef_out = p.coef_out + token * trees * levels;
+
+  if constexpr (kPerLane > 0) {
+    float xr[kPerLane], gr[kPerLane], gx[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int c = lane + 32 * k;
+      xr[k] = c < hidden ? load_f(x + c) : 0.f;
+      gr[k] = c < hidden ? load_f(grad_y + c) : 0.f;
+      gx[k] = 0.f;
+    }
+    for (int tree = 0; tree < trees; ++tree) {
+      const int leaf = p.leaf_keys[tree * p.tokens + token];
+      for (int level = 0; level < levels; ++level) {
+        const int64_t row = path_row(tree, level, leaf, depth);
+        const T* wi = w_in + row * hidden;
+        const T* wo = w_out + row * hidden;
+        float wr[kPerLane];
+        float z = 0.f, dg = 0.f;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+          const int c = lane + 32 * k;
+          wr[k] = c < hidden ? load_f(wi + c) : 0.f;
+          const float wo_c = c < hidden ? load_f(wo + c) : 0.f;
+          z = fmaf(xr[k], wr[k], z);
+          dg = fmaf(gr[k], wo_c, dg);
+        }
+        z = warp_sum(z) + load_f(b_in + row);
+        dg = warp_sum(dg);
+        const float c_in = dg * gelu_grad(z);
+        if (lane == 0) {
+          coef_in[tree * levels + level] = c_in;
+          coef_out[tree * levels + level] = gelu(z);
+        }
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) gx[k] = fmaf(c_in, wr[k], gx[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int c = lane + 32 * k;
+      if (c < hidden) grad_x[c] = from_f<T>(gx[k]);
+    }
+  } else {
+    // Coefficients: lane 0 keeps them in global scratch, read back by the whole warp after __syncwarp
+    // (which orders the warp's memory accesses).
+    for (int tree = 0; tree < trees; ++tree) {
+      const int leaf = p.leaf_keys[tree * p.tokens + token];
+      for (int level = 0; level < levels; ++level) {
+        const int64_t row = path_row(tree, level, leaf, depth);
+        const T* wi = w_in + row * hidden;
+        const T* wo = w_out + row * hidden;
+        float z = 0.f, dg = 0.f;
+#pragma unroll 4
+        for (int c = lane; c < hidden; c += 32) {
+          z = fmaf(load_f(x + c), load_f(wi + c), z);
+          dg = fmaf(load_f(grad_y + c), load_f(wo + c), dg);
+        }
+        z = warp_sum(z) + load_f(b_in + row);
+        dg = warp_sum(dg);
+        if (lane == 0) {
+          coef_in[tree * levels + level] = dg * gelu_grad(z);
+          coef_out[tree * levels + level] = gelu(z);
+        }
+      }
+    }
+    __syncwarp();
+    constexpr int kBlock = 8;  // columns per lane per pass
+    for (int c0 = 0; c0 < hidden; c0 += 32 * kBlock) {
+      float gx[kBlock];
+#pragma unroll
+      for (int k = 0; k < kBlock; ++k) gx[k] = 0.f;
+      for (int tree = 0; tree < trees; ++tree) {
+        const int leaf = p.leaf_keys[tree * p.tokens + token];
+        for (int level = 0; level < levels; ++level) {
+          const float c_in = coef_in[tree * levels + level];
+          const T* wi = w_in + path_row(tree, level, leaf, depth) * hidden;
+#pragma unroll
+          for (int k = 0; k < kBlock; ++k) {
+            const int c = c0 + lane + 32 * k;
+            if (c < hidden) gx[k] = fmaf(c_in, load_f(wi + c), gx[k]);
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kBlock; ++k) {
+        const int c = c0 + lane + 32 * k;
+        if (c < hidden) grad_x[c] = from_f<T>(gx[k]);
+      }
+    }
+  }
+}
+
+// Token pass with 16-byte loads: hidden is a multiple of the vector width, the rows are 16-byte aligned and
+// a row is at most 32 * kVecs vectors (lane holds vectors lane + 32 k). Same arithmetic as above, with an
+// eighth of the load instructions at 16 bits.
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Vec<T>::kElems > 24 ? 1 : 2)
+    token_pass_vec_kernel(const BackwardParams p) {
+  constexpr int kE = Vec<T>::kElems;
+  const int lane = threadIdx.x & 31;
+  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
+  if (position >= p.tokens) return;
+  const int64_t token = p.order[position];
+  const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
+  const int vectors = hidden / kE;
+  const T* x = static_cast<const T*>(p.x) + token * hidden;
+  const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
+  const T* b_in = static_cast<const T*>(p.b_in);
+  float* coef_in = p.coef_in + token * trees * levels;
+  float* coef_out = p.coef_out + token * trees * levels;
+
+  float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+#pragma unroll
+    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
+    if (v < vectors) {
+      load_vec(x, v, xr[k]);
+      load_vec(grad_y, v, gr[k]);
+    }
+  }
+  for (int tree = 0; tree < trees; ++tree) {
+    const int leaf = p.leaf_keys[tree * p.tokens + token];
+    for (int level = 0; level < levels; ++level) {
+      const int64_t row = path_row(tree, level, leaf, depth);
+      const T* wi = static_cast<const T*>(p.w_in) + row * hidden;
+      const T* wo = static_cast<const T*>(p.w_out) + row * hidden;
+      float wr[kVecs][kE];
+      float z = 0.f, dg = 0.f;
+#pragma unroll
+      for (int k = 0; k < kVecs; ++k) {
+        const int v = lane + 32 * k;
+        float wo_v[kE];
+#pragma unroll
+        for (int e = 0; e < kE; ++e) wr[k][e] = wo_v[e] = 0.f;
+        if (v < vectors) {
+          load_vec(wi, v, wr[k]);
+          load_vec(wo, v, wo_v);
+        }
+#pragma unroll
+        for (int e = 0; e < kE; ++e) {
+          z = fmaf(xr[k][e], wr[k][e], z);
+          dg = fmaf(gr[k][e], wo_v[e], dg);
+        }
+      }
+      z = warp_sum(z) + load_f(b_in + row);
+      dg = warp_sum(dg);
+      const float c_in = dg * gelu_grad(z);
+      if (lane == 0) {
+        coef_in[tree * levels + level] = c_in;
+        coef_out[tree * levels + level] = gelu(z);
+      }
+#pragma unroll
+      for (int k = 0; k < kVecs; ++k) {
+#pragma unroll
+        for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
+      }
+    }
+  }
+  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = pack(gx[k], grad_x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Weight pass: block (column tile, chunk, tree). Thread = one column of the tile; column `hidden` is the
+// bias (its "x" is 1 and it has no grad_y side). kMaxLevels >= depth + 1 bounds the per-level running sums
+// kept in registers (indexed only by unrolled loop counters).
+
+// Where partial sums of (tree, chunk, level, slot) start in partial_in / partial_out (in rows of their width).
+__device__ __forceinline__ int64_t partial_index(const BackwardParams& p, int tree, int64_t chunk, int level, int slot) {
+  return ((tree * int64_t{p.chunks} + chunk) * (p.depth + 1) + level) * 2 + slot;
+}
+
+template <typename T>
+__device__ __forceinline__ void write_row(const BackwardParams& p, int64_t row, int col, float sum_in, float sum_out) {
+  const int hidden = p.hidden;
+  if (col < hidden) {
+    static_cast<T*>(p.grad_w_in)[row * hidden + col] = from_f<T>(sum_in);
+    static_cast<T*>(p.grad_w_out)[row * hidden + col] = from_f<T>(sum_out);
+  } else {
+    static_cast<T*>(p.grad_b_in)[row] = from_f<T>(sum_in);
+  }
+}
+
+template <typename T, int kMaxLevels>
+__global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardParams p) {
+  extern __shared__ float smem[];
+  const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
+  const int tree = blockIdx.z;
+  const int64_t chunk = blockIdx.y;
+  const int col = blockIdx.x * kColumns + threadIdx.x;
+  const int64_t start = chunk * chunk_size;
+  const int len = static_cast<int>(min(int64_t{chunk_size}, p.tokens - start));
+  const int stride = backward_coef_stride(levels);                  // levels padded for 16-byte reads
+  float* s_coef_in = smem;                                          // (chunk, stride)
+  float* s_coef_out = s_coef_in + chunk_size * stride;              // (chunk, stride)
+  int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * stride);  // (chunk)
+  int* s_token = s_leaf + chunk_size;                                // (chunk)
+  float* s_x = reinterpret_cast<float*>(s_token + chunk_size);       // (kGroup, kColumns): this thread's column only
+  float* s_g = s_x + kGroup * kColumns;
+
+  const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
+  const int64_t* order = p.order + tree * p.tokens;
+  for (int i = threadIdx.x; i < len; i += kColumns) {
+    s_leaf[i] = sorted_leaf[start + i];
+    s_token[i] = static_cast<int>(order[start + i]);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < len * levels; i += kColumns) {
+    const int at = i / levels, level = i - at * levels;
+    const int64_t source = (s_token[at] * int64_t{trees} + tree) * levels + level;
+    s_coef_in[at * stride + level] = p.coef_in[source];
+    s_coef_out[at * stride + level] = p.coef_out[source];
+  }
+  __syncthreads();
+  if (col > hidden) return;  // no barrier below
+
+  // Leaves just outside the chunk: a node whose run reaches past either end is flushed to a partial slot.
+  const int prev_leaf = start > 0 ? sorted_leaf[start - 1] : -1;
+  const int next_leaf = start + len < p.tokens ? sorted_leaf[start + len] : -1;
+  const T* x = static_cast<const T*>(p.x);
+  const T* grad_y = static_cast<const T*>(p.grad_y);
+  const int in_width = hidden + 1;
+
+  float sum_in[kMaxLevels], sum_out[kMaxLevels];
+#pragma unroll
+  for (int l = 0; l < kMaxLevels; ++l) sum_in[l] = sum_out[l] = 0.f;
+
+  for (int g0 = 0; g0 < len; g0 += kGroup) {
+    // All of the group's loads in flight at once, then parked in this thread's shared-memory column so
+    // that the token loop below needs no unrolling.
+    float xs[kGroup], gs[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const bool real = g0 + j < len && col < hidden;
+      const int64_t offset = real ? s_token[g0 + j] * int64_t{hidden} + col : 0;
+      xs[j] = real ? load_f(x + offset) : 1.f;  // the bias column's "x" is 1
+      gs[j] = real ? load_f(grad_y + offset) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      s_x[j * kColumns + threadIdx.x] = xs[j];
+      s_g[j * kColumns + threadIdx.x] = gs[j];
+    }
+    const int group_len = min(kGroup, len - g0);
+    for (int j = 0; j < group_len; ++j) {
+      const int at = g0 + j;
+      const float xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
+      const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
+      const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
+#pragma unroll
+      for (int l = 0; l < kMaxLevels; l += 4) {
+        if (l < levels) {  // padding coefficients are never read into a level that exists
+          const float4 a = ci[l / 4], b = co[l / 4];
+          sum_in[l] = fmaf(a.x, xv, sum_in[l]);
+          sum_out[l] = fmaf(b.x, gv, sum_out[l]);
+          sum_in[l + 1] = fmaf(a.y, xv, sum_in[l + 1]);
+          sum_out[l + 1] = fmaf(b.y, gv, sum_out[l + 1]);
+          sum_in[l + 2] = fmaf(a.z, xv, sum_in[l + 2]);
+          sum_out[l + 2] = fmaf(b.z, gv, sum_out[l + 2]);
+          sum_in[l + 3] = fmaf(a.w, xv, sum_in[l + 3]);
+          sum_out[l + 3] = fmaf(b.w, gv, sum_out[l + 3]);
+        }
+      }
+      // Levels whose node ends at this token: all at the chunk's end, else those at and below the highest
+      // leaf bit that differs from the next token's (node(l) = leaf >> (depth - l)).
+      const int leaf = s_leaf[at];
+      const bool last = at == len - 1;
+      int first = levels;
+      if (last) {
+        first = 0;
+      } else {
+        const int diff = leaf ^ s_leaf[at + 1];
+        if (diff) first = depth - (31 - __clz(diff));
+      }
+      if (first == levels) continue;  // the same for every thread of the block
+#pragma unroll
+      for (int l = 0; l < kMaxLevels; ++l) {
+        if (l < levels && l >= first) {
+          const int shift = depth - l;
+          const int node = leaf >> shift;
+          const bool started_before = prev_leaf >= 0 && (prev_leaf >> shift) == node;
+          const bool runs_past = last && next_leaf >= 0 && (next_leaf >> shift) == node;
+          if (!started_before && !runs_past) {
+            write_row<T>(p, path_row(tree, l, leaf, depth), col, sum_in[l], sum_out[l]);
+          } else {
+            const int64_t slot = partial_index(p, tree, chunk, l, started_before ? 0 : 1);
+            p.partial_in[slot * in_width + col] = sum_in[l];
+            if (col < hidden) p.partial_out[slot * hidden + col] = sum_out[l];
+          }
+          sum_in[l] = sum_out[l] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fixup: block (column tile, chunk, tree * levels). The chunk in which a node starts and whose run reaches
+// past it owns that node: it adds its slot 1 and the slot 0 of every following chunk the run covers, in
+// chunk order, and writes the row.
+template <typename T>
+__global__ void __launch_bounds__(kColumns) fixup_kernel(const BackwardParams p) {
+  const int depth = p.depth, levels = depth + 1, hidden = p.hidden;
+  const int tree = blockIdx.z / levels, level = blockIdx.z % levels;
+  const int64_t chunk = blockIdx.y;
+  const int col = blockIdx.x * kColumns + threadIdx.x;
+  if (col > hidden) return;
+  const int64_t tokens = p.tokens;
+  const int64_t start = chunk * p.chunk, end = min(start + p.chunk, tokens);
+  const int* sorted_leaf = p.sorted_leaf + tree * tokens;
+  const int shift = depth - level;
+  const int node = sorted_leaf[end - 1] >> shift;
+  const bool runs_past = end < tokens && (sorted_leaf[end] >> shift) == node;
+  const bool started_before = start > 0 && (sorted_leaf[start - 1] >> shift) == node;
+  if (!runs_past || started_before) return;
+  // The run's end: the first position past `end` whose leaf lies beyond the node's leaves.
+  const int past = (node + 1) << shift;
+  int64_t lo = end, hi = tokens;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (sorted_leaf[mid] < past) lo = mid + 1; else hi = mid;
+  }
+  const int64_t last_chunk = (lo - 1) / p.chunk;
+
+  const int in_width = hidden + 1;
+  const bool has_out = col < hidden;
+  const int64_t own = partial_index(p, tree, chunk, level, 1);
+  float sum_in = p.partial_in[own * in_width + col];
+  float sum_out = has_out ? p.partial_out[own * hidden + col] : 0.f;
+  for (int64_t c0 = chunk + 1; c0 <= last_chunk; c0 += kFixupBatch) {
+    float in_part[kFixupBatch], out_part[kFixupBatch];
+#pragma unroll
+    for (int j = 0; j < kFixupBatch; ++j) {
+      const bool real = c0 + j <= last_chunk;
+      const int64_t slot = partial_index(p, tree, real ? c0 + j : chunk, level, 0);
+      in_part[j] = real ? p.partial_in[slot * in_width + col] : 0.f;
+      out_part[j] = real && has_out ? p.partial_out[slot * hidden + col] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kFixupBatch; ++j) {
+      if (c0 + j <= last_chunk) {
+        sum_in += in_part[j];
+        sum_out += out_part[j];
+      }
+    }
+  }
+  write_row<T>(p, path_row(tree, level, sorted_leaf[end - 1], depth), col, sum_in, sum_out);
+}
+
+// ---------------------------------------------------------------------------------------------------
+template <typename T, int kPerLane>
+void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
+  token_pass_kernel<T, kPerLane><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
+}
+
+template <typename T, int kVecs>
+void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
+  token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
+}
+
+inline bool is_aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+template <typename T, int kMaxLevels>
+void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
+  const int levels = p.depth + 1;
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, levels) + 2 * kGroup * kColumns * sizeof(float);
+  auto kernel = weight_pass_kernel<T, kMaxLevels>;
+  if (smem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "weight pass shared memory");
+  }
+  const dim3 grid((p.hidden + 1 + kColumns - 1) / kColumns, p.chunks, p.trees);
+  kernel<<<grid, kColumns, smem, stream>>>(p);
+  HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
+}
+
+template <typename T>
+void launch_backward(const BackwardParams& p, cudaStream_t stream) {
+  if (p.tokens == 0) return;
+  const int hidden = p.hidden, levels = p.depth + 1;
+  constexpr int kE = Vec<T>::kElems;
+  const bool aligned = hidden % kE == 0 && is_aligned16(p.x) && is_aligned16(p.grad_y) && is_aligned16(p.w_in) &&
+                       is_aligned16(p.w_out) && is_aligned16(p.grad_x);
+  const int vectors_per_lane = (hidden / kE + 31) / 32;
+  if (aligned && vectors_per_lane <= 1) launch_token_pass_vec<T, 1>(p, stream);
+  else if (aligned && vectors_per_lane <= 2) launch_token_pass_vec<T, 2>(p, stream);
+  else if (aligned && vectors_per_lane <= 3) launch_token_pass_vec<T, 3>(p, stream);
+  else if (aligned && vectors_per_lane <= 4) launch_token_pass_vec<T, 4>(p, stream);
+  else if (aligned && vectors_per_lane <= 6) launch_token_pass_vec<T, 6>(p, stream);
+  else if (aligned && vectors_per_lane <= 8) launch_token_pass_vec<T, 8>(p, stream);
+  else if (hidden <= 128) launch_token_pass<T, 4>(p, stream);
+  else if (hidden <= 256) launch_token_pass<T, 8>(p, stream);
+  else if (hidden <= 512) launch_token_pass<T, 16>(p, stream);
+  else if (hidden <= 768) launch_token_pass<T, 24>(p, stream);
+  else if (hidden <= 1024) launch_token_pass<T, 32>(p, stream);
+  else launch_token_pass<T, 0>(p, stream);
+
+  if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
+  else if (levels <= 8) launch_weight_pass<T, 8>(p, stream);
+  else if (levels <= 16) launch_weight_pass<T, 16>(p, stream);
+  else launch_weight_pass<T, 32>(p, stream);
+
+  if (p.chunks > 1) {
+    const dim3 grid((hidden + 1 + kColumns - 1) / kColumns, p.chunks, p.trees * levels);
+    fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
+    HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
+  }
+}
+
+}  // namespace bwd
+}  // namespace hf_fff_cuda

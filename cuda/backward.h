@@ -1,0 +1,98 @@
+// Interface of the fused CUDA backward of the FFF op (kernels in backward.cuh, instantiated per dtype in
+// fff_cuda_backward.cu; binding in fff_cuda_backward.cpp).
+//
+// Given grad_y and x (M, H), the weights (T*N, H), bias (T*N,) and the leaves (M, T) that the forward reached,
+// it computes grad_x (M, H), grad_weight_in, grad_bias_in and grad_weight_out, deterministically (fixed
+// summation order, no atomics), in fp32 accumulation, with O(M * T * levels) scratch and no (M, levels, H)
+// temporaries. Three steps after a stable sort of each tree's tokens by leaf:
+//   1. token pass (one warp per token, tokens in tree 0's sorted order so that neighbouring warps share
+//      rows in L1): along each tree's path recompute z = x.w_in[row] + b and dg = grad_y.w_out[row], store
+//      coef_in = dg * GELU'(z) and coef_out = GELU(z) per (token, tree, level), and accumulate
+//      grad_x = sum coef_in * w_in[row] in registers.
+//   2. weight pass: a block owns `chunk` consecutive tokens of one tree's sorted order and a tile of
+//      columns. Sorted by leaf means sorted by node at every level (node(l) = leaf >> (depth - l)), so each
+//      node's tokens are one run of the sorted order at every level. The block walks its tokens once,
+//      keeping per level the running sums coef_in * x (and coef_in alone, the bias, as the virtual column
+//      H) and coef_out * grad_y of the current node; when a node's run ends it is flushed: straight to the
+//      gradient when the whole run lies in the chunk, else to the chunk's partial slot for that level
+//      (slot 0: the node the chunk starts inside of; slot 1: the node that starts in the chunk and runs past it).
+//   3. fixup: the chunk where a spanning node starts adds its slot 1 and the following chunks' slot 0 in
+//      chunk order and writes the gradient row. Rows no token visited stay zero (outputs start zeroed).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#ifndef __CUDACC__
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#endif
+
+#ifdef __CUDACC__
+#define HF_FFF_BWD_HOST_DEVICE __host__ __device__
+#else
+#define HF_FFF_BWD_HOST_DEVICE
+#endif
+
+namespace hf_fff_cuda {
+
+constexpr int kBackwardMaxLevels = 31;  // depth <= 30 (leaves are int32 heap offsets below 2^30)
+constexpr int kBackwardColumns = 128;   // weight pass: columns per block, one per thread
+
+struct BackwardParams {
+  const void* grad_y;  // (tokens, hidden) contiguous
+  const void* x;       // (tokens, hidden) contiguous
+  const void* w_in;    // (trees * N, hidden) contiguous, N = 2^(depth+1) - 1
+  const void* b_in;    // (trees * N,)
+  const void* w_out;   // (trees * N, hidden) contiguous
+  const int* leaf_keys;     // (trees, tokens): each token's leaf per tree, masked to [0, 2^depth)
+  const int* sorted_leaf;   // (trees, tokens): each tree's leaves in ascending order (stable sort)
+  const int64_t* order;     // (trees, tokens): the token at each position of that order
+  void* grad_x;             // (tokens, hidden), written
+  void* grad_w_in;          // (trees * N, hidden), zeroed by the launcher's caller; visited rows written
+  void* grad_b_in;          // (trees * N,), likewise
+  void* grad_w_out;         // (trees * N, hidden), likewise
+  float* coef_in;           // scratch (tokens, trees, levels): dg * GELU'(z)
+  float* coef_out;          // scratch (tokens, trees, levels): GELU(z)
+  float* partial_in;        // scratch (trees, chunks, levels, 2, hidden + 1): chunk partials, column hidden = bias
+  float* partial_out;       // scratch (trees, chunks, levels, 2, hidden)
+  int64_t tokens;
+  int hidden;
+  int depth;
+  int trees;
+  int chunk;   // tokens per weight-pass block
+  int chunks;  // ceil(tokens / chunk)
+};
+
+// Tokens per weight-pass block: the block stages `chunk * levels` coefficient pairs in shared memory.
+inline int backward_chunk(int levels) { return levels > 16 ? 128 : 256; }
+
+inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
+
+// Weight pass: a token's coefficients in shared memory, padded to a multiple of 4 for 16-byte reads.
+HF_FFF_BWD_HOST_DEVICE inline int backward_coef_stride(int levels) { return (levels + 3) & ~3; }
+
+// Shared memory of the weight pass: coefficient pairs, leaves and token ids of its chunk.
+inline int64_t backward_weight_smem_bytes(int chunk, int levels) {
+  return int64_t{chunk} * (2 * backward_coef_stride(levels) * 4 + 4 + 4);
+}
+
+void launch_backward_f32(const BackwardParams& p, cudaStream_t stream);
+void launch_backward_f16(const BackwardParams& p, cudaStream_t stream);
+void launch_backward_bf16(const BackwardParams& p, cudaStream_t stream);
+
+// Leaf keys for the sort: keys (trees, tokens) int32 = leaves (tokens, trees) masked to [0, 2^depth).
+void launch_backward_keys(const int64_t* leaves, int* keys, int64_t tokens, int trees, int depth, cudaStream_t stream);
+
+#ifndef __CUDACC__
+// Python binding (fff_cuda_backward.cpp): the four gradients of fff_forward along the saved leaves.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                      const at::Tensor& weight_in,
+                                                                      const at::Tensor& bias_in,
+                                                                      const at::Tensor& weight_out, int64_t depth,
+                                                                      const at::Tensor& leaves);
+#endif
+
+}  // namespace hf_fff_cuda
