@@ -45,15 +45,24 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
     parser.add_argument("--no-encoder", dest="encoder", action="store_false", help="skip the whole-encoder comparison")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="time training instead: forward+backward+AdamW steps vs BERT-base (fp32 on cpu, bf16 autocast on cuda; "
+        "--dtype, --tokens, --plot and --no-encoder do not apply) and the FFF backward vs dense backwards",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
     if any(t < 0 for t in args.tokens) or args.repeats < 1:
         print("hf-fff bench: --tokens must be >= 0 and --repeats >= 1", file=sys.stderr)
         return 2
-    from .tools.bench import DTYPES, run_bench
+    from .tools.bench import DTYPES, run_bench, run_train_bench
 
     try:
+        if args.train:
+            run_train_bench(device=args.device, repeats=args.repeats, json_path=args.json_path)
+            return 0
         run_bench(
             device=args.device,
             dtype=DTYPES[args.dtype],
