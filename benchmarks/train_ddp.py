@@ -144,6 +144,7 @@ def train_once(task: str, model_name: str, args, world_size: int) -> dict:
         "processes": world_size,
         "batch_per_process": batch,
         "seq": args.seq,
+        "threads_per_process": torch.get_num_threads(),
         "timed_steps": callback.timed_steps,
         "tokens_per_s": callback.tokens_per_second(),
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
@@ -165,11 +166,10 @@ def machine(world_size: int) -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if cuda else _cpu_model() or platform.machine(),
         "cpu_isa": _cpu_isa(),
-        "engine": f"transformers Trainer, DDP over {'nccl' if cuda else 'gloo'}" if world_size > 1 else "transformers Trainer, 1 process",
+        "engine": f"transformers Trainer (1 process, or DDP over {'nccl' if cuda else 'gloo'})",
         "precision": "bf16 mixed precision" if cuda else "fp32",
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        "threads_per_process": torch.get_num_threads(),
     }
 
 
