@@ -49,6 +49,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
     parser.add_argument("--no-encoder", dest="encoder", action="store_false", help="skip the whole-encoder comparison")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="time training instead: forward+backward+AdamW steps vs BERT-base (fp32 on cpu, bf16 autocast on cuda; "
+        "--dtype, --tokens, --plot and --no-encoder do not apply) and the FFF backward vs dense backwards",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -60,9 +66,12 @@ def _bench(args: argparse.Namespace) -> int:
         if problem:  # found now, not after a run of several minutes
             print(f"hf-fff bench: error: {problem}", file=sys.stderr)
             return 2
-    from .tools.bench import DTYPES, run_bench
+    from .tools.bench import DTYPES, run_bench, run_train_bench
 
     try:
+        if args.train:
+            run_train_bench(device=args.device, repeats=args.repeats, json_path=args.json_path)
+            return 0
         run_bench(
             device=args.device,
             dtype=DTYPES[args.dtype],

@@ -114,8 +114,11 @@ def run_fff(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, wei
     if _needs_dispatcher(x2d, weight_in, bias_in, weight_out):
         y, leaves = fff_forward(x2d, weight_in, bias_in, weight_out, depth)
     else:
-        y, leaves = backends.resolve(x2d.device.type)[1](x2d, weight_in, bias_in, weight_out, depth)
-    return (y if flat else y.view(x.shape)), leaves
+        # `x.device.type` builds a new string each call (~0.4 us); `is_cpu` answers the common case for free.
+        device_type = "cpu" if x2d.is_cpu else x2d.device.type
+        y, leaves = backends.resolve(device_type)[1](x2d, weight_in, bias_in, weight_out, depth)
+    # view_as: one C++ call; `view(x.shape)` first builds a torch.Size in Python (~1.4 us more)
+    return (y if flat else y.view_as(x)), leaves
 
 
 def leaves_like(x: torch.Tensor, leaves: torch.Tensor, trees: int) -> torch.Tensor:

@@ -94,3 +94,126 @@ def test_cli_rejects_bad_arguments_and_missing_devices(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench", "--device", "cuda", "--no-encoder"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ hf-fff bench --train
+
+TINY_TRAIN_MODELS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300, fff_depth=2, classifier_head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_train_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench_train")
+    threads = torch.get_num_threads()
+    # One thread: toy ops gain nothing from more, and on a shared machine a second OpenMP thread that
+    # waits for a busy core slows each op a hundredfold.
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(bench, "MIN_SECONDS_PER_ROW", 0.0)  # toy steps: the minimum sample count is enough
+            results = bench.run_train_bench(
+                repeats=2,
+                batches={"seq-cls": (2,), "mlm": (3,)},
+                seq=7,
+                backward_tokens=(0, 19),
+                hidden=24,
+                depth=3,
+                model_overrides=TINY_TRAIN_MODELS,
+                json_path=str(folder / "train.json"),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return results, folder
+
+
+def test_training_tables_compare_each_task_against_bert_on_the_same_batch(tiny_train_results):
+    results, _ = tiny_train_results
+    assert [(s["task"], s["batch"], s["seq"]) for s in results["train"]] == [("seq-cls", 2, 7), ("mlm", 3, 7)]
+    for setting, head in zip(results["train"], ("ForSequenceClassification", "ForMaskedLM")):
+        assert setting["precision"] == "fp32" and setting["optimizer"] == "AdamW (fused=False)"
+        (baseline,) = setting["baselines"]
+        assert baseline.startswith(f"Bert{head} bert-base")
+        names = [row["name"] for row in setting["rows"]]
+        assert len(names) == 3 and names[2] == baseline
+        assert names[0].startswith(f"UltraFastBert{head} 1x2") and names[1].endswith(", masked fwd + reference bwd)")
+        for row in setting["rows"]:
+            assert row["group"] == "train" and row["tokens"] == setting["batch"] * setting["seq"]
+            assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] and row["samples"] >= 2
+            assert row["peak_memory_bytes"] is None  # not measured on the CPU
+            assert bool(row["speedup"]) == (row["name"] != baseline)
+
+
+def test_backward_table_covers_fff_backends_and_dense_baselines(tiny_train_results):
+    results, _ = tiny_train_results
+    backward = results["backward"]
+    assert backward["baselines"] == ["dense 24-96-24 backward", "dense 24-15-24 backward"]
+    names = {row["name"] for row in backward["rows"]}
+    assert {"FFF backward (reference torch)", "FFF backward (masked, published: dense autograd)", *backward["baselines"]} <= names
+    assert len(names) == 5 and sorted({row["tokens"] for row in backward["rows"]}) == [0, 19]
+    for row in backward["rows"]:
+        assert row["group"] == "backward" and row["median_s"] > 0
+        assert set(row["speedup"]) == (set() if row["name"] in backward["baselines"] else set(backward["baselines"]))
+
+
+def test_training_json_names_the_machine(tiny_train_results):
+    results, folder = tiny_train_results
+    written = json.loads((folder / "train.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    meta = written["meta"]
+    assert {"device", "device_name", "torch", "date", "cpu_threads", "cpu_isa", "train_precision"} <= set(meta)
+    assert meta["device"] == "cpu" and meta["train_precision"] == "fp32" and isinstance(meta["cpu_isa"], list)
+    assert set(meta["cpu_isa"]) <= set(bench.ISA_FLAGS)
+
+
+@pytest.mark.parametrize("task", bench.TRAIN_TASKS)
+def test_training_step_updates_every_weight_the_loss_reaches(task):
+    ultrafast, _ = bench.build_training_models(task, torch.device("cpu"), TINY_TRAIN_MODELS)
+    inputs = bench.training_batch(task, 2, 9, 300, "cpu")
+    optimizer = bench.make_optimizer(ultrafast, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in ultrafast.named_parameters()}
+    loss = bench.training_step(ultrafast, optimizer, inputs, torch.device("cpu"))()
+    assert torch.isfinite(loss)
+    ffn = "ultrafastbert.encoder.layers.0.ffn."
+    for name in ("weight_in", "bias_in", "weight_out"):
+        assert not torch.equal(before[ffn + name], dict(ultrafast.named_parameters())[ffn + name]), name
+    assert bench.step_peak_memory(lambda: None, ultrafast, optimizer, torch.device("cpu")) is None
+
+
+def test_mlm_batch_masks_fifteen_percent_and_labels_only_those():
+    inputs = bench.training_batch("mlm", 64, 128, 1000, "cpu", seed=3)
+    targets = inputs["labels"] != -100
+    assert abs(targets.float().mean().item() - bench.MLM_PROBABILITY) < 0.01
+    assert (inputs["input_ids"][targets] == bench.MASK_TOKEN_ID).all()
+    assert (inputs["input_ids"][~targets] != bench.MASK_TOKEN_ID).all()
+    assert ((inputs["labels"][targets] > bench.MASK_TOKEN_ID) & (inputs["labels"][targets] < 1000)).all()
+
+
+def test_masked_dense_baseline_computes_the_fff_and_its_gradients():
+    from hf_fff.backends import reference
+
+    import _oracle
+
+    x, weight_in, bias_in, weight_out = (t.requires_grad_(True) for t in _oracle.random_layer(23, 13, 2, 3, torch.float64, seed=5))
+    y = bench.masked_dense_feedforward(x, weight_in, bias_in, weight_out, 3)
+    y_reference, leaves = reference.fff_forward(x.detach(), weight_in.detach(), bias_in.detach(), weight_out.detach(), 3)
+    torch.testing.assert_close(y, y_reference, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(y_reference)
+    grads = torch.autograd.grad(y, (x, weight_in, bias_in, weight_out), grad_y)
+    expected = reference.fff_backward(grad_y, x.detach(), weight_in.detach(), bias_in.detach(), weight_out.detach(), 3, leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_table_shows_peak_memory_when_measured():
+    rows = bench._rows("train", 8, {"a": [2.0], "b": [1.0]}, baselines=["b"])
+    rows[0].peak_memory_bytes, rows[1].peak_memory_bytes = 3 * 2**20, 2**30
+    table = bench.format_table(rows, ["b"], "tokens")
+    assert "peak memory" in table and "3 MiB" in table and "1,024 MiB" in table and "0.50x" in table
+
+
+def test_cli_train_reaches_run_train_bench(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(bench, "run_train_bench", lambda **kwargs: seen.update(kwargs) or {})
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: pytest.fail("--train ran the inference bench"))
+    assert cli.main(["bench", "--train", "--repeats", "3", "--json", str(tmp_path / "t.json")]) == 0
+    assert seen == {"device": "cpu", "repeats": 3, "json_path": str(tmp_path / "t.json")}

@@ -14,6 +14,7 @@ on CUDA each call is timed with CUDA events, on the CPU with a monotonic clock.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -46,6 +47,7 @@ class Row:
     min_s: float
     samples: int
     speedup: dict[str, float] = field(default_factory=dict)  # baseline name -> baseline time / this time
+    peak_memory_bytes: Optional[int] = None  # training steps on CUDA only (see `step_peak_memory`)
 
     @property
     def ns_per_token(self) -> float:
@@ -87,7 +89,12 @@ def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def time_side_by_side(
-    candidates: dict[str, tuple[Optional[str], Callable[[], object]]], device: torch.device, repeats: int, rounds: int = ROUNDS
+    candidates: dict[str, tuple[Optional[str], Callable[[], object]]],
+    device: torch.device,
+    repeats: int,
+    rounds: int = ROUNDS,
+    *,
+    grad: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate in steady state; a candidate is (FFF backend or None, fn).
 
@@ -96,12 +103,13 @@ def time_side_by_side(
     `rounds` times, so that drifts in machine load hit every candidate alike. Each candidate gets at
     least `repeats` samples, and cheap ones more (about MIN_SECONDS_PER_ROW of timing, at most
     MAX_SAMPLES) so that medians of microsecond calls are stable. The backend is switched outside
-    the timed region.
+    the timed region. Inference runs under `torch.inference_mode()`; `grad=True` (training steps,
+    backward passes) leaves autograd on.
     """
     timed = _clock(device)
     rounds = max(1, min(rounds, repeats))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.inference_mode():
+    with contextlib.nullcontext() if grad else torch.inference_mode():
         per_block = {}
         for name, (backend, fn) in candidates.items():
             with backends.use_backend(backend or backends.AUTO):
@@ -211,6 +219,253 @@ def bench_encoder(device, dtype, batch: int, seq: int, repeats: int, model_overr
     return rows, geometry
 
 
+# -------------------------------------------------------------------------------- training steps
+#
+# `hf-fff bench --train`: one optimizer step (forward, backward, AdamW) of UltraFastBERT-1x11 against
+# transformers' BERT-base with the same task head, batch and precision, and the FFF backward alone against
+# dense feedforward backwards. Parameters stay float32; on CUDA the step runs under bf16 autocast and
+# AdamW is the fused one, as a GPU training loop would run them.
+
+TRAIN_TASKS = ("seq-cls", "mlm")
+MLM_PROBABILITY = 0.15  # BERT's share of masked positions (DataCollatorForLanguageModeling's default)
+MASK_TOKEN_ID = 4  # any in-vocabulary id will do for random weights; both models see the same one
+TRAIN_LEARNING_RATE = 1e-5  # small: random weights must not diverge over the timed steps
+
+
+def default_train_batches(device: torch.device) -> dict[str, tuple[int, ...]]:
+    """Batch sizes (sequences of 128 tokens) per task: issue #28's CPU step, issue #29's GPU steps."""
+    if device.type == "cuda":
+        return {"seq-cls": (32, 128), "mlm": (128,)}
+    return {"seq-cls": (8,), "mlm": (8,)}
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA (mixed-precision training as Trainer's bf16=True runs it); plain fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def build_training_models(task: str, device, model_overrides: Optional[dict] = None) -> tuple[nn.Module, nn.Module]:
+    """(UltraFastBERT-1x11, BERT-base with SDPA) with the `task` head ("seq-cls": 2 labels, "mlm"), random
+    fp32 weights, train mode (dropout on). `model_overrides` shrinks both alike, as in `build_encoders`."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from .. import UltraFastBertConfig, UltraFastBertForMaskedLM, UltraFastBertForSequenceClassification
+
+    if task not in TRAIN_TASKS:
+        raise ValueError(f"unknown training task {task!r}; choose one of {TRAIN_TASKS}")
+    overrides = dict(model_overrides or {})
+    bert_overrides = {k: v for k, v in overrides.items() if k not in ("fff_depth", "fff_trees", "classifier_head_dim")}
+    if "hidden_size" in overrides:
+        bert_overrides["intermediate_size"] = 4 * overrides["hidden_size"]
+    torch.manual_seed(0)
+    if task == "seq-cls":
+        ultrafast = UltraFastBertForSequenceClassification(UltraFastBertConfig(**overrides, num_labels=2, attn_implementation="sdpa"))
+        bert = BertForSequenceClassification(BertConfig(**bert_overrides, num_labels=2, attn_implementation="sdpa"))
+    else:
+        ultrafast = UltraFastBertForMaskedLM(UltraFastBertConfig(**overrides, attn_implementation="sdpa"))
+        bert = BertForMaskedLM(BertConfig(**bert_overrides, attn_implementation="sdpa"))
+    return ultrafast.to(device).train(), bert.to(device).train()
+
+
+def training_batch(task: str, batch: int, seq: int, vocab: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids with all-ones attention; class labels (seq-cls) or 15% masked-LM labels (mlm)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(MASK_TOKEN_ID + 1, vocab, (batch, seq), generator=generator)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if task == "seq-cls":
+        inputs["labels"] = torch.randint(0, 2, (batch,), generator=generator)
+    else:
+        masked = torch.rand(batch, seq, generator=generator) < MLM_PROBABILITY
+        masked.view(-1)[0] = True  # at least one target, so the loss is defined at toy sizes
+        inputs["labels"] = torch.where(masked, input_ids, torch.full_like(input_ids, -100))
+        inputs["input_ids"] = torch.where(masked, torch.full_like(input_ids, MASK_TOKEN_ID), input_ids)
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=TRAIN_LEARNING_RATE, fused=device.type == "cuda")
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A function running one step: zero the gradients, forward with loss, backward, optimizer step."""
+    precision = autocast_dtype(device)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def step_peak_memory(step: Callable[[], object], model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Optional[int]:
+    """Peak bytes one training step of `model` needs on a CUDA device: its parameters and optimizer state
+    plus the highest allocation above them during a step (activations, gradients, temporaries). Other
+    models resident on the device do not count. None on the CPU: torch keeps no allocation statistics
+    there, and process RSS deltas mostly show the allocator's caching, not the step's needs."""
+    if device.type != "cuda":
+        return None
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident += sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return resident + torch.cuda.max_memory_allocated(device) - before
+
+
+def bench_training_step(task: str, device, batch: int, seq: int, repeats: int, model_overrides: Optional[dict] = None) -> tuple[list[Row], dict]:
+    """One task at one batch size: UltraFastBERT (automatic FFF backend, then the masked backend) and BERT-base."""
+    ultrafast, bert = build_training_models(task, device, model_overrides)
+    vocab = min(ultrafast.config.vocab_size, bert.config.vocab_size)
+    inputs = training_batch(task, batch, seq, vocab, device)
+    ultrafast_optimizer, bert_optimizer = make_optimizer(ultrafast, device), make_optimizer(bert, device)
+    ultrafast_step = training_step(ultrafast, ultrafast_optimizer, inputs, device)
+    bert_step = training_step(bert, bert_optimizer, inputs, device)
+    head = "ForSequenceClassification" if task == "seq-cls" else "ForMaskedLM"
+    ufb = f"UltraFastBert{head} 1x{ultrafast.config.fff_depth} ({ultrafast.config.num_hidden_layers} layers"
+    bert_name = f"Bert{head} bert-base ({bert.config.num_hidden_layers} layers, sdpa)"
+    candidates = {
+        f"{ufb}, {backends.resolve(device.type)[0]})": (backends.AUTO, ultrafast_step),
+        # The masked backend computes the forward as the published code does (every node, then a mask); its
+        # backward is the reference (visited rows only), as the registry pairs them, not the published dense
+        # autograd (the backward table times that one).
+        f"{ufb}, masked fwd + reference bwd)": (backends.MASKED, ultrafast_step),
+        bert_name: (None, bert_step),
+    }
+    rows = _rows("train", batch * seq, time_side_by_side(candidates, device, repeats, grad=True), baselines=[bert_name])
+    for row, (name, (backend, step)) in zip(rows, candidates.items()):
+        model, optimizer = (bert, bert_optimizer) if step is bert_step else (ultrafast, ultrafast_optimizer)
+        with backends.use_backend(backend or backends.AUTO):
+            row.peak_memory_bytes = step_peak_memory(step, model, optimizer, device)
+    setting = {
+        "task": task,
+        "batch": batch,
+        "seq": seq,
+        "precision": "bf16 autocast, fp32 parameters" if autocast_dtype(device) else "fp32",
+        "optimizer": f"AdamW (fused={device.type == 'cuda'})",
+        "baselines": [bert_name],
+        "rows": [_row_dict(r) for r in rows],
+    }
+    return rows, setting
+
+
+def masked_dense_feedforward(x, weight_in, bias_in, weight_out, depth: int) -> torch.Tensor:
+    """The published FFF as autograd sees it: every logit, a 0/1 mask of the visited nodes, dense products.
+
+    Its backward is the published training cost: dense (H, T*N) and (T*N, H) products of every node.
+    """
+    from ..backends.reference import nodes_per_tree
+
+    trees = weight_in.shape[0] // nodes_per_tree(depth)
+    logits = torch.addmm(bias_in, x, weight_in.t()).view(x.shape[0], trees, nodes_per_tree(depth))
+    with torch.no_grad():
+        mask = torch.zeros_like(logits)
+        node = torch.zeros(x.shape[0], trees, 1, dtype=torch.long, device=x.device)
+        for level in range(depth + 1):
+            mask.scatter_(2, node, 1.0)
+            if level < depth:
+                node = 2 * node + 1 + (logits.gather(2, node) > 0).long()
+    return (torch.nn.functional.gelu(logits) * mask).view(x.shape[0], weight_in.shape[0]) @ weight_out
+
+
+def bench_layer_backward(device, dtype, tokens: Sequence[int], repeats: int, hidden: int, depth: int) -> list[Row]:
+    """Gradients of x and every weight, given the output gradient, of the FFF layer and dense feedforwards.
+
+    Each candidate's forward graph is built once outside the timing; a sample is one
+    `torch.autograd.grad(..., retain_graph=True)`, so only the backward is timed.
+    """
+    from ..modeling_ultrafastbert import FastFeedForward
+
+    generator = torch.Generator().manual_seed(0)
+    fff = FastFeedForward(hidden, depth).to(device=device, dtype=dtype)
+    neurons = 2 ** (depth + 1) - 1
+    dense = {dense_name(hidden, width): dense_feedforward(hidden, width).to(device=device, dtype=dtype) for width in (4 * hidden, neurons)}
+    auto_backend = backends.resolve(device.type)[0]
+    rows = []
+    for count in tokens:
+        x = torch.randn(count, hidden, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
+        grad_y = torch.randn(count, hidden, generator=generator).to(device=device, dtype=dtype)
+
+        def backward_of(output: torch.Tensor, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
+            return lambda: torch.autograd.grad(output, inputs, grad_y, retain_graph=True)
+
+        fff_inputs = (x, fff.weight_in, fff.bias_in, fff.weight_out)
+        with backends.use_backend(backends.AUTO):
+            y_auto = fff(x)
+        with backends.use_backend(backends.REFERENCE):
+            y_reference = fff(x)
+        y_masked = masked_dense_feedforward(x, fff.weight_in, fff.bias_in, fff.weight_out, depth)
+        candidates = {
+            f"FFF backward ({auto_backend}, auto)": (backends.AUTO, backward_of(y_auto, fff_inputs)),
+            "FFF backward (reference torch)": (backends.REFERENCE, backward_of(y_reference, fff_inputs)),
+            "FFF backward (masked, published: dense autograd)": (None, backward_of(y_masked, fff_inputs)),
+            **{f"{name} backward": (None, backward_of(module(x), (x, *module.parameters()))) for name, module in dense.items()},
+        }
+        rows += _rows("backward", count, time_side_by_side(candidates, device, repeats, grad=True), baselines=[f"{name} backward" for name in dense])
+    return rows
+
+
+def run_train_bench(
+    device: str = "cpu",
+    repeats: int = 5,
+    batches: Optional[dict[str, Sequence[int]]] = None,
+    seq: int = 128,
+    backward_tokens: Optional[Sequence[int]] = None,
+    json_path: Optional[str] = None,
+    *,
+    hidden: int = 768,
+    depth: int = 11,
+    model_overrides: Optional[dict] = None,
+) -> dict:
+    """`hf-fff bench --train`: the training-step tables and the backward table; print them, optionally
+    write JSON; return the results dict. Defaults per device: `default_train_batches`, and the backward at
+    4096 tokens on the CPU, 32768 on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is visible")
+    batches = default_train_batches(device) if batches is None else batches
+    backward_tokens = ((32768,) if device.type == "cuda" else (4096,)) if backward_tokens is None else tuple(backward_tokens)
+    layer_dtype = autocast_dtype(device) or torch.float32
+    meta = {**machine_info(device), "dtype": str(layer_dtype).replace("torch.", ""), "train_precision": "bf16 autocast" if autocast_dtype(device) else "fp32"}
+    isa = f", ISA {'/'.join(meta['cpu_isa'])}" if device.type == "cpu" else ""
+    print(f"hf-fff bench --train on {meta['device_name']} ({meta['device']}{isa}, {meta['cpu_threads']} CPU threads), "
+          f"{meta['train_precision']}, torch {meta['torch']}, {meta['date']}; FFF backend: {meta['fff_backend']}")
+    results: dict = {"meta": meta, "train": []}
+    for task, sizes in batches.items():
+        for batch in sizes:
+            rows, setting = bench_training_step(task, device, batch, seq, repeats, model_overrides)
+            print(f"\nTraining step ({task}), batch {batch} x {seq} tokens, {setting['precision']}, {setting['optimizer']}, "
+                  f"random weights (median of side-by-side steps)")
+            print(format_table(rows, setting["baselines"], "tokens"))
+            results["train"].append(setting)
+            _release(device)
+    backward_rows = bench_layer_backward(device, layer_dtype, backward_tokens, repeats, hidden, depth)
+    backward_baselines = [f"{dense_name(hidden, 4 * hidden)} backward", f"{dense_name(hidden, 2 ** (depth + 1) - 1)} backward"]
+    print(f"\nBackward alone (grads of x and all weights), hidden {hidden}, depth {depth}, 1 tree, {meta['dtype']} (median of side-by-side calls)")
+    print(format_table(backward_rows, backward_baselines, "tokens"))
+    results["backward"] = {"hidden": hidden, "depth": depth, "baselines": backward_baselines, "rows": [_row_dict(r) for r in backward_rows]}
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {json_path}")
+    return results
+
+
+def _release(device: torch.device) -> None:
+    """Give back the previous setting's models before the next one is built (GPU memory, CPU RAM)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+
 # ------------------------------------------------------------------------------------- reporting
 
 
@@ -220,6 +475,7 @@ def machine_info(device: torch.device) -> dict:
     else:
         device_name = _cpu_model() or platform.processor() or platform.machine()
     return {
+        "cpu_isa": _cpu_isa(),
         "device": str(device),
         "device_name": device_name,
         "cpu_threads": torch.get_num_threads(),
@@ -240,6 +496,23 @@ def _cpu_model() -> str:
     return ""
 
 
+# The SIMD extensions the CPU kernel's speed depends on, as /proc/cpuinfo (lscpu) names them.
+ISA_FLAGS = ("avx512f", "avx512_bf16", "avx2", "fma", "f16c", "asimd", "sve")
+
+
+def _cpu_isa() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
 def _format_time(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
@@ -248,11 +521,13 @@ def _format_time(seconds: float) -> str:
 
 
 def format_table(rows: Sequence[Row], baselines: Sequence[str], first_column: str) -> str:
-    header = [first_column, "implementation", "median", "ns/token", *(f"vs {b}" for b in baselines)]
+    with_memory = any(row.peak_memory_bytes is not None for row in rows)
+    header = [first_column, "implementation", "median", "ns/token", *(f"vs {b}" for b in baselines), *(["peak memory"] if with_memory else [])]
     lines = [header]
     for row in rows:
         ratios = [f"{row.speedup[b]:.2f}x" if b in row.speedup else "1x (baseline)" if row.name == b else "" for b in baselines]
-        lines.append([str(row.tokens), row.name, _format_time(row.median_s), f"{row.ns_per_token:,.0f}", *ratios])
+        memory = [f"{row.peak_memory_bytes / 2**20:,.0f} MiB" if row.peak_memory_bytes is not None else ""] if with_memory else []
+        lines.append([str(row.tokens), row.name, _format_time(row.median_s), f"{row.ns_per_token:,.0f}", *ratios, *memory])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rendered = ["  ".join(cell.rjust(w) if i != 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines]
     rendered.insert(1, "  ".join("-" * w for w in widths))
