@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One device run for the CUDA backend: environment, build, CUDA tests, compute-sanitizer, benchmarks.
 #
-#   bash benchmarks/gpu_run.sh [env] [build] [tests] [sanitize] [bench] [bench-quick]   (default: all but bench-quick)
+#   bash benchmarks/gpu_run.sh [env] [build] [tests] [backward] [training] [sanitize] [bench] [bench-quick]
+#                              [hf-bench] [train-bench]   (default: env build tests backward training sanitize bench)
 #
+# Each test or benchmark step is time-boxed by STEP_S seconds (default 600), so that one device call can
+# run several steps and still return its logs.
 # Logs go to $OUT (the device tool's return folder) or ./gpu_logs. The table of targets prints last.
 # NAIVE_DIR: a folder holding the authors' fff_cuda.cpp + fff_cuda_kernel.cu to time side by side.
 set -uo pipefail
@@ -13,7 +16,8 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HF_FFF_CACHE=${HF_FFF_CACHE:-/tmp/hf_fff_cache}
 PY=${PYTHON:-python3}
-steps=${*:-env build tests sanitize bench}
+steps=${*:-env build tests backward training sanitize bench}
+box() { timeout "${STEP_S:-600}" "$@"; }
 status=0
 
 for step in $steps; do
@@ -27,7 +31,18 @@ from hf_fff.backends import cuda
 t = time.time(); m = cuda.load_module(); print('extension', 'built' if m else 'FAILED', f'in {time.time() - t:.0f} s')
 raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
     tests)
-      $PY -m pytest tests/test_cuda_backend.py -q -rfEs --tb=short -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
+      box $PY -m pytest tests/test_cuda_backend.py -q -rfEs --tb=short -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
+      tail -15 "$OUT/tests.log" ;;
+    backward)
+      box $PY -m pytest tests/test_cuda_backward.py -q -rfEs --tb=short -p no:cacheprovider > "$OUT/backward.log" 2>&1 || status=1
+      tail -15 "$OUT/backward.log" ;;
+    training)
+      box $PY -m pytest tests/test_training_stack.py -q -rfEs --tb=short -p no:cacheprovider -k "cuda" > "$OUT/training.log" 2>&1 || status=1
+      tail -8 "$OUT/training.log" ;;
+    hf-bench)
+      box $PY -m hf_fff.cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
+    train-bench)
+      box $PY -m hf_fff.cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
     sanitize)
       for tool in memcheck racecheck; do
         echo "== $tool"
