@@ -45,18 +45,21 @@ def fff_backward(
     weight_out: torch.Tensor,
     depth: int,
     leaves: torch.Tensor,
+    backend: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw op: gradients of fff_forward w.r.t. (x, weight_in, bias_in, weight_out) along the saved leaves.
 
     grad_y and x (M, H) contiguous, leaves (M, T) int64 as fff_forward returned them. A custom op of its
-    own so that a compiled training step keeps it as one node; dispatches to the selected backend.
+    own so that a compiled training step keeps it as one node. backend: the backend that ran the forward
+    (autograd passes it, so a `use_backend` block's choice holds on autograd's threads too); "" means the
+    current choice.
     """
-    _, backward = backends.resolve_backward(x.device.type)
+    _, backward = backends.resolve_backward(x.device.type, backend)
     return backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
 
 
 @fff_backward.register_fake
-def _(grad_y, x, weight_in, bias_in, weight_out, depth, leaves):
+def _(grad_y, x, weight_in, bias_in, weight_out, depth, leaves, backend=""):
     return x.new_empty(x.shape), weight_in.new_empty(weight_in.shape), bias_in.new_empty(bias_in.shape), weight_out.new_empty(weight_out.shape)
 
 
@@ -66,11 +69,12 @@ def _setup_context(ctx, inputs, output):
     x, weight_in, bias_in, weight_out, depth = inputs
     ctx.save_for_backward(x, weight_in, bias_in, weight_out, output[1])
     ctx.depth = depth
+    ctx.backend = backends.resolve_kernels(x.device.type)[0]  # this thread's choice, which ran the forward
 
 
 def _backward(ctx, grad_y, _grad_leaves):
     x, weight_in, bias_in, weight_out, leaves = ctx.saved_tensors
-    grads = fff_backward(grad_y.contiguous(), x, weight_in, bias_in, weight_out, ctx.depth, leaves)
+    grads = fff_backward(grad_y.contiguous(), x, weight_in, bias_in, weight_out, ctx.depth, leaves, ctx.backend)
     return (*grads, None)
 
 

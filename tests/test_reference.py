@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,3 +127,37 @@ def test_oracle_rejects_a_wrong_gradient():
     grads[3] = grads[3] * 1.001
     with pytest.raises(AssertionError, match="grad_weight_out"):
         _oracle.check_backward(grads, grad_y, x, weight_in, bias_in, weight_out, 4, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens, hidden, trees, depth", [(0, 5, 1, 2), (23, 17, 3, 3), (64, 64, 1, 6)])
+def test_masked_backward_is_the_same_function_densely(tokens, hidden, trees, depth, dtype):
+    """The published computation's backward (dense, masked) gives the reference gradients."""
+    x, weight_in, bias_in, weight_out = _oracle.random_layer(tokens, hidden, trees, depth, dtype, seed=tokens + 7)
+    _, leaves = reference.fff_forward(x, weight_in, bias_in, weight_out, depth)
+    grad_y = _oracle.random_layer(tokens, hidden, 1, 0, dtype, seed=5)[0]
+    grads = reference.fff_backward_masked(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+    _oracle.check_backward(grads, grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
+
+
+def test_backward_runs_on_the_backend_of_its_forward_in_any_thread(monkeypatch):
+    """A forward inside `use_backend("masked")` gets the masked backward, also when another thread (as
+    autograd's device threads do for CUDA tensors) runs the backward outside the block."""
+    import threading
+
+    from hf_fff import backends
+
+    seen = []
+    masked = backends._TORCH_BACKENDS["masked"]
+    monkeypatch.setitem(
+        backends._TORCH_BACKENDS, "masked",
+        dataclasses.replace(masked, backward=lambda *args: seen.append("masked") or masked.backward(*args)),
+    )
+    layer = hf_fff.FastFeedForward(16, 3, 2).double()
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    with hf_fff.use_backend("masked"):
+        y = layer(x)
+    worker = threading.Thread(target=lambda: y.sum().backward())
+    worker.start()
+    worker.join()
+    assert seen == ["masked"] and x.grad is not None and layer.weight_in.grad is not None

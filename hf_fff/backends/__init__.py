@@ -44,7 +44,7 @@ REFERENCE = "reference"
 MASKED = "masked"  # the published dense-and-mask computation, for baselines; never chosen automatically
 _TORCH_BACKENDS = {
     REFERENCE: Kernels(reference.fff_forward, reference.fff_backward),
-    MASKED: Kernels(reference.fff_forward_masked, reference.fff_backward),
+    MASKED: Kernels(reference.fff_forward_masked, reference.fff_backward_masked),
 }
 
 
@@ -140,9 +140,9 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
     The choice is thread-local: other threads do not see it and keep whatever set_backend, HF_FFF_BACKEND
     or their own use_backend block says, so overlapping blocks in several threads cannot leave each other's
-    choice behind. Work this thread hands to other threads sees their choice, not this block's: autograd's
-    backward of CUDA tensors runs on autograd's device threads (the backward op then uses the process-wide
-    choice, which computes the same gradients), and so do DataLoader workers and thread pools.
+    choice behind. Work this thread hands to other threads sees their choice, not this block's (DataLoader
+    workers, thread pools), with one exception: the backward of an FFF call made inside the block runs on the
+    backend that ran its forward, also where autograd runs it on its own device threads (CUDA tensors).
     """
     if name is not None and name.lower() not in (AUTO, *available_backends()):
         raise ValueError(f"unknown FFF backend {name!r}; choose one of {[AUTO, *available_backends()]}")
@@ -174,10 +174,28 @@ def resolve(device_type: str) -> tuple[str, ForwardFn]:
     return name, kernels.forward
 
 
-def resolve_backward(device_type: str) -> tuple[str, BackwardFn]:
-    """(backend name, backward function) for tensors on `device_type`: the backend's own, else the reference's."""
-    name, kernels = resolve_kernels(device_type)
+def resolve_backward(device_type: str, backend: str = "") -> tuple[str, BackwardFn]:
+    """(backend name, backward function) for tensors on `device_type`: the backend's own, else the reference's.
+
+    backend: the name of the backend whose forward produced the leaves (the op's autograd records it), so that
+    the backward matches the forward whichever thread runs it; "" resolves the current choice.
+    """
+    if backend:
+        name, kernels = backend, _kernels_named(backend, device_type)
+    else:
+        name, kernels = resolve_kernels(device_type)
     return name, kernels.backward if kernels.backward is not None else reference.fff_backward
+
+
+def _kernels_named(name: str, device_type: str) -> Kernels:
+    """The kernels of the backend called `name` (already chosen once for a forward, so it loads)."""
+    if name in _TORCH_BACKENDS:
+        return _TORCH_BACKENDS[name]
+    native = _NATIVE.get(name)
+    kernels = native.kernels() if native is not None and native.device_type == device_type else None
+    if kernels is None:
+        raise RuntimeError(f"FFF backend {name!r} is not available for {device_type} tensors")
+    return kernels
 
 
 def _choose_native_again(device_type: str) -> tuple[str, Kernels]:

@@ -146,6 +146,39 @@ def fff_backward(
     )
 
 
+def fff_backward_masked(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight_in: torch.Tensor,
+    bias_in: torch.Tensor,
+    weight_out: torch.Tensor,
+    depth: int,
+    leaves: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The published computation's backward: what autograd does through `fff_forward_masked`.
+
+    Every logit is recomputed and every product is dense (T*N columns), the unvisited columns multiplied by
+    the 0 of the mask; the same gradients as `fff_backward` at the cost of a dense layer's backward, which is
+    what the `masked` baseline must cost in training comparisons.
+    """
+    tokens = x.shape[0]
+    acc = accumulation_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+    xa, ga = x.to(acc), grad_y.to(acc)
+    w_in, w_out = weight_in.to(acc), weight_out.to(acc)
+    logits = torch.addmm(bias_in.to(acc), xa, w_in.t())  # (M, T*N)
+    mask = torch.zeros_like(logits)
+    if tokens:
+        mask.scatter_(1, path_rows(leaves, depth).reshape(tokens, -1), 1.0)
+    activation = F.gelu(logits) * mask
+    grad_logits = (ga @ w_out.t()) * gelu_derivative(logits) * mask
+    return (
+        (grad_logits @ w_in).to(x.dtype),
+        (grad_logits.t() @ xa).to(weight_in.dtype),
+        grad_logits.sum(0).to(bias_in.dtype),
+        (activation.t() @ ga).to(weight_out.dtype),
+    )
+
+
 def fff_forward_masked(
     x: torch.Tensor,
     weight_in: torch.Tensor,
