@@ -116,19 +116,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     transformers_logging.disable_progress_bar()  # the CLI prints its own summary
     try:
-        report = convert(
-            args.src,
-            args.dst,
-            dtype=args.dtype,
-            revision=args.revision,
-            token=args.token,
-            overwrite=args.overwrite,
-            base_model=args.base_model,
-            license=args.license,
-            remote_code=args.remote_code,
-            seed=args.seed,
-            pooling=args.pooling,
-        )
+        report = convert(**_tool_arguments(args))
     except (ConversionError, ValueError, OSError) as error:
         return _error("convert", error, token=args.token)
     print(report.summary())
@@ -153,8 +141,8 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", help="Hub id this model derives from (front matter base_model)")
     parser.add_argument("--license", help="license identifier for the card (default: carried over from the folder's card)")
     parser.add_argument("--tag", action="append", default=[], dest="tags", help="extra card tag (repeatable)")
-    parser.add_argument("--no-remote-code", action="store_true", help="do not ship the trust_remote_code modeling files")
-    parser.add_argument("--keep-card", action="store_true", help="upload the folder's README.md as is instead of rendering one")
+    parser.add_argument("--no-remote-code", dest="remote_code", action="store_false", help="do not ship the trust_remote_code modeling files")
+    parser.add_argument("--keep-card", dest="card", action="store_false", help="upload the folder's README.md as is instead of rendering one")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="also upload files matching GLOB that are not part of a model repo by default, e.g. pytorch_model.bin (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded and what is skipped, then stop (no token, no network)")
@@ -167,23 +155,8 @@ def _push(args: argparse.Namespace) -> int:
 
     try:
         report = push_to_hub(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            token=args.token,
-            metrics=args.metrics,
-            bench=args.bench,
-            commit_message=args.commit_message,
-            base_model=args.base_model,
-            license=args.license,
-            tags=args.tags,
-            remote_code=not args.no_remote_code,
-            card=not args.keep_card,
-            include=args.include,
-            dry_run=args.dry_run,
-            announce=lambda text: print(scrub_secrets(text, args.token), flush=True),
+            args.folder, args.repo_id, announce=lambda text: print(scrub_secrets(text, args.token), flush=True),
+            **_tool_arguments(args, positional=("folder", "repo_id")),
         )
     except (HubTokenError, PublishError, HfHubHTTPError, OSError, *http_error_types()) as error:
         return _error("push", error, token=args.token)
@@ -224,6 +197,12 @@ def _unwritable(path: Optional[str]) -> Optional[str]:
     if not existed:
         os.unlink(target)
     return None
+
+
+def _tool_arguments(args: argparse.Namespace, positional: Sequence[str] = ()) -> dict:
+    """The parsed options as keyword arguments of the tool function: each option's `dest` is that function's
+    parameter name, so a new option is one add_argument line, not a second list to keep in step."""
+    return {name: value for name, value in vars(args).items() if name not in ("command", "handler", *positional)}
 
 
 def _error(command: str, error: BaseException, token: Optional[str] = None) -> int:

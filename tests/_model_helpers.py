@@ -121,3 +121,19 @@ def crammed_forward(state: dict[str, torch.Tensor], arch: dict, input_ids: torch
         act = (0.5 * logits * (1 + torch.erf(logits / math.sqrt(2))) * mask).view(batch, seq, trees * n_nodes)
         h = h + act @ sd[p + "ffn.linear_out.weight"].t()
     return norm(h, "encoder.final_norm")
+
+
+class LabelledIds(torch.utils.data.Dataset):
+    """Label = whether token 5 appears at position 3: learnable in a few steps."""
+
+    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 128, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(6, vocab, (n, seq_len), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+        self.ids[self.labels == 1, 3] = 5
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}

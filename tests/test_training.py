@@ -10,7 +10,7 @@ import hf_fff
 from hf_fff.backends import reference
 
 import _oracle
-from _model_helpers import tiny_config
+from _model_helpers import LabelledIds, tiny_config
 
 
 @pytest.mark.parametrize("trees, depth, hidden", [(1, 0, 5), (1, 4, 16), (3, 3, 13), (2, 6, 24)])
@@ -40,27 +40,10 @@ def test_fff_gradients_equal_the_masked_layer_and_touch_only_visited_rows(trees,
         torch.testing.assert_close(got, masked.grad, rtol=1e-10, atol=1e-12)
 
 
-class TinySentimentData(torch.utils.data.Dataset):
-    """Label = whether token 5 appears: learnable in a few steps, so a falling loss means training works."""
-
-    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 64):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(6, vocab, (n, seq_len), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-        self.ids[self.labels == 1, 3] = 5
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
-@pytest.mark.slow
 def test_trainer_fine_tunes_sequence_classification(tmp_path):
     torch.manual_seed(0)
     model = hf_fff.UltraFastBertForSequenceClassification(tiny_config(vocab_size=64, num_labels=2, classifier_dropout=0.0))
-    data = TinySentimentData()
+    data = LabelledIds(vocab=64)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=16,

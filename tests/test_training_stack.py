@@ -13,7 +13,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 import hf_fff
 
-from _model_helpers import CORPUS, tiny_config, train_tokenizer
+from _model_helpers import CORPUS, LabelledIds, tiny_config, train_tokenizer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -21,22 +21,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def no_dropout_config(**overrides):
     return tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0, classifier_dropout=0.0, **overrides)
-
-
-class LabelledIds(torch.utils.data.Dataset):
-    """Label = whether token 5 appears at position 3: learnable in a few steps."""
-
-    def __init__(self, n: int = 64, seq_len: int = 12, vocab: int = 128, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(6, vocab, (n, seq_len), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-        self.ids[self.labels == 1, 3] = 5
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
 def training_args(tmp_path, device, **overrides):
