@@ -135,7 +135,7 @@ def test_training_tables_compare_each_task_against_bert_on_the_same_batch(tiny_t
         assert baseline.startswith(f"Bert{head} bert-base")
         names = [row["name"] for row in setting["rows"]]
         assert len(names) == 3 and names[2] == baseline
-        assert names[0].startswith(f"UltraFastBert{head} 1x2") and names[1].endswith(", masked fwd + reference bwd)")
+        assert names[0].startswith(f"UltraFastBert{head} 1x2") and names[1].endswith(", masked, published)")
         for row in setting["rows"]:
             assert row["group"] == "train" and row["tokens"] == setting["batch"] * setting["seq"]
             assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] and row["samples"] >= 2
