@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import pytest
 import torch
@@ -87,6 +88,8 @@ def kernels():
         pytest.skip("needs a CUDA GPU")
     from hf_fff.backends import cuda as cuda_backend
 
+    os.environ[cuda_backend.BACKWARD_ENV] = "fused"  # these tests are what enabling it by default waits for
+    backends._reset_for_tests()
     loaded = cuda_backend.load_kernels()
     assert loaded is not None and loaded.backward is not None, "the CUDA extension failed to build (see the warning)"
     return loaded
@@ -252,3 +255,16 @@ def test_cuda_backend_declares_the_backward_sources():
 
     assert {"fff_cuda_backward.cpp", "fff_cuda_backward.cu"} <= set(cuda_backend.SOURCES)
     assert {"backward.h", "backward.cuh"} <= set(cuda_backend.HEADERS)
+
+
+def test_fused_backward_switch(monkeypatch):
+    """Off by default (the reference backward runs) until the GPU suite has passed; a typo is an error."""
+    from hf_fff.backends import cuda as cuda_backend
+
+    monkeypatch.delenv(cuda_backend.BACKWARD_ENV, raising=False)
+    assert not cuda_backend.fused_backward_enabled()
+    monkeypatch.setenv(cuda_backend.BACKWARD_ENV, " Fused ")
+    assert cuda_backend.fused_backward_enabled()
+    monkeypatch.setenv(cuda_backend.BACKWARD_ENV, "fast")
+    with pytest.raises(ValueError, match="HF_FFF_CUDA_BACKWARD"):
+        cuda_backend.fused_backward_enabled()

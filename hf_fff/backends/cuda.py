@@ -12,7 +12,9 @@ and HF_FFF_CUDA_SPLIT (sorted's bucket level; staged's top levels held in shared
 the backend loads. For tests, HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with
 separate launches, as it must where a cooperative launch of one block per SM is refused (MPS, green contexts).
 
-The backward is the fused kernel of cuda/backward.cuh (deterministic: fixed summation order, no atomics);
+The fused backward of cuda/backward.cuh (deterministic: fixed summation order, no atomics) is built with the
+forward but runs only with HF_FFF_CUDA_BACKWARD=fused until its GPU test suite (tests/test_cuda_backward.py) has
+passed on a device; by default CUDA gradients come from the torch reference, which is exact and slower.
 float64 stays on the torch reference in both directions.
 """
 
@@ -114,6 +116,20 @@ def forced_strategy() -> tuple[int, int]:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+BACKWARD_ENV = "HF_FFF_CUDA_BACKWARD"
+
+
+def fused_backward_enabled() -> bool:
+    """Whether the fused CUDA backward runs (HF_FFF_CUDA_BACKWARD=fused), read when the backend loads.
+
+    Off by default until tests/test_cuda_backward.py has passed on a GPU: gradients must be right before they
+    are fast, and the reference backward is the exact fallback."""
+    value = os.environ.get(BACKWARD_ENV, "reference").strip().lower() or "reference"
+    if value not in ("fused", "reference"):
+        raise ValueError(f"{BACKWARD_ENV}={value!r}: choose 'fused' or 'reference'")
+    return value == "fused"
+
+
 def load_kernels() -> Optional[Kernels]:
     module = load_module()
     if module is None:
@@ -133,7 +149,7 @@ def load_kernels() -> Optional[Kernels]:
             return reference.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
         return module.fff_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves)
 
-    return Kernels(forward=forward, backward=backward)
+    return Kernels(forward=forward, backward=backward if fused_backward_enabled() else None)
 
 
 register_native_backend("cuda", "cuda", load_kernels)
