@@ -52,9 +52,14 @@ def test_cuda_unit_compiles(unit, arch, tmp_path):
 
 
 def test_every_cuda_unit_is_built():
-    """The build's source list names every .cu of cuda/ (a unit left out would be compiled by nobody)."""
+    """The build's source list names every .cu of cuda/ (a unit left out would be compiled by nobody), and every
+    header of cuda/ is in one backend's HEADERS (the build cache key), the CUDA backend's or the CPU backend's."""
+    from hf_fff.backends import cpu as cpu_backend
+
     assert sorted(cuda_backend.CUDA_UNITS) == sorted(p.name for p in CUDA_DIR.glob("*.cu"))
-    assert sorted(cuda_backend.HEADERS) == sorted(p.name for p in CUDA_DIR.iterdir() if p.suffix in (".h", ".cuh"))
+    headers = sorted(p.name for p in CUDA_DIR.iterdir() if p.suffix in (".h", ".cuh"))
+    assert sorted(cuda_backend.HEADERS + cpu_backend.HEADERS) == headers
+    assert not set(cuda_backend.HEADERS) & set(cpu_backend.HEADERS)
 
 
 def test_strategy_table_is_well_formed():
