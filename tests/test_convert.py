@@ -281,6 +281,7 @@ convert_module.convert(sys.argv[1], sys.argv[2])
 """
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_the_conversion_leaves_no_partial_folder(crammed_1x3: Path, tmp_path: Path, signum):
     out, marker = tmp_path / "out", tmp_path / "marker"

@@ -54,6 +54,7 @@ def run_harness(command: list[str], expected_isa: str) -> None:
     assert f"isa {expected_isa}," in output.splitlines()[0], output.splitlines()[0]
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 @pytest.mark.parametrize("name, compiler, march, needed, isa", X86_TARGETS, ids=[t[0] for t in X86_TARGETS])
 def test_kernel_core_on_x86(tmp_path, name, compiler, march, needed, isa):
     if platform.machine() not in ("x86_64", "AMD64"):

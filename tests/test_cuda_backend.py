@@ -542,6 +542,7 @@ def test_whole_model_on_gpu(ext, monkeypatch, dtype):
 # loading: no build on import or for CPU tensors; a failed build warns once and falls back to torch
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 def test_import_builds_nothing():
     """Importing hf_fff and running CPU tensors never loads (or builds) the CUDA extension."""
     script = textwrap.dedent(

@@ -279,6 +279,7 @@ def _run_read_only(script: str, cache: Path, **env_overrides: str) -> dict:
     return probe_result(process)
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 def test_a_read_only_cache_with_a_valid_build_is_used(tmp_path, monkeypatch):
     """A kernel cache baked into a container image: read-only, no compiler needed."""
     cache = tmp_path / "cache"
@@ -288,6 +289,7 @@ def test_a_read_only_cache_with_a_valid_build_is_used(tmp_path, monkeypatch):
     assert report["backend"] == "cpp" and report["matches_reference"]
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 def test_a_read_only_cache_without_a_build_warns_once_and_falls_back(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -296,6 +298,7 @@ def test_a_read_only_cache_without_a_build_warns_once_and_falls_back(tmp_path):
     assert len(report["warnings"]) == 1 and "cannot be written" in report["warnings"][0] and "HF_FFF_CACHE" in report["warnings"][0]
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 def test_a_library_of_another_user_is_never_loaded(tmp_path, monkeypatch):
     if os.geteuid() != 0:
         pytest.skip("only root can give the cached build to another user")
@@ -307,6 +310,7 @@ def test_a_library_of_another_user_is_never_loaded(tmp_path, monkeypatch):
     assert len(report["warnings"]) == 1 and "another user (uid 12345)" in report["warnings"][0]
 
 
+@pytest.mark.slow  # builds or runs a fresh process: more than ~5 s
 @pytest.mark.parametrize("loose", ["library", "folder"])
 def test_a_library_others_can_replace_is_rebuilt_not_loaded(tmp_path, monkeypatch, loose):
     build_dir = _cache_with_a_valid_build(tmp_path / "cache", monkeypatch)
