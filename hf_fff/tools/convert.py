@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from .repo_files import TOKENIZER_FILES, is_model_file
+from .repo_files import TOKENIZER_FILES, is_model_file, read_config_object
 
 PathLike = Union[str, os.PathLike]
 
@@ -145,16 +145,7 @@ def _local_source(src: PathLike, revision: Optional[str], token: Optional[str], 
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"SRC {folder} has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"SRC {path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"SRC {path} must hold a JSON object, not a {type(config).__name__}")
-    return config
+    return read_config_object(folder, ConversionError, f"SRC {folder} has no config.json", shown="SRC ")
 
 
 def _model_class(config: dict[str, Any], folder: Path):

@@ -37,7 +37,7 @@ from .model_card import (  # noqa: F401  (re-exported: hf_fff.hub is the public 
     split_front_matter,
 )
 from .remote_code import auto_map, export_remote_code, remote_code_sources, write_unlinked  # noqa: F401
-from .repo_files import FolderPlan, plan_folder
+from .repo_files import FolderPlan, plan_folder, read_config_object
 
 logger = logging.getLogger(__name__)
 
@@ -233,17 +233,10 @@ def stage_folder(source: PathLike, staging: PathLike, include: Sequence[str] = (
     return plan
 
 
-def _read_folder_config(folder: Path) -> Any:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise PublishError(f"{folder} has no config.json; save the model with save_pretrained (or `hf-fff convert`) first")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PublishError(f"{config_path} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise PublishError(f"{config_path} must hold a JSON object, not a {type(config).__name__}")
-    return config
+def _read_folder_config(folder: Path) -> dict[str, Any]:
+    return read_config_object(
+        folder, PublishError, f"{folder} has no config.json; save the model with save_pretrained (or `hf-fff convert`) first"
+    )
 
 
 def _check_native_folder(folder: Path, shown_as: Optional[PathLike] = None) -> dict[str, Any]:

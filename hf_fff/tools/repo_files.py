@@ -7,6 +7,7 @@ a dotfile, editor or OS litter, a training pickle, whatever a symlink points at 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,6 +79,23 @@ class FolderPlan:
             lines.append(f"skipped {len(self.skipped)}:")
             lines += [f"  {path}  ({reason})" for path, reason in self.skipped]
         return "\n".join(lines)
+
+
+def read_config_object(folder: Path, error: type[Exception], missing: str, shown: str = "") -> dict:
+    """A model folder's config.json as a dict, or `error` saying what is wrong with it.
+
+    missing: the message when there is no config.json; shown: a prefix naming the folder's role ("SRC ").
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        raise error(missing)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{shown}{path} is not valid JSON ({problem})") from None
+    if not isinstance(config, dict):
+        raise error(f"{shown}{path} must hold a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def is_model_file(relative: str) -> bool:
