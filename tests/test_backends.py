@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -119,3 +120,15 @@ def test_nested_blocks_restore_the_outer_choice(monkeypatch):
     with pytest.raises(ValueError, match="unknown FFF backend"):
         with hf_fff.use_backend("nope"):
             pass
+
+
+def test_environment_variable_changes_take_effect_at_the_next_call(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.resolve("cpu")[0] != "masked"  # caches the automatic choice
+    for value in ("masked", " Reference ", "masked"):
+        monkeypatch.setenv(backends.ENV_VAR, value)
+        assert backends._environment_choice() == os.environ.get(backends.ENV_VAR) == value
+        assert backends.resolve("cpu")[0] == value.strip().lower()
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends._environment_choice() is None
+    assert backends.resolve("cpu")[0] != "masked"
