@@ -130,7 +130,7 @@ def test_training_tables_compare_each_task_against_bert_on_the_same_batch(tiny_t
     results, _ = tiny_train_results
     assert [(s["task"], s["batch"], s["seq"]) for s in results["train"]] == [("seq-cls", 2, 7), ("mlm", 3, 7)]
     for setting, head in zip(results["train"], ("ForSequenceClassification", "ForMaskedLM")):
-        assert setting["precision"] == "fp32" and setting["optimizer"] == "AdamW (fused=False)"
+        assert setting["precision"] == "fp32" and setting["optimizer"] == "AdamW (fused=True)"
         (baseline,) = setting["baselines"]
         assert baseline.startswith(f"Bert{head} bert-base")
         names = [row["name"] for row in setting["rows"]]
