@@ -41,9 +41,9 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
       box $PY -m pytest tests/test_training_stack.py -q -rfEs --tb=short -p no:cacheprovider -k "cuda" > "$OUT/training.log" 2>&1 || status=1
       tail -8 "$OUT/training.log" ;;
     hf-bench)
-      box $PY -m hf_fff.cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
+      box $PY -m hf_fff_cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
     train-bench)
-      box $PY -m hf_fff.cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
+      box $PY -m hf_fff_cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
     sanitize)
       for tool in memcheck racecheck; do
         echo "== $tool"

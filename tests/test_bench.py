@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_fff import cli
+import hf_fff_cli as cli
 from hf_fff.tools import bench
 
 TINY_MODELS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300, fff_depth=2)

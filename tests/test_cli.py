@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import hf_fff
 from hf_fff import backends, extension
-from hf_fff.cli import SUBCOMMANDS, build_parser, main
+from hf_fff_cli import SUBCOMMANDS, build_parser, main
 
 from _model_helpers import FIXTURES, train_tokenizer
 
@@ -162,3 +164,28 @@ def test_interrupt_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(environment, "describe", interrupted)
     assert main(["env"]) == 130
     assert "interrupted" in _one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["bench", "--dtype", "int3"], ["push"]])
+def test_help_version_and_usage_errors_import_neither_torch_nor_the_package(argv):
+    # The console script's module must answer these before anything heavy loads (issue: 6-7 s for --help).
+    probe = (
+        "import sys, hf_fff_cli\n"
+        "try:\n"
+        f"    hf_fff_cli.main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "heavy = sorted(name for name in ('hf_fff', 'torch', 'transformers') if name in sys.modules)\n"
+        "print('exit', code, 'imported', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    expected_code = 0 if argv[0] in ("--help", "--version") else 2
+    assert f"exit {expected_code} imported []" in result.stdout, result.stdout + result.stderr
+
+
+def test_version_is_the_package_version(capsys):
+    import hf_fff
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"hf-fff {hf_fff.__version__}"

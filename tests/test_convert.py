@@ -354,7 +354,7 @@ def test_convert_from_a_hub_repo_id(lfs_hub, hub_token, crammed_1x3: Path, tmp_p
 
 
 def test_cli_convert_prints_the_check_and_fails_on_damage(crammed_1x3: Path, tmp_path: Path, capsys):
-    from hf_fff.cli import main
+    from hf_fff_cli import main
 
     assert main(["convert", str(crammed_1x3), str(tmp_path / "ok"), "--dtype", "bf16"]) == 0
     out = capsys.readouterr().out
@@ -368,7 +368,7 @@ def test_cli_convert_prints_the_check_and_fails_on_damage(crammed_1x3: Path, tmp
 
 
 def test_hf_fff_cli_routes_convert(crammed_1x3: Path, tmp_path: Path, capsys):
-    from hf_fff.cli import main
+    from hf_fff_cli import main
 
     assert main(["convert", str(crammed_1x3), str(tmp_path / "via-cli")]) == 0
     assert "max relative error" in capsys.readouterr().out

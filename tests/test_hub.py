@@ -228,7 +228,7 @@ def test_push_converted_model_and_load_it_back(fake_hub, hub_token, converted_ti
 
 
 def _cli(argv: list[str]) -> int:
-    from hf_fff.cli import main
+    from hf_fff_cli import main
 
     return main(["push", *argv])
 
@@ -405,7 +405,7 @@ def test_console_convert_then_push_in_a_fresh_process(lfs_hub, crammed_1x3: Path
     }
 
     def hf_fff_cli(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "hf_fff.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "hf_fff_cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
     converted = hf_fff_cli("convert", str(crammed_1x3), "UltraFastBERT-tiny", "--dtype", "bf16")
     assert converted.returncode == 0, converted.stderr
@@ -538,7 +538,7 @@ def _closed_port_endpoint(monkeypatch) -> str:
 
 
 def test_no_network_is_a_clear_error_naming_the_offline_switch(converted_tiny: Path, tmp_path: Path, monkeypatch, capsys, fresh_hf_cache):
-    from hf_fff.cli import main
+    from hf_fff_cli import main
 
     url = _closed_port_endpoint(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
@@ -585,7 +585,7 @@ DAMAGED_CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(DAMAGED_CONFIGS))
 def test_damaged_config_is_a_clear_error_before_allocating(lfs_hub, hub_token, converted_tiny: Path, tmp_path: Path, name, capsys):
-    from hf_fff.cli import main
+    from hf_fff_cli import main
 
     folder = tmp_path / "damaged"
     shutil.copytree(converted_tiny, folder)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import hf_fff
-from hf_fff import cli, modeling_ultrafastbert
+import hf_fff_cli as cli
+from hf_fff import modeling_ultrafastbert
 from hf_fff.tools import sentence_transformers as st_files
 
 from _model_helpers import tiny_config, train_tokenizer

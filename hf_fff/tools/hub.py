@@ -430,7 +430,7 @@ def _authenticated_api(token: str, token_source: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CLI glue (hf_fff.cli builds the parser and calls these)
+# CLI glue (hf_fff_cli builds the parser and calls these)
 # ----------------------------------------------------------------------------------------------------
 
 

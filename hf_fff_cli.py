@@ -6,8 +6,11 @@
     hf-fff push      upload a native folder to the Hub with a model card
     hf-fff env       versions, compiler, kernel cache and the FFF backend of each device
 
-Nothing heavy is imported to build the parser: `hf-fff --help`, `--version` and a usage error answer
-without importing torch or transformers. Each handler imports its tool module when it runs.
+This module sits beside the `hf_fff` package, not inside it, so that `hf-fff --help`, `--version` and a
+usage error answer in the time Python starts: importing anything under `hf_fff` runs the package's
+`__init__`, which registers UltraFastBERT with transformers' Auto classes and so loads transformers'
+modeling code (5-7 s on a 2-core machine). Building the parser imports only argparse; each handler
+imports its tool module (and with it the package) when it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import __version__
 
 # Choices spelled out here (not read from the tool modules) so that building the parser imports no torch.
 BENCH_DTYPES = ("bfloat16", "float16", "float32")
@@ -33,7 +35,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .tools.demo import DemoError, run_demo
+    from hf_fff.tools.demo import DemoError, run_demo
 
     try:
         return run_demo(args.model, device=args.device, download=args.download, bench=not args.no_bench)
@@ -66,7 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
         if problem:  # found now, not after a run of several minutes
             print(f"hf-fff bench: error: {problem}", file=sys.stderr)
             return 2
-    from .tools.bench import DTYPES, run_bench, run_train_bench
+    from hf_fff.tools.bench import DTYPES, run_bench, run_train_bench
 
     try:
         if args.train:
@@ -112,7 +114,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
-    from .tools.convert import ConversionError, convert
+    from hf_fff.tools.convert import ConversionError, convert
 
     transformers_logging.disable_progress_bar()  # the CLI prints its own summary
     try:
@@ -151,7 +153,7 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 def _push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .tools.hub import HubTokenError, PublishError, http_error_types, push_to_hub, scrub_secrets
+    from hf_fff.tools.hub import HubTokenError, PublishError, http_error_types, push_to_hub, scrub_secrets
 
     try:
         report = push_to_hub(
@@ -169,7 +171,7 @@ def _env_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _env(args: argparse.Namespace) -> int:
-    from .tools.environment import describe
+    from hf_fff.tools.environment import describe
 
     rows = describe()
     width = max(len(k) for k, _ in rows)
@@ -209,7 +211,7 @@ def _error(command: str, error: BaseException, token: Optional[str] = None) -> i
     """Print `error` as one line on stderr, without any token in it, and return exit status 1."""
     message = str(error) or type(error).__name__
     try:
-        from .tools.hub import is_network_error, scrub_secrets, unreachable_message
+        from hf_fff.tools.hub import is_network_error, scrub_secrets, unreachable_message
     except ImportError:  # huggingface_hub missing: nothing of ours could have sent a token
         is_network_error = None
     if is_network_error is not None:
@@ -231,9 +233,22 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler,
 }
 
 
+def installed_version() -> str:
+    """hf_fff's version from the installed distribution's metadata (no package import); from the package
+    itself when running from a checkout that was never installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("hf_fff")
+    except metadata.PackageNotFoundError:
+        from hf_fff import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fff", description="UltraFastBERT (fast feedforward) tools for transformers")
-    parser.add_argument("--version", action="version", version=f"hf-fff {__version__}")
+    parser.add_argument("--version", action="version", version=f"hf-fff {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, handler, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
