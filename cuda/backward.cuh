@@ -10,11 +10,11 @@
 #include <string>
 
 #include "backward.h"
+#include "primitives.cuh"
 
 namespace hf_fff_cuda {
 namespace bwd {
 
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTokenWarps = 8;                 // token pass: tokens (warps) per block
 constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block, one column each
 constexpr int kGroup = 16;                     // weight pass: tokens whose x / grad_y loads are in flight together
@@ -29,90 +29,18 @@ inline void check_cuda(cudaError_t status, const char* what) {
 }
 #define HF_FFF_BWD_LAUNCH_CHECK(what) ::hf_fff_cuda::bwd::check_cuda(cudaGetLastError(), what)
 
-// ---------------------------------------------------------------------------------------------------
-// Element conversions (fp32 accumulation; round to nearest even on the way out, as torch's .to()).
-__device__ __forceinline__ float load_f(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load_f(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Butterfly sum: every lane ends with the same bits (each pairwise add is commutative), so the
-// coefficients computed from it agree in all lanes.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-
-// Exact (erf) GELU and its derivative Phi(z) + z phi(z). The erfc form keeps Phi accurate for z << 0,
+// The derivative of exact GELU (primitives.cuh), Phi(z) + z phi(z). The erfc form keeps Phi accurate for z << 0,
 // where 1 + erf(z / sqrt 2) cancels.
-__device__ __forceinline__ float gelu(float z) { return 0.5f * z * erfcf(-z * 0.70710678118654752f); }
 __device__ __forceinline__ float gelu_grad(float z) {
   const float cdf = 0.5f * erfcf(-z * 0.70710678118654752f);
   const float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
   return fmaf(z, pdf, cdf);
 }
 
-// 16-byte vectors of T (4 floats or 8 halves) <-> fp32.
 template <typename T>
-struct Vec {
-  static constexpr int kElems = 16 / sizeof(T);
-};
-
-__device__ __forceinline__ void unpack(const uint4& v, float (&f)[4], const float*) {
-  f[0] = __uint_as_float(v.x), f[1] = __uint_as_float(v.y), f[2] = __uint_as_float(v.z), f[3] = __uint_as_float(v.w);
+__device__ __forceinline__ void load_vec(const T* row, int vector, float (&f)[Elem<T>::kVec]) {
+  Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(row) + vector), f);
 }
-__device__ __forceinline__ void unpack(const uint4& v, float (&f)[8], const __half*) {
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    f[2 * i] = pair.x, f[2 * i + 1] = pair.y;
-  }
-}
-__device__ __forceinline__ void unpack(const uint4& v, float (&f)[8], const __nv_bfloat16*) {
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // bf16 is the top half of an fp32: widening is exact
-    f[2 * i] = __uint_as_float(w[i] << 16), f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ uint4 pack(const float (&f)[4], const float*) {
-  return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
-__device__ __forceinline__ uint4 pack(const float (&f)[8], const __half*) {
-  unsigned w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 h = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<const unsigned*>(&h);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-__device__ __forceinline__ uint4 pack(const float (&f)[8], const __nv_bfloat16*) {
-  unsigned w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<const unsigned*>(&h);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* row, int vector, float (&f)[Vec<T>::kElems]) {
-  unpack(__ldg(reinterpret_cast<const uint4*>(row) + vector), f, row);
-}
-
-__device__ __forceinline__ int64_t nodes_per_tree(int depth) { return (int64_t{2} << depth) - 1; }
 
 // Row of the weights visited at `level` by a token that reached `leaf` of `tree`.
 __device__ __forceinline__ int64_t path_row(int tree, int level, int leaf, int depth) {
@@ -158,8 +86,8 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const int c = lane + 32 * k;
-      xr[k] = c < hidden ? load_f(x + c) : 0.f;
-      gr[k] = c < hidden ? load_f(grad_y + c) : 0.f;
+      xr[k] = c < hidden ? Elem<T>::load(x + c) : 0.f;
+      gr[k] = c < hidden ? Elem<T>::load(grad_y + c) : 0.f;
       gx[k] = 0.f;
     }
     for (int tree = 0; tree < trees; ++tree) {
@@ -173,12 +101,12 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) {
           const int c = lane + 32 * k;
-          wr[k] = c < hidden ? load_f(wi + c) : 0.f;
-          const float wo_c = c < hidden ? load_f(wo + c) : 0.f;
+          wr[k] = c < hidden ? Elem<T>::load(wi + c) : 0.f;
+          const float wo_c = c < hidden ? Elem<T>::load(wo + c) : 0.f;
           z = fmaf(xr[k], wr[k], z);
           dg = fmaf(gr[k], wo_c, dg);
         }
-        z = warp_sum(z) + load_f(b_in + row);
+        z = warp_sum(z) + Elem<T>::load(b_in + row);
         dg = warp_sum(dg);
         const float c_in = dg * gelu_grad(z);
         if (lane == 0) {
@@ -192,7 +120,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const int c = lane + 32 * k;
-      if (c < hidden) grad_x[c] = from_f<T>(gx[k]);
+      if (c < hidden) Elem<T>::store(grad_x + c, gx[k]);
     }
   } else {
     // Coefficients: lane 0 keeps them in global scratch, read back by the whole warp after __syncwarp
@@ -206,10 +134,10 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
         float z = 0.f, dg = 0.f;
 #pragma unroll 4
         for (int c = lane; c < hidden; c += 32) {
-          z = fmaf(load_f(x + c), load_f(wi + c), z);
-          dg = fmaf(load_f(grad_y + c), load_f(wo + c), dg);
+          z = fmaf(Elem<T>::load(x + c), Elem<T>::load(wi + c), z);
+          dg = fmaf(Elem<T>::load(grad_y + c), Elem<T>::load(wo + c), dg);
         }
-        z = warp_sum(z) + load_f(b_in + row);
+        z = warp_sum(z) + Elem<T>::load(b_in + row);
         dg = warp_sum(dg);
         if (lane == 0) {
           coef_in[tree * levels + level] = dg * gelu_grad(z);
@@ -231,14 +159,14 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 #pragma unroll
           for (int k = 0; k < kBlock; ++k) {
             const int c = c0 + lane + 32 * k;
-            if (c < hidden) gx[k] = fmaf(c_in, load_f(wi + c), gx[k]);
+            if (c < hidden) gx[k] = fmaf(c_in, Elem<T>::load(wi + c), gx[k]);
           }
         }
       }
 #pragma unroll
       for (int k = 0; k < kBlock; ++k) {
         const int c = c0 + lane + 32 * k;
-        if (c < hidden) grad_x[c] = from_f<T>(gx[k]);
+        if (c < hidden) Elem<T>::store(grad_x + c, gx[k]);
       }
     }
   }
@@ -248,9 +176,9 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 // a row is at most 32 * kVecs vectors (lane holds vectors lane + 32 k). Same arithmetic as above, with an
 // eighth of the load instructions at 16 bits.
 template <typename T, int kVecs>
-__global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Vec<T>::kElems > 24 ? 1 : 2)
+__global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
     token_pass_vec_kernel(const BackwardParams p) {
-  constexpr int kE = Vec<T>::kElems;
+  constexpr int kE = Elem<T>::kVec;
   const int lane = threadIdx.x & 31;
   const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
   if (position >= p.tokens) return;
@@ -298,7 +226,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Vec<T>::kElems > 24 
           dg = fmaf(gr[k][e], wo_v[e], dg);
         }
       }
-      z = warp_sum(z) + load_f(b_in + row);
+      z = warp_sum(z) + Elem<T>::load(b_in + row);
       dg = warp_sum(dg);
       const float c_in = dg * gelu_grad(z);
       if (lane == 0) {
@@ -316,7 +244,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Vec<T>::kElems > 24 
 #pragma unroll
   for (int k = 0; k < kVecs; ++k) {
     const int v = lane + 32 * k;
-    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = pack(gx[k], grad_x);
+    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
   }
 }
 
@@ -334,10 +262,10 @@ template <typename T>
 __device__ __forceinline__ void write_row(const BackwardParams& p, int64_t row, int col, float sum_in, float sum_out) {
   const int hidden = p.hidden;
   if (col < hidden) {
-    static_cast<T*>(p.grad_w_in)[row * hidden + col] = from_f<T>(sum_in);
-    static_cast<T*>(p.grad_w_out)[row * hidden + col] = from_f<T>(sum_out);
+    Elem<T>::store(static_cast<T*>(p.grad_w_in) + row * hidden + col, sum_in);
+    Elem<T>::store(static_cast<T*>(p.grad_w_out) + row * hidden + col, sum_out);
   } else {
-    static_cast<T*>(p.grad_b_in)[row] = from_f<T>(sum_in);
+    Elem<T>::store(static_cast<T*>(p.grad_b_in) + row, sum_in);
   }
 }
 
@@ -393,8 +321,8 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
     for (int j = 0; j < kGroup; ++j) {
       const bool real = g0 + j < len && col < hidden;
       const int64_t offset = real ? s_token[g0 + j] * int64_t{hidden} + col : 0;
-      xs[j] = real ? load_f(x + offset) : 1.f;  // the bias column's "x" is 1
-      gs[j] = real ? load_f(grad_y + offset) : 0.f;
+      xs[j] = real ? Elem<T>::load(x + offset) : 1.f;  // the bias column's "x" is 1
+      gs[j] = real ? Elem<T>::load(grad_y + offset) : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
@@ -542,7 +470,7 @@ template <typename T>
 void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
   const int hidden = p.hidden, levels = p.depth + 1;
-  constexpr int kE = Vec<T>::kElems;
+  constexpr int kE = Elem<T>::kVec;
   const bool aligned = hidden % kE == 0 && is_aligned16(p.x) && is_aligned16(p.grad_y) && is_aligned16(p.w_in) &&
                        is_aligned16(p.w_out) && is_aligned16(p.grad_x);
   const int vectors_per_lane = (hidden / kE + 31) / 32;
