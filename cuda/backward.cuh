@@ -42,6 +42,22 @@ __device__ __forceinline__ void load_vec(const T* row, int vector, float (&f)[El
   Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(row) + vector), f);
 }
 
+// A visited row's coefficients from the lane's partial dot products z = x . w_in and dg = grad_y . w_out:
+// lane 0 stores them for the weight pass (at index `at` of the token's coefficients); every lane gets c_in,
+// the weight of this row of w_in in grad_x.
+template <typename T>
+__device__ __forceinline__ float row_coefficients(float z, float dg, const T* b_in, int64_t row, float* coef_in,
+                                                  float* coef_out, int at, int lane) {
+  z = warp_sum(z) + Elem<T>::load(b_in + row);
+  dg = warp_sum(dg);
+  const float c_in = dg * gelu_grad(z);
+  if (lane == 0) {
+    coef_in[at] = c_in;
+    coef_out[at] = gelu(z);
+  }
+  return c_in;
+}
+
 // Row of the weights visited at `level` by a token that reached `leaf` of `tree`.
 __device__ __forceinline__ int64_t path_row(int tree, int level, int leaf, int depth) {
   return tree * nodes_per_tree(depth) + ((int64_t{1} << level) - 1) + (leaf >> (depth - level));
@@ -106,13 +122,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
           z = fmaf(xr[k], wr[k], z);
           dg = fmaf(gr[k], wo_c, dg);
         }
-        z = warp_sum(z) + Elem<T>::load(b_in + row);
-        dg = warp_sum(dg);
-        const float c_in = dg * gelu_grad(z);
-        if (lane == 0) {
-          coef_in[tree * levels + level] = c_in;
-          coef_out[tree * levels + level] = gelu(z);
-        }
+        const float c_in = row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) gx[k] = fmaf(c_in, wr[k], gx[k]);
       }
@@ -137,12 +147,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
           z = fmaf(Elem<T>::load(x + c), Elem<T>::load(wi + c), z);
           dg = fmaf(Elem<T>::load(grad_y + c), Elem<T>::load(wo + c), dg);
         }
-        z = warp_sum(z) + Elem<T>::load(b_in + row);
-        dg = warp_sum(dg);
-        if (lane == 0) {
-          coef_in[tree * levels + level] = dg * gelu_grad(z);
-          coef_out[tree * levels + level] = gelu(z);
-        }
+        row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
       }
     }
     __syncwarp();
@@ -226,13 +231,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
           dg = fmaf(gr[k][e], wo_v[e], dg);
         }
       }
-      z = warp_sum(z) + Elem<T>::load(b_in + row);
-      dg = warp_sum(dg);
-      const float c_in = dg * gelu_grad(z);
-      if (lane == 0) {
-        coef_in[tree * levels + level] = c_in;
-        coef_out[tree * levels + level] = gelu(z);
-      }
+      const float c_in = row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
 #pragma unroll
