@@ -12,10 +12,9 @@ and HF_FFF_CUDA_SPLIT (sorted's bucket level; staged's top levels held in shared
 the backend loads. For tests, HF_FFF_CUDA_NO_COOPERATIVE (read at every call) makes the sorted strategy sort with
 separate launches, as it must where a cooperative launch of one block per SM is refused (MPS, green contexts).
 
-The fused backward of cuda/backward.cuh (deterministic: fixed summation order, no atomics) is built with the
-forward but runs only with HF_FFF_CUDA_BACKWARD=fused until its GPU test suite (tests/test_cuda_backward.py) has
-passed on a device; by default CUDA gradients come from the torch reference, which is exact and slower.
-float64 stays on the torch reference in both directions.
+The fused backward of cuda/backward.cuh (deterministic: fixed summation order, no atomics) computes the CUDA
+gradients; HF_FFF_CUDA_BACKWARD=reference (read when the backend loads) puts the plain-torch reference backward
+in its place. float64 stays on the torch reference in both directions.
 """
 
 from __future__ import annotations
@@ -120,11 +119,9 @@ BACKWARD_ENV = "HF_FFF_CUDA_BACKWARD"
 
 
 def fused_backward_enabled() -> bool:
-    """Whether the fused CUDA backward runs (HF_FFF_CUDA_BACKWARD=fused), read when the backend loads.
-
-    Off by default until tests/test_cuda_backward.py has passed on a GPU: gradients must be right before they
-    are fast, and the reference backward is the exact fallback."""
-    value = os.environ.get(BACKWARD_ENV, "reference").strip().lower() or "reference"
+    """Whether the fused CUDA backward runs (the default; HF_FFF_CUDA_BACKWARD=reference turns it off), read
+    when the backend loads. tests/test_cuda_backward.py is its GPU suite."""
+    value = os.environ.get(BACKWARD_ENV, "fused").strip().lower() or "fused"
     if value not in ("fused", "reference"):
         raise ValueError(f"{BACKWARD_ENV}={value!r}: choose 'fused' or 'reference'")
     return value == "fused"
