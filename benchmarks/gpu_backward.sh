@@ -2,7 +2,7 @@
 # One device call for the fused backward: build, GPU tests, timings, compute-sanitizer (each part time-boxed,
 # logs under $OUT; a part with a time box of 0 is skipped). Run from the repository root.
 export PYTHONPATH=$PWD HF_FFF_CACHE=${HF_FFF_CACHE:-/tmp/hf} PYTHONUNBUFFERED=1
-export HF_FFF_CUDA_BACKWARD=${HF_FFF_CUDA_BACKWARD:-fused}  # what these runs validate
+export HF_FFF_CUDA_BACKWARD=${HF_FFF_CUDA_BACKWARD:-fused}  # the default; set =reference to time the torch backward
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

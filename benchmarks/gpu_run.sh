@@ -15,7 +15,6 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HF_FFF_CACHE=${HF_FFF_CACHE:-/tmp/hf_fff_cache}
-export HF_FFF_CUDA_BACKWARD=${HF_FFF_CUDA_BACKWARD:-fused}  # the device runs are what validate the fused backward
 PY=${PYTHON:-python3}
 steps=${*:-env build tests backward training sanitize bench}
 box() { timeout "${STEP_S:-600}" "$@"; }
