@@ -51,17 +51,19 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="also draw a bar chart (needs matplotlib)")
     parser.add_argument("--no-encoder", dest="encoder", action="store_false", help="skip the whole-encoder comparison")
+    parser.add_argument("--encoder-batch", type=int, default=8, help="sequences per whole-encoder call (default: 8)")
+    parser.add_argument("--encoder-seq", type=int, default=128, help="tokens per sequence in the whole-encoder call (default: 128; 1 x 16 times latency)")
     parser.add_argument(
         "--train",
         action="store_true",
         help="time training instead: forward+backward+AdamW steps vs BERT-base (fp32 on cpu, bf16 autocast on cuda; "
-        "--dtype, --tokens, --plot and --no-encoder do not apply) and the FFF backward vs dense backwards",
+        "--dtype, --tokens, --plot and the encoder options do not apply) and the FFF backward vs dense backwards",
     )
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if any(t < 0 for t in args.tokens) or args.repeats < 1:
-        print("hf-fff bench: --tokens must be >= 0 and --repeats >= 1", file=sys.stderr)
+    if any(t < 0 for t in args.tokens) or args.repeats < 1 or args.encoder_batch < 1 or args.encoder_seq < 1:
+        print("hf-fff bench: --tokens must be >= 0; --repeats, --encoder-batch and --encoder-seq >= 1", file=sys.stderr)
         return 2
     for path in (args.json_path, args.plot_path):
         problem = _unwritable(path)
@@ -80,6 +82,8 @@ def _bench(args: argparse.Namespace) -> int:
             tokens=tuple(args.tokens),
             repeats=args.repeats,
             encoder=args.encoder,
+            encoder_batch=args.encoder_batch,
+            encoder_seq=args.encoder_seq,
             json_path=args.json_path,
             plot_path=args.plot_path,
         )

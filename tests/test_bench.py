@@ -87,10 +87,14 @@ def test_cli_arguments_reach_run_bench(monkeypatch, tmp_path):
     assert cli.main(["bench", "--dtype", "bfloat16", "--tokens", "1", "3", "--repeats", "4", "--no-encoder", "--json", str(tmp_path / "r.json")]) == 0
     assert seen["dtype"] == torch.bfloat16 and seen["tokens"] == (1, 3) and seen["repeats"] == 4
     assert seen["encoder"] is False and seen["json_path"] == str(tmp_path / "r.json") and seen["device"] == "cpu"
+    assert seen["encoder_batch"] == 8 and seen["encoder_seq"] == 128
+    assert cli.main(["bench", "--encoder-batch", "1", "--encoder-seq", "16"]) == 0
+    assert seen["encoder_batch"] == 1 and seen["encoder_seq"] == 16
 
 
 def test_cli_rejects_bad_arguments_and_missing_devices(capsys):
     assert cli.main(["bench", "--repeats", "0"]) == 2
+    assert cli.main(["bench", "--encoder-seq", "0"]) == 2
     if not torch.cuda.is_available():
         assert cli.main(["bench", "--device", "cuda", "--no-encoder"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
