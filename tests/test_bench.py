@@ -173,7 +173,7 @@ def test_training_json_names_the_machine(tiny_train_results):
 def test_training_step_updates_every_weight_the_loss_reaches(task):
     ultrafast, _ = bench.build_training_models(task, torch.device("cpu"), TINY_TRAIN_MODELS)
     inputs = bench.training_batch(task, 2, 9, 300, "cpu")
-    optimizer = bench.make_optimizer(ultrafast, torch.device("cpu"))
+    optimizer = bench.make_optimizer(ultrafast)
     before = {name: p.detach().clone() for name, p in ultrafast.named_parameters()}
     loss = bench.training_step(ultrafast, optimizer, inputs, torch.device("cpu"))()
     assert torch.isfinite(loss)
