@@ -116,7 +116,7 @@ def _forced_here() -> Optional[str]:
 
 def requested_backend() -> str:
     forced = _forced_here()
-    choice = forced if forced is not None else os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO
+    choice = forced if forced is not None else (_environment_choice() or AUTO).strip().lower() or AUTO
     if choice not in (AUTO, *available_backends()):
         raise ValueError(f"unknown FFF backend {choice!r} (from {ENV_VAR} or set_backend); choose one of {[AUTO, *available_backends()]}")
     return choice
@@ -154,6 +154,12 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _THREAD.forced = previous
 
 
+try:  # CPython's os._Environ (POSIX and Windows) since 3.2
+    _ENVIRON_DATA, _ENVIRON_KEY = os.environ._data, os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+except AttributeError:
+    _ENVIRON_DATA, _ENVIRON_KEY = None, None
+
+
 def _environment_choice() -> Optional[str]:
     """HF_FFF_BACKEND as os.environ holds it now, read on every call so that a change takes effect at once.
 
@@ -164,12 +170,6 @@ def _environment_choice() -> Optional[str]:
         return os.environ.get(ENV_VAR)
     value = _ENVIRON_DATA.get(_ENVIRON_KEY)
     return None if value is None else os.environ.decodevalue(value)
-
-
-try:  # CPython's os._Environ (POSIX and Windows) since 3.2
-    _ENVIRON_DATA, _ENVIRON_KEY = os.environ._data, os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
-except AttributeError:
-    _ENVIRON_DATA, _ENVIRON_KEY = None, None
 
 
 def resolve_kernels(device_type: str) -> tuple[str, Kernels]:
