@@ -250,9 +250,21 @@ def installed_version() -> str:
         return __version__
 
 
+class _PrintVersion(argparse.Action):
+    """--version, looked up only when asked for: from a checkout that was never installed, the lookup imports
+    the package (and transformers), which every other command line must not pay for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help="show program's version number and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"hf-fff {installed_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fff", description="UltraFastBERT (fast feedforward) tools for transformers")
-    parser.add_argument("--version", action="version", version=f"hf-fff {installed_version()}")
+    parser.add_argument("--version", action=_PrintVersion)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, handler, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

@@ -109,6 +109,23 @@ def resolve_source(file_name: str) -> Path:
     raise BuildUnavailable(f"source file {file_name!r} was not found (looked in {[str(c) for c in candidates]})")
 
 
+def header_flags(headers: Sequence[str], include_dir: bool = False) -> list[str]:
+    """A define carrying the headers' content hash, so that editing a header changes the cache key (the builder
+    hashes the sources it compiles, not what they include); with include_dir, -I for the headers' folder first."""
+    digest = hashlib.sha256()
+    folder = None
+    for header in headers:
+        try:
+            path = resolve_source(header)
+        except BuildUnavailable:
+            digest.update(header.encode())
+            continue
+        folder = path.parent
+        digest.update(path.read_bytes())
+    include = [f"-I{folder}"] if include_dir and folder is not None else []
+    return include + [f"-DHF_FFF_HEADERS={digest.hexdigest()[:16]}"]
+
+
 def cuda_arch_flags(extra_cuda_cflags: Sequence[str]) -> list[str]:
     """nvcc -gencode flags for the visible GPUs, or none when the caller or TORCH_CUDA_ARCH_LIST decides.
 

@@ -11,7 +11,6 @@ e.g. x86-64-v3 (AVX2 + FMA) on an AVX-512 machine; each target is its own cached
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Optional
@@ -27,26 +26,10 @@ DEFAULT_MARCH = "native"  # the cache key includes the CPU model, so the binary 
 LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded: one OpenMP runtime, one thread pool
 
 
-def _header_flags() -> list[str]:
-    """-I for the headers' folder and a define carrying their content hash (the builder hashes sources only)."""
-    digest = hashlib.sha256()
-    folder = None
-    for header in HEADERS:
-        try:
-            path = extension.resolve_source(header)
-        except extension.BuildUnavailable:
-            digest.update(header.encode())
-            continue
-        folder = path.parent
-        digest.update(path.read_bytes())
-    include = [f"-I{folder}"] if folder is not None else []
-    return include + [f"-DHF_FFF_HEADERS={digest.hexdigest()[:16]}"]
-
-
 def cflags(march: str) -> list[str]:
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):
         raise ValueError(f"{MARCH_ENV}={march!r} is not a -march value")
-    return ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", *_header_flags()]
+    return ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", *extension.header_flags(HEADERS, include_dir=True)]
 
 
 def resolved_march(march: Optional[str] = None) -> str:

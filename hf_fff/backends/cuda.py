@@ -78,19 +78,6 @@ STRATEGY_ENV = "HF_FFF_CUDA_STRATEGY"
 SPLIT_ENV = "HF_FFF_CUDA_SPLIT"
 
 
-def _header_digest_flags() -> list[str]:
-    """A define that carries the headers' content hash into the cache key (the builder hashes sources only)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for header in HEADERS:
-        try:
-            digest.update(extension.resolve_source(header).read_bytes())
-        except extension.BuildUnavailable:
-            digest.update(header.encode())
-    return [f"-DHF_FFF_HEADERS={digest.hexdigest()[:16]}"]
-
-
 def load_module():
     """The compiled extension module, or None (after one warning) when it cannot be built."""
     return extension.load_extension(
@@ -98,7 +85,7 @@ def load_module():
         SOURCES,
         with_cuda=True,
         extra_cflags=CFLAGS,
-        extra_cuda_cflags=CUDA_CFLAGS + _header_digest_flags(),
+        extra_cuda_cflags=CUDA_CFLAGS + extension.header_flags(HEADERS),
     )
 
 

@@ -269,7 +269,8 @@ def _copy_tokenizer(src: Path, dst: Path, warnings: list[str]) -> list[str]:
     if (dst / "tokenizer.json").is_file():
         settings = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         if not settings.get("tokenizer_class"):
-            # Without it AutoTokenizer falls back to the model type, which has no tokenizer mapping.
+            # Without it AutoTokenizer needs the model type's mapping, which only `import hf_fff` registers: the folder
+            # must also load with plain transformers (trust_remote_code, other tools).
             settings["tokenizer_class"] = "PreTrainedTokenizerFast"
             config_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
             warnings.append("tokenizer_config.json named no tokenizer_class; set it to PreTrainedTokenizerFast")
@@ -303,14 +304,6 @@ def _source_card(folder: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # DST: what may be replaced, and the final move
 # ----------------------------------------------------------------------------------------------------
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-    except ValueError:
-        return False
-    return True
 
 
 def _foreign_entries(folder: Path) -> list[str]:
@@ -348,7 +341,7 @@ def check_destination(dst: Path, source: Optional[Path], overwrite: bool) -> Non
         source = source.resolve()
         if resolved == source:
             raise ConversionError(f"DST {dst} is SRC; write the converted model to a new folder")
-        if _inside(source, resolved):
+        if source.is_relative_to(resolved):
             raise ConversionError(f"DST {dst} contains SRC {source}; write the converted model to a new folder")
     if dst.is_symlink():
         raise ConversionError(f"DST {dst} is a symlink; give the real folder")

@@ -129,14 +129,6 @@ def _skip_reason(relative: str, include: Sequence[str]) -> str | None:
     return "not a model repo file; pass include=[...] / --include to upload it"
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-    except ValueError:
-        return False
-    return True
-
-
 def plan_folder(folder: PathLike, include: Sequence[str] = ()) -> FolderPlan:
     """Sort every entry of `folder` into what a model repo is made of and what stays behind (with why).
 
@@ -158,7 +150,7 @@ def plan_folder(folder: PathLike, include: Sequence[str] = ()) -> FolderPlan:
             relative = path.relative_to(folder).as_posix()
             if path.is_symlink():
                 target = path.resolve()
-                if not _inside(target, root):
+                if not target.is_relative_to(root):
                     plan.skipped.append((relative, "symlink pointing outside the folder"))
                     continue
             if not path.is_file():
