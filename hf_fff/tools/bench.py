@@ -5,6 +5,8 @@ plain torch reference and the published masking computation, against torch dense
 768-3072-768 (BERT-base's) and 768-4095-768 (the same neuron count as one depth-11 tree).
 Encoder: UltraFastBERT-1x11 (random weights) against transformers' BertModel with the bert-base config
 and SDPA attention, on the same batch.
+Training (`--train`): one optimizer step of UltraFastBERT-1x11 against BERT-base with the same task head and
+batch, and the FFF backward alone against dense feedforward backwards.
 
 Every group of implementations is timed side by side in one process: blocks of consecutive calls of
 each, alternating round-robin, so that machine noise hits all of them alike; reported times are
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..backends import reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_SECONDS_PER_ROW = 0.3  # cheap calls are repeated until each row has this much timing in it
@@ -40,7 +43,7 @@ ROUNDS = 5  # alternating blocks per implementation
 class Row:
     """One implementation timed in one setting."""
 
-    group: str  # "layer" or "encoder"
+    group: str  # "layer", "encoder", "train" or "backward"
     tokens: int  # tokens per call
     name: str
     median_s: float
@@ -150,7 +153,7 @@ def bench_layer(device, dtype, tokens: Sequence[int], repeats: int, hidden: int,
 
     generator = torch.Generator().manual_seed(0)
     fff = FastFeedForward(hidden, depth).to(device=device, dtype=dtype).eval()
-    neurons = 2 ** (depth + 1) - 1
+    neurons = reference.nodes_per_tree(depth)
     dense = {dense_name(hidden, width): dense_feedforward(hidden, width).to(device=device, dtype=dtype).eval() for width in (4 * hidden, neurons)}
     auto_backend = backends.resolve(device.type)[0]  # builds the native kernel now, not inside a timing
     rows = []
@@ -233,7 +236,8 @@ TRAIN_LEARNING_RATE = 1e-5  # small: random weights must not diverge over the ti
 
 
 def default_train_batches(device: torch.device) -> dict[str, tuple[int, ...]]:
-    """Batch sizes (sequences of 128 tokens) per task: issue #28's CPU step, issue #29's GPU steps."""
+    """Batch sizes (sequences of 128 tokens) per task: one small fine-tuning batch on the CPU; on CUDA a fine-tuning
+    batch of 32 and of 128 and an MLM pretraining batch of 128."""
     if device.type == "cuda":
         return {"seq-cls": (32, 128), "mlm": (128,)}
     return {"seq-cls": (8,), "mlm": (8,)}
@@ -354,25 +358,6 @@ def bench_training_step(task: str, device, batch: int, seq: int, repeats: int, m
     return rows, setting
 
 
-def masked_dense_feedforward(x, weight_in, bias_in, weight_out, depth: int) -> torch.Tensor:
-    """The published FFF as autograd sees it: every logit, a 0/1 mask of the visited nodes, dense products.
-
-    Its backward is the published training cost: dense (H, T*N) and (T*N, H) products of every node.
-    """
-    from ..backends.reference import nodes_per_tree
-
-    trees = weight_in.shape[0] // nodes_per_tree(depth)
-    logits = torch.addmm(bias_in, x, weight_in.t()).view(x.shape[0], trees, nodes_per_tree(depth))
-    with torch.no_grad():
-        mask = torch.zeros_like(logits)
-        node = torch.zeros(x.shape[0], trees, 1, dtype=torch.long, device=x.device)
-        for level in range(depth + 1):
-            mask.scatter_(2, node, 1.0)
-            if level < depth:
-                node = 2 * node + 1 + (logits.gather(2, node) > 0).long()
-    return (torch.nn.functional.gelu(logits) * mask).view(x.shape[0], weight_in.shape[0]) @ weight_out
-
-
 def bench_layer_backward(device, dtype, tokens: Sequence[int], repeats: int, hidden: int, depth: int) -> list[Row]:
     """Gradients of x and every weight, given the output gradient, of the FFF layer and dense feedforwards.
 
@@ -383,7 +368,7 @@ def bench_layer_backward(device, dtype, tokens: Sequence[int], repeats: int, hid
 
     generator = torch.Generator().manual_seed(0)
     fff = FastFeedForward(hidden, depth).to(device=device, dtype=dtype)
-    neurons = 2 ** (depth + 1) - 1
+    neurons = reference.nodes_per_tree(depth)
     dense = {dense_name(hidden, width): dense_feedforward(hidden, width).to(device=device, dtype=dtype) for width in (4 * hidden, neurons)}
     auto_backend = backends.resolve(device.type)[0]
     rows = []
@@ -399,7 +384,8 @@ def bench_layer_backward(device, dtype, tokens: Sequence[int], repeats: int, hid
             y_auto = fff(x)
         with backends.use_backend(backends.REFERENCE):
             y_reference = fff(x)
-        y_masked = masked_dense_feedforward(x, fff.weight_in, fff.bias_in, fff.weight_out, depth)
+        # the published computation under autograd: dense products of every node, the unvisited masked to 0
+        y_masked = reference.fff_forward_masked(x, fff.weight_in, fff.bias_in, fff.weight_out, depth)[0]
         candidates = {
             f"FFF backward ({auto_backend}, auto)": (backends.AUTO, backward_of(y_auto, fff_inputs)),
             "FFF backward (reference torch)": (backends.REFERENCE, backward_of(y_reference, fff_inputs)),
@@ -445,7 +431,7 @@ def run_train_bench(
             results["train"].append(setting)
             _release(device)
     backward_rows = bench_layer_backward(device, layer_dtype, backward_tokens, repeats, hidden, depth)
-    backward_baselines = [f"{dense_name(hidden, 4 * hidden)} backward", f"{dense_name(hidden, 2 ** (depth + 1) - 1)} backward"]
+    backward_baselines = [f"{dense_name(hidden, 4 * hidden)} backward", f"{dense_name(hidden, reference.nodes_per_tree(depth))} backward"]
     print(f"\nBackward alone (grads of x and all weights), hidden {hidden}, depth {depth}, 1 tree, {meta['dtype']} (median of side-by-side calls)")
     print(format_table(backward_rows, backward_baselines, "tokens"))
     results["backward"] = {"hidden": hidden, "depth": depth, "baselines": backward_baselines, "rows": [_row_dict(r) for r in backward_rows]}
@@ -623,7 +609,7 @@ def run_bench(
           f"{meta['dtype']}, torch {meta['torch']}, {meta['date']}; FFF backend: {meta['fff_backend']}")
 
     layer_rows = bench_layer(device, dtype, tokens, repeats, hidden, depth)
-    layer_baselines = [dense_name(hidden, 4 * hidden), dense_name(hidden, 2 ** (depth + 1) - 1)]
+    layer_baselines = [dense_name(hidden, 4 * hidden), dense_name(hidden, reference.nodes_per_tree(depth))]
     print(f"\nFFF layer, hidden {hidden}, depth {depth}, 1 tree (median of >= {repeats} side-by-side calls)")
     print(format_table(layer_rows, layer_baselines, "tokens"))
     results = {
