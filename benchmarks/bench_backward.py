@@ -12,7 +12,6 @@ untimed, then torch.autograd.grad of the output (w.r.t. the input and the four p
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 
 import torch
@@ -80,7 +79,6 @@ def main() -> None:
 
     from hf_fff.backends import cuda as cuda_backend
 
-    os.environ.setdefault(cuda_backend.BACKWARD_ENV, "fused")  # this script measures the fused backward
     kernels = cuda_backend.load_kernels()
     assert kernels is not None and kernels.backward is not None, "the CUDA extension did not build"
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, hf_fff {hf_fff.__version__ if hasattr(hf_fff, '__version__') else ''}, {datetime.date.today()}")

@@ -2,7 +2,8 @@
 # One device run for the CUDA backend: environment, build, CUDA tests, compute-sanitizer, benchmarks.
 #
 #   bash benchmarks/gpu_run.sh [env] [build] [tests] [backward] [training] [sanitize] [bench] [bench-quick]
-#                              [hf-bench] [train-bench]   (default: env build tests backward training sanitize bench)
+#                              [bench-backward] [hf-bench] [train-bench]
+#                              (default: env build tests backward training sanitize bench)
 #
 # Each test or benchmark step is time-boxed by STEP_S seconds (default 600), so that one device call can
 # run several steps and still return its logs.
@@ -46,11 +47,15 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         echo "== $tool"
-        compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1 || status=1
-        grep -v "^=========     " "$OUT/sanitize_$tool.log" | head -40
+        for script in sanitize_cuda sanitize_backward; do  # the forward's strategies, the fused backward's paths
+          compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 || status=1
+          grep -v "^=========     " "$OUT/${script}_$tool.log" | head -40
+        done
       done 2>&1 | tee "$OUT/sanitize.log" ;;
     bench)
       $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    bench-backward)
+      box $PY benchmarks/bench_backward.py --profile 2>&1 | tee "$OUT/bench_backward.log" || status=1 ;;
     bench-quick)
       $PY benchmarks/bench_cuda.py --quick --no-compile ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -23,7 +22,6 @@ CASES = [
 
 
 def main() -> None:
-    os.environ.setdefault(cuda_backend.BACKWARD_ENV, "fused")  # this script measures the fused backward
     kernels = cuda_backend.load_kernels()
     assert kernels is not None and kernels.backward is not None
     generator = torch.Generator(device="cuda").manual_seed(0)

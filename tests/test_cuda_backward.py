@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 
 import pytest
 import torch
@@ -88,11 +87,13 @@ def kernels():
         pytest.skip("needs a CUDA GPU")
     from hf_fff.backends import cuda as cuda_backend
 
-    os.environ.pop(cuda_backend.BACKWARD_ENV, None)  # the default: fused
+    with pytest.MonkeyPatch.context() as patch:  # the default (fused) for this module only
+        patch.delenv(cuda_backend.BACKWARD_ENV, raising=False)
+        backends._reset_for_tests()
+        loaded = cuda_backend.load_kernels()
+        assert loaded is not None and loaded.backward is not None, "the CUDA extension failed to build (see the warning)"
+        yield loaded
     backends._reset_for_tests()
-    loaded = cuda_backend.load_kernels()
-    assert loaded is not None and loaded.backward is not None, "the CUDA extension failed to build (see the warning)"
-    return loaded
 
 
 def poison_allocator(nbytes: int) -> None:
@@ -135,7 +136,7 @@ GRID = [
 ]
 # ... and every (tokens, hidden) at the model's shapes: one tree of depth 11, two trees of depth 6.
 GRID += [(dtype, tokens, hidden, trees, depth) for dtype in KERNEL_DTYPES for tokens in TOKENS for hidden in HIDDEN for trees, depth in ((1, 11), (2, 6))]
-GRID = sorted(set(GRID), key=GRID.index)
+GRID = list(dict.fromkeys(GRID))  # without repeats, in order
 
 
 @pytest.mark.gpu

@@ -5,7 +5,6 @@ with a sentence-transformers loss. Tests that need sentence-transformers skip wi
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
