@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the worktree's h
 
 import hf_fff  # noqa: E402
 
+import _model_helpers  # noqa: E402  (tests/, the script's own folder, is first on sys.path)
+
 GLOBAL_BATCH = 8
 SEQ_LEN = 12
 VOCAB = 128
@@ -31,12 +33,7 @@ MASK_TOKEN_ID = 3
 
 def tiny_config(**overrides) -> hf_fff.UltraFastBertConfig:
     # No dropout: the ranks draw different random masks than a single process would.
-    settings = dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fff_depth=3, fff_trees=2,
-        classifier_head_dim=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0,
-        classifier_dropout=0.0,
-    )
-    return hf_fff.UltraFastBertConfig(**{**settings, **overrides})
+    return _model_helpers.tiny_config(vocab_size=VOCAB, **_model_helpers.NO_DROPOUT, **overrides)
 
 
 class FixedExamples(torch.utils.data.Dataset):
@@ -69,27 +66,19 @@ def build_model(task: str) -> torch.nn.Module:
 
 
 def run_trainer(task: str, out_dir: Path, world_size: int) -> dict:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     model = build_model(task)
-    args = TrainingArguments(
-        output_dir=str(out_dir / f"trainer-{task}-{world_size}"),
+    args = _model_helpers.training_args(
+        out_dir / f"trainer-{task}-{world_size}",
         per_device_train_batch_size=GLOBAL_BATCH // world_size,
         max_steps=STEPS,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
         data_seed=0,
         ddp_backend="gloo",
     )
     trainer = Trainer(model=model, args=args, train_dataset=FixedExamples(task))
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"losses": losses, "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
+    return {"losses": _model_helpers.logged_losses(trainer), "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
 
 
 def run_fsdp(out_dir: Path, mixed_precision: bool) -> dict:

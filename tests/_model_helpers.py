@@ -30,12 +30,43 @@ CORPUS = [
 ]
 
 
+# Every dropout of the model off (attention's is a functional argument, not an nn.Dropout module): for runs that
+# must match each other or a reference step for step.
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0, classifier_dropout=0.0)
+
+
 def tiny_config(**overrides):
     from hf_fff import UltraFastBertConfig
 
     settings = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fff_depth=3, fff_trees=2, classifier_head_dim=16)
     settings.update(overrides)
     return UltraFastBertConfig(**settings)
+
+
+def training_args(output_dir, device: str = "cpu", **overrides):
+    """Trainer settings of the training tests: constant learning rate 3e-3, a loss logged every step, nothing
+    saved or reported, seed 0; `overrides` replace any of them."""
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=16,
+        num_train_epochs=1,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        seed=0,
+        dataloader_pin_memory=False,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def logged_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def train_tokenizer(vocab_size: int = 128):

@@ -21,6 +21,7 @@ from hf_fff import backends
 from hf_fff.backends import reference
 
 from _chunked_backward import chunked_backward
+from _model_helpers import NO_DROPOUT
 from _oracle import backward_float64, check_backward, random_layer
 
 HAS_CUDA = torch.cuda.is_available()
@@ -239,10 +240,8 @@ def test_compiled_forward_and_backward(kernels, monkeypatch, dtype):
 def test_masked_lm_training_step_matches_reference_backward(kernels, monkeypatch, dtype, tol):
     """A whole UltraFastBertForMaskedLM step: the same forward, the CUDA backward or the reference one."""
     torch.manual_seed(0)
-    # No dropout anywhere (attention's is a functional argument, not an nn.Dropout): the two steps must differ
-    # in nothing but the FFF backward.
-    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0, classifier_dropout=0.0)
-    config = hf_fff.UltraFastBertConfig(num_hidden_layers=2, vocab_size=1000, fff_trees=2, fff_depth=6, **no_dropout)
+    # No dropout anywhere: the two steps must differ in nothing but the FFF backward.
+    config = hf_fff.UltraFastBertConfig(num_hidden_layers=2, vocab_size=1000, fff_trees=2, fff_depth=6, **NO_DROPOUT)
     model = hf_fff.UltraFastBertForMaskedLM(config).to(device="cuda", dtype=dtype).train()
     ids = torch.randint(5, 1000, (8, 128), device="cuda")
     labels = torch.where(torch.rand(ids.shape, device="cuda") < 0.15, ids, torch.full_like(ids, -100))

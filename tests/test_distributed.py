@@ -10,7 +10,6 @@ The worker is tests/_distributed_worker.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +22,13 @@ import _distributed_worker as worker
 pytestmark = pytest.mark.slow  # each torchrun launch starts fresh Python processes (~10-30 s apiece)
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def torchrun(mode: str, processes: int, out_dir: Path) -> list[dict]:
     """Run the worker in `processes` processes; return each rank's results."""
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    command = ["torchrun", "--standalone", f"--nproc-per-node={processes}", str(WORKER), mode, str(out_dir)]
+    # torchrun's own entry point on this interpreter (the worker puts the checkout's hf_fff on its path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(WORKER), mode, str(out_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return [torch.load(out_dir / f"{mode}-world{processes}-rank{rank}.pt") for rank in range(processes)]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import hf_fff
 from hf_fff.backends import reference
 
 import _oracle
-from _model_helpers import LabelledIds, tiny_config
+from _model_helpers import LabelledIds, logged_losses, tiny_config, training_args
 
 
 @pytest.mark.parametrize("trees, depth, hidden", [(1, 0, 5), (1, 4, 16), (3, 3, 13), (2, 6, 24)])
@@ -44,21 +44,10 @@ def test_trainer_fine_tunes_sequence_classification(tmp_path):
     torch.manual_seed(0)
     model = hf_fff.UltraFastBertForSequenceClassification(tiny_config(vocab_size=64, num_labels=2, classifier_dropout=0.0))
     data = LabelledIds(vocab=64)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        num_train_epochs=15,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
+    args = training_args(tmp_path, num_train_epochs=15)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = logged_losses(trainer)
     assert len(losses) >= 20
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
     trainer.save_model(str(tmp_path / "final"))

@@ -9,40 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, Trainer
 
 import hf_fff
 
-from _model_helpers import CORPUS, LabelledIds, tiny_config, train_tokenizer
+from _model_helpers import CORPUS, NO_DROPOUT, LabelledIds, logged_losses, tiny_config, train_tokenizer, training_args
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def no_dropout_config(**overrides):
-    return tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0, classifier_dropout=0.0, **overrides)
-
-
-def training_args(tmp_path, device, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        num_train_epochs=1,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=device == "cpu",
-        seed=0,
-        dataloader_pin_memory=False,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
-
-
-def logged_losses(trainer) -> list[float]:
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return tiny_config(**NO_DROPOUT, **overrides)
 
 
 @pytest.mark.slow
@@ -107,7 +85,7 @@ def test_mlm_pretraining_from_scratch_with_the_collator(tmp_path, device):
     tokenizer = train_tokenizer(128)
     config = hf_fff.UltraFastBertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fff_depth=4, fff_trees=2,
-        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id, **NO_DROPOUT,
     )
     torch.manual_seed(0)
     model = hf_fff.UltraFastBertForMaskedLM(config)
