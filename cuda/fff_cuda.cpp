@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "backward.h"
+#include "binding.h"
 #include "fff_cuda.h"
 
 namespace hf_fff_cuda {
@@ -51,17 +52,6 @@ int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCoun
 int64_t max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 // Compute capability major version: thread-block clusters need 9 (Hopper) or later.
 int cc_major(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
-
-// Error messages are assembled from strings only: on the device image (torch 2.11), streaming an integer
-// into a TORCH_CHECK message from an extension crashed inside libstdc++ (std::ostream::_M_insert<long>,
-// seen 2026-11-23), so numbers go through std::to_string.
-std::string num(int64_t v) { return std::to_string(v); }
-
-std::string dims(at::IntArrayRef sizes) {
-  std::string out = "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + (sizes.size() == 1 ? ",)" : ")");
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "backward.h"
+#include "binding.h"
 
 namespace hf_fff_cuda {
 
@@ -19,44 +20,45 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x, con
                               const at::Tensor& bias_in, const at::Tensor& weight_out, int64_t depth,
                               const at::Tensor& leaves) {
   TORCH_CHECK(depth >= 0 && depth < kBackwardMaxLevels, "hf_fff CUDA backward: depth must be in [0, ",
-              kBackwardMaxLevels - 1, "], got ", depth);
+              num(kBackwardMaxLevels - 1), "], got ", num(depth));
   const std::pair<const char*, const at::Tensor*> tensors[] = {{"grad_y", &grad_y},       {"x", &x},
                                                               {"weight_in", &weight_in}, {"bias_in", &bias_in},
                                                               {"weight_out", &weight_out}, {"leaves", &leaves}};
   for (const auto& [name, tensor] : tensors) {
     TORCH_CHECK(tensor->is_cuda(), "hf_fff CUDA backward: ", name, " must be a CUDA tensor");
-    TORCH_CHECK(tensor->device() == x.device(), "hf_fff CUDA backward: ", name, " is on ", tensor->device(),
-                ", x on ", x.device());
+    TORCH_CHECK(tensor->device() == x.device(), "hf_fff CUDA backward: ", name, " is on ", tensor->device().str(),
+                ", x on ", x.device().str());
     TORCH_CHECK(tensor->is_contiguous(), "hf_fff CUDA backward: ", name, " must be contiguous");
   }
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "hf_fff CUDA backward: takes float32, float16 or bfloat16, got ", dtype);
+              "hf_fff CUDA backward: takes float32, float16 or bfloat16, got ", c10::toString(dtype));
   for (const at::Tensor* t : {&grad_y, &weight_in, &bias_in, &weight_out}) {
     TORCH_CHECK(t->scalar_type() == dtype, "hf_fff CUDA backward: grad_y, x and the weights must share one dtype, got ",
-                t->scalar_type(), " and ", dtype);
+                c10::toString(t->scalar_type()), " and ", c10::toString(dtype));
   }
-  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1, "hf_fff CUDA backward: x must be (tokens, hidden), got ", x.sizes());
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "hf_fff CUDA backward: grad_y ", grad_y.sizes(), " must match x ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1, "hf_fff CUDA backward: x must be (tokens, hidden), got ", dims(x.sizes()));
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "hf_fff CUDA backward: grad_y ", dims(grad_y.sizes()), " must match x ", dims(x.sizes()));
   const int64_t tokens = x.size(0), hidden = x.size(1);
   const int64_t n_nodes = (int64_t{2} << depth) - 1;
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(1) == hidden && weight_in.size(0) > 0 &&
                   weight_in.size(0) % n_nodes == 0,
-              "hf_fff CUDA backward: weight_in must be (trees * ", n_nodes, ", ", hidden, "), got ", weight_in.sizes());
-  TORCH_CHECK(weight_out.sizes() == weight_in.sizes(), "hf_fff CUDA backward: weight_out ", weight_out.sizes(),
-              " must match weight_in ", weight_in.sizes());
+              "hf_fff CUDA backward: weight_in must be (trees * ", num(n_nodes), ", ", num(hidden), "), got ",
+              dims(weight_in.sizes()));
+  TORCH_CHECK(weight_out.sizes() == weight_in.sizes(), "hf_fff CUDA backward: weight_out ", dims(weight_out.sizes()),
+              " must match weight_in ", dims(weight_in.sizes()));
   TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == weight_in.size(0), "hf_fff CUDA backward: bias_in must be (",
-              weight_in.size(0), ",), got ", bias_in.sizes());
+              num(weight_in.size(0)), ",), got ", dims(bias_in.sizes()));
   const int64_t trees = weight_in.size(0) / n_nodes;
   TORCH_CHECK(leaves.scalar_type() == at::kLong && leaves.dim() == 2 && leaves.size(0) == tokens &&
                   leaves.size(1) == trees,
-              "hf_fff CUDA backward: leaves must be int64 (", tokens, ", ", trees, "), got ", leaves.scalar_type(), " ",
-              leaves.sizes());
+              "hf_fff CUDA backward: leaves must be int64 (", num(tokens), ", ", num(trees), "), got ",
+              c10::toString(leaves.scalar_type()), " ", dims(leaves.sizes()));
   // Launch limits: token ids are int32 in the weight pass; the fixup's grid has trees * levels blocks in z.
   TORCH_CHECK(tokens < std::numeric_limits<int>::max() && hidden < std::numeric_limits<int>::max() / 2 &&
                   trees * (depth + 1) <= 65535,
-              "hf_fff CUDA backward: too large (tokens ", tokens, ", hidden ", hidden, ", trees ", trees, ", depth ", depth,
-              ")");
+              "hf_fff CUDA backward: too large (tokens ", num(tokens), ", hidden ", num(hidden), ", trees ", num(trees),
+              ", depth ", num(depth), ")");
 }
 
 }  // namespace
@@ -81,6 +83,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   at::Tensor grad_w_out = at::zeros_like(weight_out);
   if (tokens == 0) return {grad_x, grad_w_in, grad_b_in, grad_w_out};
 
+  // Checked before anything is launched: the weight pass's grid has one block row per chunk.
+  const int chunk = backward_chunk(levels);
+  const int64_t chunks = backward_chunk_count(tokens, chunk);
+  TORCH_CHECK(chunks <= 65535, "hf_fff CUDA backward: at most ", num(int64_t{65535} * chunk), " tokens per call, got ",
+              num(tokens));
+
   const auto int32 = x.options().dtype(at::kInt);
   const auto fp32 = x.options().dtype(at::kFloat);
   at::Tensor keys = at::empty({trees, tokens}, int32);
@@ -90,10 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   sorted_leaf = sorted_leaf.contiguous();
   order = order.contiguous();
 
-  const int chunk = backward_chunk(levels);
-  const int64_t chunks = backward_chunk_count(tokens, chunk);
-  TORCH_CHECK(chunks <= 65535, "hf_fff CUDA backward: at most ", int64_t{65535} * chunk, " tokens per call, got ",
-              tokens);
   at::Tensor coef_in = at::empty({tokens, trees, levels}, fp32);
   at::Tensor coef_out = at::empty({tokens, trees, levels}, fp32);
   // Partial slots are only needed when a node can span chunks; one chunk writes every row directly.

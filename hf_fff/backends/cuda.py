@@ -38,7 +38,7 @@ CUDA_UNITS = [source for source in SOURCES if source.endswith(".cu")]
 # The sources include these; listed so that the build cache key changes when they do.
 HEADERS = [
     "fff_cuda.h", "strategies.h", "primitives.cuh", "common.cuh", "launch.cuh", "walk.cuh", "few_tokens.cuh", "staged.cuh", "sorted.cuh",
-    "dispatch.cuh", "backward.h", "backward.cuh",
+    "dispatch.cuh", "backward.h", "backward.cuh", "binding.h",
 ]
 # -lineinfo: compute-sanitizer and profilers can name source lines; it costs nothing at run time.
 # No --use_fast_math: erff and the fp32 accumulation must match the torch reference.
