@@ -1,6 +1,6 @@
-// Device helpers that every strategy family uses: element types, the one-warp walk's building blocks (rows as
-// 16-byte vectors per lane, x and y, dot products, routing, output accumulation), the two-token walk's shared steps,
-// and thin wrappers of the PTX instructions the kernels issue (asynchronous copies, thread-block clusters, mbarriers,
+// Device helpers that every forward strategy family uses (element types and math are in primitives.cuh): the
+// one-warp walk's building blocks (rows as 16-byte vectors per lane, x and y, dot products, routing, output
+// accumulation), the two-token walk's shared steps, and thin wrappers of the PTX instructions the kernels issue (asynchronous copies, thread-block clusters, mbarriers,
 // tensor copies).
 //
 // The FFF function, per token and tree: walk depth + 1 levels from the root; at node n, logit = x . w_in[n] + b_in[n]

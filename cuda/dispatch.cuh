@@ -1,5 +1,6 @@
-// The automatic choice and the table-driven dispatch: every strategy family's header, then plan(), bind_scratch(),
-// strategy_name() and launch<T>() as switches over the rows of strategies.h.
+// The automatic choice and the table-driven dispatch: every strategy family's header, the choice, and launch<T>() as a
+// switch over the rows of strategies.h (fff_cuda_plan.cu holds plan(), bind_scratch() and strategy_name(), switches
+// over the same rows).
 #pragma once
 
 #include "few_tokens.cuh"

@@ -27,9 +27,10 @@ namespace core = hf_fff_cpu;
 constexpr int64_t kMaxDepth = 30;  // ops.py rejects deeper trees; re-checked here for direct calls
 // Below this many multiply-adds per thread a call stays on fewer threads. A second thread costs more
 // than its share of small calls on these 2-vCPU VMs: milliseconds when its vCPU is idle or taken by
-// another process (measured, docs/cpu_design.md: forced onto 2 threads, 64-256 BERT tokens took 1.4-15
-// ms instead of 0.4-1.5 ms; 1024 tokens broke even; 4096 tokens gained). 2^23 puts the switch at about
-// 900 tokens of the BERT layer (768 x depth 11: 18 K multiply-adds per token).
+// another process (measured, docs/cpu_design.md's threshold table: forced onto 2 threads after an idle
+// pause, 64-256 BERT tokens took milliseconds instead of a fraction of one; 1024 tokens broke even; 4096
+// tokens gained). 2^23 puts the forward's switch at about 900 tokens of the BERT layer (768 x depth 11:
+// 18 K multiply-adds per token).
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 23;
 
 static_assert(sizeof(c10::BFloat16) == sizeof(core::bf16) && sizeof(c10::Half) == sizeof(core::f16));

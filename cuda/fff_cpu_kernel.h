@@ -213,12 +213,15 @@ inline A gelu(A z) {
   return A(0.5) * z * (A(1) + std::erf(z * A(M_SQRT1_2)));
 }
 
-// d/dz of the exact GELU: Phi(z) + z phi(z).
+// The exact GELU and its derivative Phi(z) + z phi(z) from one erf (the backward needs both per visited row; the
+// compiler cannot merge two erf calls itself, math functions may set errno). The same expressions as gelu().
 template <typename A>
-inline A gelu_derivative(A z) {
-  const A cdf = A(0.5) * (A(1) + std::erf(z * A(M_SQRT1_2)));
+inline void gelu_and_derivative(A z, A& value, A& derivative) {
+  const A one_plus_erf = A(1) + std::erf(z * A(M_SQRT1_2));
+  value = A(0.5) * z * one_plus_erf;
+  const A cdf = A(0.5) * one_plus_erf;
   const A pdf = std::exp(A(-0.5) * z * z) * A(0.3989422804014327);  // 1 / sqrt(2 pi)
-  return cdf + z * pdf;
+  derivative = cdf + z * pdf;
 }
 
 inline constexpr int kBlock = 4;  // tokens per dot-product block (8 vector accumulators: fits 16 registers)
@@ -636,8 +639,9 @@ void backward_tokens(const Layer<S>& layer, const S* grad_y, const S* x, const i
       for (int64_t level = 0; level < L; ++level) {
         const int64_t k = t * L + level, row = path_row(leaves[m * T + t], t, level, D);
         const A z = logit[(m - begin) * K + k] + widen(layer.bias_in[row]);
-        act[m * K + k] = gelu(z);
-        grad[k] *= gelu_derivative(z);
+        A derivative;
+        gelu_and_derivative(z, act[m * K + k], derivative);
+        grad[k] *= derivative;
         rows[k] = layer.weight_in + row * H;
       }
     }

@@ -2,10 +2,12 @@
 // headers, so that the per-dtype files fff_cuda_{f32,f16,bf16}.cu compile fast and in parallel): the parameter
 // struct every kernel takes, and the three calls the binding makes (plan, bind_scratch, launch_<dtype>).
 //
-// The sources: strategies.h (the table), common.cuh (device helpers), launch.cuh (host launch helpers), one header
-// per strategy family (walk.cuh, few_tokens.cuh, staged.cuh, sorted.cuh), dispatch.cuh (the automatic choice and the
-// table-driven dispatch), fff_cuda_plan.cu and fff_cuda_{f32,f16,bf16}.cu (what is compiled). docs/cuda_design.md says
-// why each strategy exists.
+// The sources: strategies.h (the table), primitives.cuh (element types and math the backward shares), common.cuh
+// (the forward's device helpers), launch.cuh (host launch helpers), one header per strategy family (walk.cuh,
+// few_tokens.cuh, staged.cuh, sorted.cuh), dispatch.cuh (the automatic choice and the table-driven dispatch),
+// fff_cuda_plan.cu and fff_cuda_{f32,f16,bf16}.cu (what is compiled). docs/cuda_design.md says
+// why each strategy exists. The fused backward (backward.h, backward.cuh, fff_cuda_backward.{cu,cpp}) is built into
+// the same extension; binding.h holds what both torch bindings share.
 #pragma once
 
 #include <cstdint>

@@ -255,7 +255,7 @@ __device__ __forceinline__ void stage_bucket_rows(T* rows_in, float* bias_s, con
 }
 
 // A finishing block's shared memory: the bucket's rows in stage_bucket_rows' layout, the subtree's biases and the
-// n_buckets + 1 bucket offsets (exclusive prefix sums of the counts; sorted_smem_bytes in fff_cuda.h).
+// n_buckets + 1 bucket offsets (exclusive prefix sums of the counts; sorted_smem_bytes below).
 template <typename T>
 struct SortedSmem {
   T* rows_in;   // sub subtree w_in rows
@@ -807,7 +807,7 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 }
 
 // A float32 (rows, hidden) matrix as the 3-D tensor (inner, hidden / inner, rows) with a box of one whole row, for
-// sp::tensor_row_copy: a box side holds at most 256 elements and its innermost extent a multiple of 16 bytes, so inner
+// tensor_row_copy (common.cuh): a box side holds at most 256 elements and its innermost extent a multiple of 16 bytes, so inner
 // is the largest multiple of 4 up to 256 that divides hidden. False where no such view or encoder exists.
 inline bool tensor_row_map(CUtensorMap* map, const void* base, int64_t rows, int64_t hidden) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
@@ -826,10 +826,7 @@ inline bool tensor_row_map(CUtensorMap* map, const void* base, int64_t rows, int
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Calls f(std::true_type{}) when a row is exactly NV vectors per lane (the kFull instantiation of the kernels that
-// have one applies), else f(std::false_type{}).
-
-// Step 2 after a ranking step 1 whose block (m / per) % blocks routed token m.
+// Step 1's scatter, after a ranking step 1 whose block (m / per) % blocks routed token m.
 inline void launch_scatter_ranked(const Params& p, int64_t per, int64_t blocks, cudaStream_t stream) {
   const int64_t grid = (p.tokens + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(p.num_sms) * 8;
