@@ -50,7 +50,7 @@ def check_layer_sizes(hidden_size: int, depth: int, trees: int) -> None:
     parameters = trees * (2 ** (depth + 1) - 1) * (2 * hidden_size + 1)
     dtype = torch.get_default_dtype()
     needed = parameters * dtype.itemsize
-    device = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
+    device = torch.get_default_device()
     available = None if device.type == "meta" else _memory_bytes(device)
     if parameters > MAX_FFF_PARAMETERS or (available is not None and needed > available):
         where = f"{available / 2**30:.1f} GiB of {device.type} memory" if available is not None else f"the limit of {MAX_FFF_PARAMETERS:.2e} parameters"
@@ -135,8 +135,8 @@ class FastFeedForward(nn.Module):
         trees = check_fff_arguments(x, *weights, self.depth)
         if trees != self.trees:  # depth changed after construction in a way the row count happens to divide
             raise ValueError(
-                f"FastFeedForward holds {weights[0].shape[0]} rows ({self.trees} trees of depth {self.depth}?), which is not "
-                f"{self.trees} trees of depth {self.depth}; was layer.depth changed after construction?"
+                f"FastFeedForward holds {weights[0].shape[0]} rows, which at depth {self.depth} are {trees} trees, not the "
+                f"{self.trees} it was built with; was layer.depth changed after construction?"
             )
 
     def extra_repr(self) -> str:

@@ -20,14 +20,11 @@ through the tokenizer's offset mapping, so `context[start:end] == answer`.
 
 from __future__ import annotations
 
-import logging
-import types
 from typing import Any, Iterable, Optional
 
 import torch
 from transformers.pipelines.base import ChunkPipeline
 
-logger = logging.getLogger(__name__)
 
 TASK = "extractive-question-answering"
 LEGACY_TASK = "question-answering"  # served by transformers itself where it still ships it (< 5.3)
@@ -96,7 +93,7 @@ def examples_from_arguments(args: tuple, question: Any = None, context: Any = No
         return _check_example(inputs)
     if isinstance(inputs, (list, tuple)):
         return [_check_example(example) for example in inputs]
-    if isinstance(inputs, (types.GeneratorType, Iterable)) and not isinstance(inputs, str):
+    if isinstance(inputs, Iterable) and not isinstance(inputs, str):
         return inputs  # streamed: each item is checked when it is preprocessed
     raise TypeError(f"cannot read a question and a context from {type(inputs).__name__}")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .model_card import (  # noqa: F401  (re-exported: hf_fff.hub is the public home of publishing)
+from .model_card import (  # noqa: F401  (re-exported: hf_fff.tools.hub is the public home of publishing)
     PROJECT,
     PathLike,
     PublishError,
@@ -427,11 +427,6 @@ def _authenticated_api(token: str, token_source: str):
     except network_error_types() as error:
         raise HubUnreachableError(unreachable_message(api.endpoint) + "; `hf-fff push --dry-run` shows what would be uploaded without it") from error
     return api
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI glue (hf_fff_cli builds the parser and calls these)
-# ----------------------------------------------------------------------------------------------------
 
 
 __all__ = [

@@ -73,13 +73,6 @@ class FolderPlan:
     files: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def describe(self) -> str:
-        lines = [f"{len(self.files)} file(s) of {self.folder} belong to the model repo: " + (", ".join(self.files) or "none")]
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)}:")
-            lines += [f"  {path}  ({reason})" for path, reason in self.skipped]
-        return "\n".join(lines)
-
 
 def read_config_object(folder: Path, error: type[Exception], missing: str, shown: str = "") -> dict:
     """A model folder's config.json as a dict, or `error` saying what is wrong with it.
