@@ -1,6 +1,6 @@
 """What the ecosystem integrations cost on this CPU: UltraFastBERT-1x11 vs BERT-base, random weights, fp32.
 
-    python benchmarks/bench_ecosystem.py [--repeats 5] [--json results_ecosystem_cpu.json]
+    python benchmarks/bench_ecosystem.py [--repeats 5] [--json FILE.json]
 
 Three measurements, each taken for both models in one process, the two models alternating call by call
 so that a change in machine load hits both alike; medians are reported:
