@@ -29,8 +29,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
-from .ops import check_fff_arguments
-from .ops import leaves_like, run_fff
+from .ops import autocast_arguments, check_fff_arguments, leaves_like, run_fff
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
@@ -77,7 +76,8 @@ class FastFeedForward(nn.Module):
 
     Maps (..., hidden_size) -> (..., hidden_size) for any leading shape (also 0 tokens). Each token
     walks each tree from the root, going right when its node's logit is > 0, and sums
-    GELU(logit) * output-row over the depth + 1 visited nodes; only those rows are read.
+    GELU(logit) * output-row over the depth + 1 visited nodes; only those rows are read. Inside
+    torch.autocast it computes in the autocast dtype, as nn.Linear does.
 
     Parameters (row t * N + n is node n of tree t, N = 2**(depth + 1) - 1):
         weight_in (trees * N, hidden_size), bias_in (trees * N,): node logits.
@@ -106,6 +106,8 @@ class FastFeedForward(nn.Module):
         # A one-token call costs ~10 us, a few of them the kernel's: the body is written out (no helper calls,
         # no generator, no tuple unpacking), each of which costs 0.1-0.3 us here.
         weight_in, bias_in, weight_out = self._weights()
+        if torch._C._is_any_autocast_enabled():  # one C call (~0.1 us) when no autocast region is open
+            x, weight_in, bias_in, weight_out = autocast_arguments(x, weight_in, bias_in, weight_out)
         if x.dtype != weight_in.dtype:  # e.g. bf16 activations over fp32 weights: compute in x's dtype, like autocast
             weight_in, bias_in, weight_out = weight_in.to(x.dtype), bias_in.to(x.dtype), weight_out.to(x.dtype)
         # dtype and device of each tensor, every size check_fff_arguments looks at, and the depth (an attribute
@@ -359,29 +361,58 @@ class UltraFastBertPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Out-of-range ids would index past the embedding (a crash on CUDA): refuse them with a clear error."""
+def check_input_ids(input_ids: torch.Tensor) -> None:
+    """Refuse ids of a dtype or shape nn.Embedding cannot take (their range is checked in `inspect_inputs`)."""
     if input_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
         raise TypeError(f"input_ids must be integer token ids of dtype int64 (torch.long) or int32, got {input_ids.dtype}; convert them with input_ids.long()")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-    if input_ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # no host sync is allowed while capturing a CUDA graph; ids were checked on the eager warm-up
-    low, high = torch.aminmax(input_ids)
-    if low.item() < 0 or high.item() >= vocab_size:
-        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (vocab_size), got values in [{low.item()}, {high.item()}]")
 
 
-def additive_attention_mask(attention_mask: Optional[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype, device) -> Optional[torch.Tensor]:
-    """(B, S) mask, 1/True = attend, of any bool/int/float dtype -> (B, 1, 1, S) additive mask in `dtype`."""
+def _can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's values may be read on the host now: not while torch.compile/export or torch.jit
+    traces (the answer would be baked into the graph), nor while a CUDA graph is being captured (no host
+    sync is allowed then; the eager warm-up before the capture saw the same inputs)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def inspect_inputs(input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], vocab_size: int) -> Optional[torch.Tensor]:
+    """Range-check the ids and drop a mask that masks nothing; returns the mask to use.
+
+    Out-of-range ids would index past the embedding (a device-side assert on CUDA): they get a clear error.
+    An all-ones mask adds 0 to every score, so leaving it out computes the same function and lets SDPA take
+    its fused mask-free kernels (flash attention on CUDA), as transformers does for BERT. Both facts come
+    back in one host transfer: on CUDA each transfer waits for the queued work.
+    """
+    read_ids = input_ids is not None and input_ids.numel() > 0 and _can_read_values(input_ids)
+    read_mask = attention_mask is not None and attention_mask.numel() > 0 and _can_read_values(attention_mask)
+    if not (read_ids or read_mask):
+        return attention_mask
+    facts = list(torch.aminmax(input_ids)) if read_ids else []
+    if read_mask:
+        facts.append(attention_mask.eq(1).all().to(facts[0].device if facts else attention_mask.device))
+    values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist()
+    if read_ids and (values[0] < 0 or values[1] >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (vocab_size), got values in [{values[0]}, {values[1]}]")
+    return None if read_mask and values[-1] == 1 else attention_mask
+
+
+def check_attention_mask(attention_mask: Optional[torch.Tensor], shape: tuple[int, int]) -> None:
+    """A (B, S) mask, 1/True = attend, of any bool/int/float dtype."""
     if attention_mask is None:
-        return None
+        return
     if attention_mask.shape != shape:
         raise ValueError(f"attention_mask must have shape {shape} (batch, seq_len), got {tuple(attention_mask.shape)}")
     if attention_mask.is_complex():
         raise TypeError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+
+
+def additive_attention_mask(attention_mask: Optional[torch.Tensor], dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """(B, S) mask, checked by check_attention_mask -> (B, 1, 1, S) additive mask in `dtype`."""
+    if attention_mask is None:
+        return None
     keep = attention_mask.to(device=device, dtype=dtype)
     return ((1.0 - keep) * MASKED_SCORE)[:, None, None, :]
 
@@ -423,15 +454,17 @@ class UltraFastBertModel(UltraFastBertPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
-            check_input_ids(input_ids, self.config.vocab_size)
+            check_input_ids(input_ids)
             batch_seq = tuple(input_ids.shape)
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}")
             batch_seq = tuple(inputs_embeds.shape[:2])
 
+        check_attention_mask(attention_mask, batch_seq)
+        attention_mask = inspect_inputs(input_ids, attention_mask, self.config.vocab_size)
         hidden_states = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
-        mask = additive_attention_mask(attention_mask, batch_seq, hidden_states.dtype, hidden_states.device)
+        mask = additive_attention_mask(attention_mask, hidden_states.dtype, hidden_states.device)
         all_hidden, all_attentions, all_paths = [], [], []
         for layer in self.encoder.layers:
             if output_hidden_states:

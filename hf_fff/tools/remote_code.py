@@ -20,7 +20,7 @@ from .model_card import REMOTE_CODE_FILES, REMOTE_OPS_FILE, TASKS, PathLike, Pub
 
 _REMOTE_OPS_SHIM = '''
 
-# ---- the entry points modeling_ultrafastbert.py uses besides check_fff_arguments (above): plain torch,
+# ---- the entry points modeling_ultrafastbert.py uses besides check_fff_arguments and autocast_arguments (above): plain torch,
 # ---- no custom op, no native kernels
 
 
@@ -36,6 +36,7 @@ def leaves_like(x, leaves, trees: int):
 
 
 def fast_feedforward(x, weight_in, bias_in, weight_out, depth: int):
+    x, weight_in, bias_in, weight_out = autocast_arguments(x, weight_in, bias_in, weight_out)
     trees = check_fff_arguments(x, weight_in, bias_in, weight_out, depth)
     y, leaves = run_fff(x, weight_in, bias_in, weight_out, depth)
     return y, leaves_like(x, leaves, trees)
