@@ -66,8 +66,26 @@ struct BackwardParams {
   int chunks;  // ceil(tokens / chunk)
 };
 
-// Tokens per weight-pass block: the block stages `chunk * levels` coefficient pairs in shared memory.
-inline int backward_chunk(int levels) { return levels > 16 ? 128 : 256; }
+// Tokens per weight-pass block. The block stages `chunk * levels` coefficient pairs in shared memory, which caps
+// the chunk at 256 tokens (128 past 16 levels). A smaller call takes smaller chunks, down to kSmallestChunk, so
+// that the grid (column tiles x chunks x trees blocks) still gives every SM kWeightBlocksPerSm blocks: with
+// 256-token chunks, 4096 tokens made 112 blocks of 4 warps for 132 SMs. The chunk fixes the summation order,
+// so the gradients depend on it (and on the GPU's SM count) but never vary from run to run.
+constexpr int kWeightBlocksPerSm = 4;
+constexpr int kSmallestChunk = 32;
+
+inline int backward_chunk(int levels, int64_t tokens, int64_t blocks_per_chunk, int sms) {
+  const int64_t largest = levels > 16 ? 128 : 256;
+  const int64_t wanted_chunks = (int64_t{kWeightBlocksPerSm} * sms + blocks_per_chunk - 1) / blocks_per_chunk;
+  const int64_t even = (tokens + wanted_chunks - 1) / wanted_chunks;
+  const int64_t rounded = (even + kSmallestChunk - 1) / kSmallestChunk * kSmallestChunk;
+  return static_cast<int>(rounded < kSmallestChunk ? kSmallestChunk : (rounded > largest ? largest : rounded));
+}
+
+// Blocks of the weight pass per chunk: column tiles of kBackwardColumns (plus the bias column), times trees.
+inline int64_t backward_blocks_per_chunk(int64_t hidden, int64_t trees) {
+  return (hidden + kBackwardColumns) / kBackwardColumns * trees;
+}
 
 inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
 

@@ -33,21 +33,6 @@ int vectors_for(int64_t hidden, int64_t element_size) {
   return 0;
 }
 
-// A device attribute per device index, read once (the binding asks on every call). Template parameter so
-// that each attribute keeps its own cache.
-template <cudaDeviceAttr kAttribute>
-int device_attribute(int device) {
-  static std::atomic<int> cache[64] = {};
-  if (device < 0 || device >= 64) device = 0;
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, kAttribute, device));
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
-int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 // Largest dynamic shared memory a block may ask for (227 KB on H100).
 int64_t max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 // Compute capability major version: thread-block clusters need 9 (Hopper) or later.

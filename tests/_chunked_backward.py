@@ -16,9 +16,14 @@ import torch.nn.functional as F
 from hf_fff.backends import reference
 
 
-def chunk_size(levels: int) -> int:
-    """backward_chunk in cuda/backward.h."""
-    return 128 if levels > 16 else 256
+def chunk_size(levels: int, tokens: int, hidden: int, trees: int, sms: int = 132) -> int:
+    """backward_chunk in cuda/backward.h: the largest chunk, or fewer tokens (a multiple of 32, at least 32)
+    when that leaves fewer than 4 weight-pass blocks per SM."""
+    largest = 128 if levels > 16 else 256
+    blocks_per_chunk = (hidden + 128) // 128 * trees
+    wanted_chunks = -(-4 * sms // blocks_per_chunk)
+    rounded = -(-(-(-tokens // wanted_chunks)) // 32) * 32
+    return min(largest, max(32, rounded))
 
 
 def chunked_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves, chunk=None):
@@ -27,7 +32,7 @@ def chunked_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves, c
     trees = leaves.shape[1]
     n_nodes = reference.nodes_per_tree(depth)
     acc = reference.accumulation_dtype(x.dtype)
-    chunk = chunk or chunk_size(levels)
+    chunk = chunk or chunk_size(levels, tokens, hidden, trees)
     grad_w_in = torch.zeros(weight_in.shape, dtype=acc)
     grad_b_in = torch.zeros(bias_in.shape, dtype=acc)
     grad_w_out = torch.zeros(weight_out.shape, dtype=acc)

@@ -62,7 +62,8 @@ def random_problem(tokens, hidden, trees, depth, dtype, seed, device="cpu", crow
         (150, 5, 3, 5, 16, True),
         (300, 2, 1, 8, 32, False),  # many leaves, nodes shorter than a chunk at deep levels
         (64, 3, 2, 4, 16, False),  # tokens a multiple of the chunk
-        (257, 6, 1, 11, 256, True),  # the kernel's own chunk size
+        (257, 6, 1, 11, 256, True),  # the kernel's largest chunk
+        (257, 6, 1, 11, 32, True),  # its smallest (small calls)
     ],
 )
 def test_chunk_model_matches_reference(tokens, hidden, trees, depth, chunk, crowded):
