@@ -6,12 +6,13 @@ One process, one GPU, medians of triton.testing.do_bench (CUDA events). The FFF 
 (768), one tree of depth 11 (UltraFastBERT-1x11), with the leaves its forward actually reaches on random
 inputs. The dense baseline is nn.Linear(768, 3072), exact GELU, nn.Linear(3072, 768): its forward runs
 untimed, then torch.autograd.grad of the output (w.r.t. the input and the four parameters) is timed.
---profile adds the fused backward's per-kernel times at the largest size.
+--profile adds the fused backward's per-kernel times at each size.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import datetime
 
 import torch
@@ -96,9 +97,9 @@ def main() -> None:
             print(f"{name:>5} {tokens:>6} | {fused:8.1f} {ref:9.1f} {dense:8.1f} | {dense / fused:11.2f} {ref / fused:9.2f}", flush=True)
             torch.cuda.empty_cache()
     if args.profile:
-        for name in args.dtypes:
-            problem = fff_problem(max(args.tokens), DTYPES[name], kernels)
-            print(f"\nfused backward kernels, {name}, {max(args.tokens)} tokens (us per call):")
+        for name, tokens in itertools.product(args.dtypes, args.tokens):
+            problem = fff_problem(tokens, DTYPES[name], kernels)
+            print(f"\nfused backward kernels, {name}, {tokens} tokens (us per call):")
             for kernel, us in profile_kernels(kernels, problem):
                 print(f"  {us:8.1f}  {kernel}")
 

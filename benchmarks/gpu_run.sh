@@ -2,7 +2,7 @@
 # One device run for the CUDA backend: environment, build, CUDA tests, compute-sanitizer, benchmarks.
 #
 #   bash benchmarks/gpu_run.sh [env] [build] [tests] [backward] [training] [sanitize] [bench] [bench-quick]
-#                              [bench-backward] [hf-bench] [train-bench]
+#                              [bench-backward] [hf-bench] [train-bench] [profile-train] [profile-compiled]
 #                              (default: env build tests backward training sanitize bench)
 #
 # Each test or benchmark step is time-boxed by STEP_S seconds (default 600), so that one device call can
@@ -44,6 +44,13 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
       box $PY -m hf_fff_cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
     train-bench)
       box $PY -m hf_fff_cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
+    profile-train)
+      for case in "seq-cls 32" "seq-cls 128" "mlm 128"; do
+        set -- $case
+        box $PY benchmarks/profile_train.py --task $1 --batch $2 2>&1 | tee "$OUT/profile_train_$1_$2.log" | tail -4 || status=1
+      done ;;
+    profile-compiled)
+      box $PY benchmarks/profile_train.py --task seq-cls --batch 32 --compile 2>&1 | tee "$OUT/profile_compiled.log" | tail -6 || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         echo "== $tool"
@@ -55,7 +62,7 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
     bench)
       $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     bench-backward)
-      box $PY benchmarks/bench_backward.py --profile 2>&1 | tee "$OUT/bench_backward.log" || status=1 ;;
+      box $PY benchmarks/bench_backward.py --tokens 4096 16384 32768 --profile 2>&1 | tee "$OUT/bench_backward.log" || status=1 ;;
     bench-quick)
       $PY benchmarks/bench_cuda.py --quick --no-compile ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;

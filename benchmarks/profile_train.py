@@ -1,0 +1,121 @@
+"""Where a CUDA training step's time goes: UltraFastBERT-1x11 beside BERT-base, kernel time by kind.
+
+    python benchmarks/profile_train.py [--task seq-cls|mlm] [--batch 32] [--steps 5] [--compile]
+
+The same models, batch, bf16 autocast and fused AdamW as `hf-fff bench --train`. For each model it prints the
+wall time of a step (CUDA-synchronised median), the GPU's busy time in that step (sum of kernel times) and that
+busy time split by kernel kind (GEMM, attention, FFF, normalisation, dropout, optimizer, other elementwise), then
+the ten longest kernels. A step whose busy time is well below its wall time is bound by the host's launches.
+--compile adds both models' steps compiled with torch.compile (default mode) as two more rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hf_fff.tools import bench  # noqa: E402
+
+# First match wins: (kind, substrings of the kernel name, lower case).
+KINDS = (
+    ("fff", ("hf_fff", "bwd::", "token_pass", "weight_pass", "fixup", "keys_kernel", "fff_")),
+    ("attention", ("flash", "fmha", "attention", "attn", "softmax")),
+    ("gemm", ("gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "nvjet", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm", ("layer_norm", "layernorm", "norm_")),
+    ("dropout", ("dropout", "bernoulli", "philox", "masked_scale")),
+    ("sort/scan", ("radix", "sort", "scan", "cub::")),
+    ("cast/copy", ("copy", "cast", "to_copy", "convert")),
+    ("reduce", ("reduce", "sum_", "nll", "cross_entropy", "log_softmax")),
+)
+
+
+def kind_of(name: str) -> str:
+    lower = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lower for needle in needles):
+            return kind
+    return "other elementwise"
+
+
+def wall_ms(step, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_ms(step, steps: int) -> dict[str, float]:
+    """Kernel name -> total CUDA milliseconds per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time / 1e3 / steps
+    return totals
+
+
+def report(name: str, step, steps: int) -> dict:
+    for _ in range(3):
+        step()
+    wall = wall_ms(step, steps)
+    kernels = kernel_ms(step, steps)
+    by_kind: dict[str, float] = defaultdict(float)
+    for kernel, ms in kernels.items():
+        by_kind[kind_of(kernel)] += ms
+    busy = sum(kernels.values())
+    print(f"\n== {name}: step {wall:.2f} ms wall, {busy:.2f} ms of kernels ({busy / wall:.0%} busy)")
+    for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
+        print(f"   {kind:<18} {ms:7.2f} ms")
+    print("   longest kernels:")
+    for kernel, ms in sorted(kernels.items(), key=lambda item: -item[1])[:10]:
+        print(f"     {ms:7.3f} ms  {kernel[:110]}")
+    return {"wall_ms": wall, "busy_ms": busy, "by_kind": dict(by_kind)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="seq-cls", choices=bench.TRAIN_TASKS)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    ultrafast, bert = bench.build_training_models(args.task, device)
+    vocab = min(ultrafast.config.vocab_size, bert.config.vocab_size)
+    inputs = bench.training_batch(args.task, args.batch, args.seq, vocab, device)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.task}, batch {args.batch} x {args.seq}, bf16 autocast, AdamW fused")
+    results = {}
+    for name, model in (("UltraFastBERT-1x11", ultrafast), ("BERT-base", bert)):
+        step = bench.training_step(model, bench.make_optimizer(model), inputs, device)
+        results[name] = report(name, step, args.steps)
+        if args.compile:
+            compiled = torch.compile(step)
+            results[name + " compiled"] = report(name + " (torch.compile)", compiled, args.steps)
+    base = results["BERT-base"]["wall_ms"]
+    print("\nstep           wall ms  vs BERT-base")
+    for name, result in results.items():
+        print(f"{name:<30} {result['wall_ms']:7.2f}  {base / result['wall_ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
