@@ -18,6 +18,7 @@
 #include <omp.h>
 #endif
 
+#include "dropout_cpu_kernel.h"
 #include "fff_cpu_kernel.h"
 
 namespace {
@@ -212,10 +213,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   return {grad_x, grad_weight_in, grad_bias_in, grad_weight_out};
 }
 
+// Elements per thread below which dropout stays on the calling thread (a memory-bound pass of ~1 ns an
+// element: a second thread pays off from a few hundred thousand elements).
+constexpr int64_t kMinDropoutElementsPerThread = int64_t{1} << 18;
+
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t threads) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "fff_cpu dropout: x must be a contiguous CPU tensor");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fff_cpu dropout: x must have a floating-point dtype, got ",
+              c10::toString(x.scalar_type()));
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fff_cpu dropout: p must be in [0, 1), got ", std::to_string(p));
+  at::Tensor out = at::empty_like(x);
+  const int64_t count = x.numel();
+  if (count == 0) return out;
+  // p * 2^32 < 2^32 for p < 1; the largest double below 1 rounds to 2^32, which stays a valid (drop-all) threshold
+  // only as 2^32 - 1: clamp.
+  const double scaled = std::min(std::nearbyint(p * 4294967296.0), 4294967295.0);
+  const core::DropoutKey key{static_cast<uint64_t>(seed), static_cast<uint32_t>(scaled)};
+  const int64_t available = threads > 0 ? threads : at::get_num_threads();
+  const int64_t team = std::max<int64_t>(1, std::min(available, threads > 0 ? threads : count / kMinDropoutElementsPerThread));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fff_cpu_dropout", [&] {
+    using S = typename CoreType<scalar_t>::type;
+    using A = core::Acc<S>;
+    const S* in = data<scalar_t>(x);
+    S* result = mutable_data<scalar_t>(out);
+    const A scale = static_cast<A>(1.0 / (1.0 - p));
+    run_team(team, [&](int64_t me, int64_t size) {
+      const auto [begin, end] = share(count, size, me);
+      core::dropout_range(in, result, begin, end, key, scale);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hf_fff CPU kernel of the FFF conditional matmul (forward and backward)";
+  m.doc() = "hf_fff CPU kernels: the FFF conditional matmul (forward and backward) and hashed dropout";
   m.attr("isa") = core::isa_name();
   m.attr("vector_bytes") = core::kVectorBytes;
   m.def("fff_forward", &fff_forward,
@@ -227,4 +260,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_weight_out); threads > 0 forces a thread count",
         pybind11::arg("grad_y"), pybind11::arg("x"), pybind11::arg("weight_in"), pybind11::arg("bias_in"), pybind11::arg("weight_out"),
         pybind11::arg("depth"), pybind11::arg("leaves"), pybind11::arg("threads") = 0);
+  m.def("dropout", &dropout,
+        "x, p in [0, 1), seed -> x with each element kept (scaled by 1 / (1 - p)) or zeroed by a hash of (seed, its index); "
+        "threads > 0 forces a thread count",
+        pybind11::arg("x"), pybind11::arg("p"), pybind11::arg("seed"), pybind11::arg("threads") = 0);
 }

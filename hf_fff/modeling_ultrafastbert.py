@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
-from .ops import autocast_arguments, check_fff_arguments, leaves_like, run_fff
+from .ops import FastDropout, autocast_arguments, check_fff_arguments, leaves_like, run_fff
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
@@ -168,7 +168,7 @@ class UltraFastBertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_scale = nn.Parameter(torch.full((1,), config.hidden_size**-0.5))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.embedding_dropout_prob)
+        self.dropout = FastDropout(config.embedding_dropout_prob)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         if inputs_embeds is None:
@@ -248,7 +248,7 @@ class UltraFastBertLayer(GradientCheckpointingLayer):
         self.attention = UltraFastBertSelfAttention(config, layer_idx)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = FastFeedForward(config.hidden_size, config.fff_depth, config.fff_trees)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = FastDropout(config.hidden_dropout_prob)
 
     def forward(
         self,
@@ -547,7 +547,7 @@ class UltraFastBertClassificationHead(nn.Module):
     def __init__(self, config: UltraFastBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.classifier_head_dim)
-        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.dropout = FastDropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.classifier_head_dim, config.num_labels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

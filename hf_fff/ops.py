@@ -12,6 +12,7 @@ import torch
 from . import backends
 from .backends import reference
 from .backends.reference import autocast_arguments, check_fff_arguments
+from .dropout import FastDropout  # noqa: F401  (the modeling code's dropout, imported from here like the FFF entry points)
 
 
 @torch.library.custom_op("hf_fff::fff_forward", mutates_args=())

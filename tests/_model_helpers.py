@@ -43,6 +43,14 @@ def tiny_config(**overrides):
     return UltraFastBertConfig(**settings)
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant gradient checkpointing, by the current transformers name (older 5.x releases only have the old one)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def training_args(output_dir, device: str = "cpu", **overrides):
     """Trainer settings of the training tests: constant learning rate 3e-3, a loss logged every step, nothing
     saved or reported, seed 0; `overrides` replace any of them."""

@@ -13,7 +13,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer
 
 import hf_fff
 
-from _model_helpers import CORPUS, NO_DROPOUT, LabelledIds, logged_losses, tiny_config, train_tokenizer, training_args
+from _model_helpers import CORPUS, NO_DROPOUT, LabelledIds, enable_checkpointing, logged_losses, tiny_config, train_tokenizer, training_args
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -68,10 +68,7 @@ def test_trainer_gradient_checkpointing_matches_plain_gradients(device):
     model(input_ids=ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    if hasattr(model, "activation_checkpointing_enable"):  # the current name; older 5.x releases only have the old one
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     assert model.is_gradient_checkpointing
     model(input_ids=ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():

@@ -10,8 +10,10 @@
 //     dtype's tolerance; rows no token visited have exactly zero weight gradients;
 //   * splitting: forward over one range equals forward over pieces, and the weight gradients computed
 //     in one column range equal those computed in three, bit for bit.
+// The hashed dropout (dropout_cpu_kernel.h) is checked too: its vector path against its scalar hash.
 // Prints one line per case and exits non-zero on the first failure set (after running everything).
 
+#include "dropout_cpu_kernel.h"
 #include "fff_cpu_kernel.h"
 
 #include <cinttypes>
@@ -212,6 +214,36 @@ void check_conversions() {
 
 }  // namespace
 
+// The hashed dropout (dropout_cpu_kernel.h): the vector path keeps and scales exactly the elements the scalar
+// hash keeps, from any start offset (thread shares start anywhere), and keeps about 1 - p of them.
+template <typename S>
+void check_dropout(uint64_t seed) {
+  using A = Acc<S>;
+  const int before = failures;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal;
+  const int64_t n = 4099;
+  std::vector<S> in(n), out(n, from_double<S>(7.0));
+  for (auto& v : in) v = from_double<S>(normal(rng));
+  const DropoutKey key{seed * 0x9E3779B97F4A7C15ull + 1, static_cast<uint32_t>(0.3 * 4294967296.0)};
+  const A scale = A(1) / A(0.7);
+  for (const int64_t begin : {int64_t{0}, int64_t{3}, int64_t{17}}) {
+    dropout_range(in.data(), out.data(), begin, n, key, scale);
+    int64_t kept = 0, wrong = 0;
+    for (int64_t i = begin; i < n; ++i) {
+      const bool keep = dropout_hash(static_cast<uint64_t>(i), key.seed) >= key.threshold;
+      S expected;
+      narrow(keep ? widen(in[i]) * scale : A(0), &expected);
+      kept += keep;
+      wrong += std::memcmp(&expected, &out[i], sizeof(S)) != 0;
+    }
+    const double rate = double(kept) / double(n - begin);
+    if (wrong) fail("dropout: " + std::to_string(wrong) + " elements differ from the scalar hash (start " + std::to_string(begin) + ")");
+    if (rate < 0.66 || rate > 0.74) fail("dropout: keep rate " + std::to_string(rate) + " for p = 0.3");
+  }
+  std::printf("%s %-4s dropout (vector path against the scalar hash, keep rate)\n", failures == before ? "ok  " : "FAIL", Tolerance<S>::name);
+}
+
 int main(int argc, char** argv) {
   const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 20261207u;
   std::printf("fff_cpu_kernel_test: isa %s, %d-byte vectors, seed %llu\n", isa_name(), int(kVectorBytes), (unsigned long long)seed);
@@ -225,6 +257,10 @@ int main(int argc, char** argv) {
   run_all<double>(shapes, seed);
   run_all<bf16>(shapes, seed);
   run_all<f16>(shapes, seed);
+  check_dropout<float>(seed);
+  check_dropout<double>(seed);
+  check_dropout<bf16>(seed);
+  check_dropout<f16>(seed);
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
 }

@@ -20,7 +20,7 @@ from . import Kernels, register_native_backend
 
 EXTENSION_NAME = "fff_cpu"
 SOURCES = ["fff_cpu.cpp"]
-HEADERS = ["fff_cpu_kernel.h"]  # included by the source; its content goes into the build's cache key
+HEADERS = ["fff_cpu_kernel.h", "dropout_cpu_kernel.h"]  # included by the source; their content goes into the build's cache key
 MARCH_ENV = "HF_FFF_CPU_MARCH"
 DEFAULT_MARCH = "native"  # the cache key includes the CPU model, so the binary is never reused on a different CPU
 LDFLAGS = ["-fopenmp"]  # resolves to the libgomp torch already loaded: one OpenMP runtime, one thread pool

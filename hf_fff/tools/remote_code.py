@@ -20,7 +20,7 @@ from .model_card import REMOTE_CODE_FILES, REMOTE_OPS_FILE, TASKS, PathLike, Pub
 
 _REMOTE_OPS_SHIM = '''
 
-# ---- the entry points modeling_ultrafastbert.py uses besides check_fff_arguments and autocast_arguments (above): plain torch,
+# ---- the names modeling_ultrafastbert.py imports besides check_fff_arguments and autocast_arguments (above): plain torch,
 # ---- no custom op, no native kernels
 
 
@@ -29,6 +29,10 @@ def run_fff(x, weight_in, bias_in, weight_out, depth: int):
     `fff_forward`; routing decisions are constants, so the gradient is that of the path each token took."""
     y, leaves = fff_forward(x.reshape(-1, x.shape[-1]), weight_in, bias_in, weight_out, depth)
     return y.view(x.shape), leaves
+
+
+# hf_fff's hashed CPU dropout needs its compiled kernels; torch's dropout draws from the same distribution.
+FastDropout = torch.nn.Dropout
 
 
 def leaves_like(x, leaves, trees: int):
