@@ -49,20 +49,31 @@ def _uses_native_cpu_kernels() -> bool:
     return backends.resolve("cpu")[0] == "cpp"
 
 
+def takes_hashed_dropout(x: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether `dropout(x, p, training)` runs the hashed CPU kernel (else it is torch's dropout)."""
+    return (
+        training
+        and 0.0 < p < 1.0
+        and x.is_cpu
+        and x.is_floating_point()
+        and not torch.compiler.is_compiling()
+        and _uses_native_cpu_kernels()
+    )
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training), through the hashed CPU kernel where `takes_hashed_dropout` says so."""
+    if not takes_hashed_dropout(x, p, training):
+        return F.dropout(x, p, training)
+    seed = int(torch.randint(_SEED_RANGE, (), dtype=torch.int64))
+    return hashed_dropout(x, float(p), seed)
+
+
 class FastDropout(nn.Dropout):
     """nn.Dropout (same arguments, same distribution: each element kept with probability 1 - p and scaled by
     1 / (1 - p)) whose CPU training calls use the hashed kernel of the CPU extension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            not self.training
-            or self.inplace
-            or not 0.0 < self.p < 1.0
-            or not x.is_cpu
-            or not x.is_floating_point()
-            or torch.compiler.is_compiling()
-            or not _uses_native_cpu_kernels()
-        ):
+        if self.inplace:
             return F.dropout(x, self.p, self.training, self.inplace)
-        seed = int(torch.randint(_SEED_RANGE, (), dtype=torch.int64))
-        return hashed_dropout(x, float(self.p), seed)
+        return dropout(x, self.p, self.training)

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
-from .ops import FastDropout, autocast_arguments, check_fff_arguments, leaves_like, run_fff
+from .ops import FastDropout, autocast_arguments, check_fff_arguments, fast_dropout, leaves_like, run_fff, takes_hashed_dropout
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
@@ -193,7 +193,7 @@ def eager_attention_forward(
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1)
-    context = torch.matmul(F.dropout(probs, p=dropout, training=module.training), value)
+    context = torch.matmul(fast_dropout(probs, dropout, module.training), value)
     return context.transpose(1, 2).contiguous(), probs  # (B, S, nh, hd)
 
 
@@ -220,10 +220,13 @@ class UltraFastBertSelfAttention(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, S, hd)
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         attention_fn: Callable = eager_attention_forward
-        # SDPA cannot return probabilities, and transformers' SDPA wrapper cannot reshape an empty batch;
-        # everything else goes through the attention interface.
-        if not output_attentions and hidden_states.numel() > 0:
+        # SDPA cannot return probabilities, and transformers' SDPA wrapper cannot reshape an empty batch.
+        # With dropout on the CPU, SDPA leaves its fused kernel for the same explicit math as
+        # eager_attention_forward, whose dropout is the hashed CPU kernel (hf_fff.dropout; 40x torch's).
+        # Everything else goes through the attention interface.
+        if not output_attentions and hidden_states.numel() > 0 and not takes_hashed_dropout(hidden_states, dropout, self.training):
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         context, probs = attention_fn(
             self,
@@ -232,7 +235,7 @@ class UltraFastBertSelfAttention(nn.Module):
             value,
             attention_mask,
             scaling=self.scaling,
-            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            dropout=dropout,
             is_causal=False,
         )
         context = context.reshape(batch, seq_len, self.num_heads * self.head_dim)

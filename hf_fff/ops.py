@@ -12,7 +12,8 @@ import torch
 from . import backends
 from .backends import reference
 from .backends.reference import autocast_arguments, check_fff_arguments
-from .dropout import FastDropout  # noqa: F401  (the modeling code's dropout, imported from here like the FFF entry points)
+from .dropout import FastDropout, takes_hashed_dropout  # noqa: F401  (the modeling code's dropouts, imported from here like the FFF entry points)
+from .dropout import dropout as fast_dropout  # noqa: F401
 
 
 @torch.library.custom_op("hf_fff::fff_forward", mutates_args=())

@@ -35,6 +35,14 @@ def run_fff(x, weight_in, bias_in, weight_out, depth: int):
 FastDropout = torch.nn.Dropout
 
 
+def fast_dropout(x, p: float, training: bool = True):
+    return F.dropout(x, p, training)
+
+
+def takes_hashed_dropout(x, p: float, training: bool) -> bool:
+    return False
+
+
 def leaves_like(x, leaves, trees: int):
     return leaves.view(*x.shape[:-1], trees)
 
