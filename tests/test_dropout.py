@@ -143,3 +143,21 @@ def test_model_dropouts_are_fast_dropouts_and_checkpointing_recomputes_the_same_
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain)
+
+
+def test_cpu_training_attention_dropout_goes_through_the_kernel(monkeypatch):
+    """With attention dropout on, CPU SDPA would fall back to its explicit math path with torch's Bernoulli;
+    the model takes the same math (eager_attention_forward) with the hashed dropout instead."""
+    calls = _spy(monkeypatch)
+    config = tiny_config(hidden_dropout_prob=0.0, embedding_dropout_prob=0.0, attention_probs_dropout_prob=0.2, num_labels=2)
+    model = hf_fff.UltraFastBertForSequenceClassification._from_config(config, attn_implementation="sdpa").train()
+    x = torch.randint(0, config.vocab_size, (2, 12))
+    model(input_ids=x, labels=torch.tensor([0, 1])).loss.backward()
+    heads = config.num_attention_heads
+    forward = [args for args in calls if args[0].shape == (2, heads, 12, 12)]
+    assert len(forward) == 2 * config.num_hidden_layers  # each layer's probabilities, forward and backward
+    assert all(args[1] == 0.2 for args in forward)
+    calls.clear()
+    model.eval()
+    model(input_ids=x)
+    assert calls == []
