@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_ultrafastbert import UltraFastBertConfig
-from .ops import FastDropout, autocast_arguments, check_fff_arguments, fast_dropout, leaves_like, run_fff, takes_hashed_dropout
+from .ops import FastDropout, check_fff_arguments, fast_dropout, leaves_like, run_fff, takes_hashed_dropout
 
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
@@ -76,8 +76,7 @@ class FastFeedForward(nn.Module):
 
     Maps (..., hidden_size) -> (..., hidden_size) for any leading shape (also 0 tokens). Each token
     walks each tree from the root, going right when its node's logit is > 0, and sums
-    GELU(logit) * output-row over the depth + 1 visited nodes; only those rows are read. Inside
-    torch.autocast it computes in the autocast dtype, as nn.Linear does.
+    GELU(logit) * output-row over the depth + 1 visited nodes; only those rows are read.
 
     Parameters (row t * N + n is node n of tree t, N = 2**(depth + 1) - 1):
         weight_in (trees * N, hidden_size), bias_in (trees * N,): node logits.
@@ -106,8 +105,6 @@ class FastFeedForward(nn.Module):
         # A one-token call costs ~10 us, a few of them the kernel's: the body is written out (no helper calls,
         # no generator, no tuple unpacking), each of which costs 0.1-0.3 us here.
         weight_in, bias_in, weight_out = self._weights()
-        if torch._C._is_any_autocast_enabled():  # one C call (~0.1 us) when no autocast region is open
-            x, weight_in, bias_in, weight_out = autocast_arguments(x, weight_in, bias_in, weight_out)
         if x.dtype != weight_in.dtype:  # e.g. bf16 activations over fp32 weights: compute in x's dtype, like autocast
             weight_in, bias_in, weight_out = weight_in.to(x.dtype), bias_in.to(x.dtype), weight_out.to(x.dtype)
         # dtype and device of each tensor, every size check_fff_arguments looks at, and the depth (an attribute

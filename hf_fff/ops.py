@@ -11,7 +11,7 @@ import torch
 
 from . import backends
 from .backends import reference
-from .backends.reference import autocast_arguments, check_fff_arguments
+from .backends.reference import check_fff_arguments
 from .dropout import FastDropout, takes_hashed_dropout  # noqa: F401  (the modeling code's dropouts, imported from here like the FFF entry points)
 from .dropout import dropout as fast_dropout  # noqa: F401
 
@@ -142,11 +142,8 @@ def fast_feedforward(
     """FFF over any leading shape: x (..., H) -> (y (..., H), leaves (..., T) int64).
 
     Row t*N + n of `weight_in` / `bias_in` is node n of tree t; row t*N + n of `weight_out` is that
-    node's output direction (the transpose of the original `linear_out.weight`). Inside torch.autocast
-    it computes in the autocast dtype (`autocast_arguments`).
+    node's output direction (the transpose of the original `linear_out.weight`).
     """
-    if torch._C._is_any_autocast_enabled():
-        x, weight_in, bias_in, weight_out = autocast_arguments(x, weight_in, bias_in, weight_out)
     trees = check_fff_arguments(x, weight_in, bias_in, weight_out, depth)
     y, leaves = run_fff(x, weight_in, bias_in, weight_out, depth)
     return y, leaves_like(x, leaves, trees)

@@ -84,36 +84,6 @@ def test_fast_feedforward_low_precision_activations_over_fp32_weights(dtype):
     assert y.dtype == dtype and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("entry", ["module", "function"])
-def test_fast_feedforward_computes_in_the_autocast_dtype(entry):
-    """Inside torch.autocast the FFF runs on autocast-dtype copies of x and the weights (as nn.Linear does),
-    and the gradients reach the float32 parameters through the casts; float64 and disabled regions stay."""
-    torch.manual_seed(0)
-    layer = hf_fff.FastFeedForward(48, depth=3, trees=2)
-    x = torch.randn(2, 9, 48, requires_grad=True)
-    params = (layer.weight_in, layer.bias_in, layer.weight_out)
-
-    def call(inputs):
-        return layer(inputs) if entry == "module" else hf_fff.fast_feedforward(inputs, *params, 3)[0]
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = call(x)
-        with torch.autocast("cpu", enabled=False):
-            assert call(x).dtype == torch.float32
-        doubles = [t.detach().double() for t in (x, *params)]
-        assert hf_fff.fast_feedforward(doubles[0], *doubles[1:], 3)[0].dtype == torch.float64
-    assert y.dtype == torch.bfloat16
-    copies = [t.detach().bfloat16().requires_grad_() for t in (x, *params)]
-    expected = hf_fff.fast_feedforward(copies[0], *copies[1:], 3)[0]
-    torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    grad = torch.randn_like(expected)
-    y.backward(grad)
-    expected.backward(grad)
-    for leaf, copy_ in zip((x, *params), copies):
-        assert leaf.grad.dtype == torch.float32
-        torch.testing.assert_close(leaf.grad, copy_.grad.float(), rtol=0, atol=0)
-
-
 def test_outputs_hidden_states_attentions_and_router_paths(config):
     model = hf_fff.UltraFastBertModel(config).eval()
     x = ids()

@@ -4,8 +4,8 @@ It computes exactly the published layer (see crammed_model.md) but touches only 
 for each of the `depth + 1` levels it gathers one row of `weight_in` / `weight_out` per token and tree.
 Accumulation is float32 (float64 for float64 inputs) whatever the input dtype, and routing decisions
 are taken on those accumulated logits, as the kernels do. The argument contract every backend relies on
-(`check_fff_arguments`) and the autocast rule (`autocast_arguments`) live here too, because this torch-only
-file is what published repos carry as their FFF for trust_remote_code.
+(`check_fff_arguments`) lives here too, because this torch-only file is what published repos carry as
+their FFF for trust_remote_code.
 """
 
 from __future__ import annotations
@@ -53,23 +53,6 @@ def check_fff_arguments(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch
     if len(devices) != 1:
         raise ValueError(f"FFF input and weights must be on one device, got {sorted(str(d) for d in devices)}")
     return weight_in.shape[0] // n_nodes
-
-
-_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def autocast_arguments(x: torch.Tensor, weight_in: torch.Tensor, bias_in: torch.Tensor, weight_out: torch.Tensor):
-    """Inside torch.autocast for x's device, the FFF runs in the autocast dtype, as nn.Linear does.
-
-    The published model's node logits are nn.Linear outputs, so under autocast they (and the routing
-    decisions taken on them) are computed in bf16/fp16 there too. float64 is left alone, as autocast leaves
-    it. Gradients flow back through the casts to the float32 parameters.
-    """
-    device_type = x.device.type
-    if x.dtype not in _AUTOCAST_ELIGIBLE or not torch.is_autocast_enabled(device_type):
-        return x, weight_in, bias_in, weight_out
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t.dtype == dtype or t.dtype not in _AUTOCAST_ELIGIBLE else t.to(dtype) for t in (x, weight_in, bias_in, weight_out))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -20,7 +20,7 @@ from .model_card import REMOTE_CODE_FILES, REMOTE_OPS_FILE, TASKS, PathLike, Pub
 
 _REMOTE_OPS_SHIM = '''
 
-# ---- the names modeling_ultrafastbert.py imports besides check_fff_arguments and autocast_arguments (above): plain torch,
+# ---- the names modeling_ultrafastbert.py imports besides check_fff_arguments (above): plain torch,
 # ---- no custom op, no native kernels
 
 
@@ -48,7 +48,6 @@ def leaves_like(x, leaves, trees: int):
 
 
 def fast_feedforward(x, weight_in, bias_in, weight_out, depth: int):
-    x, weight_in, bias_in, weight_out = autocast_arguments(x, weight_in, bias_in, weight_out)
     trees = check_fff_arguments(x, weight_in, bias_in, weight_out, depth)
     y, leaves = run_fff(x, weight_in, bias_in, weight_out, depth)
     return y, leaves_like(x, leaves, trees)
