@@ -2,7 +2,7 @@
 # One device run for the CUDA backend: environment, build, CUDA tests, compute-sanitizer, benchmarks.
 #
 #   bash benchmarks/gpu_run.sh [env] [build] [tests] [backward] [training] [sanitize] [bench] [bench-quick]
-#                              [bench-backward] [hf-bench] [train-bench] [profile-train] [profile-compiled]
+#                              [bench-backward] [hf-bench] [train-bench] [profile-train]
 #                              (default: env build tests backward training sanitize bench)
 #
 # Each test or benchmark step is time-boxed by STEP_S seconds (default 600), so that one device call can
@@ -49,8 +49,6 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
         set -- $case
         box $PY benchmarks/profile_train.py --task $1 --batch $2 2>&1 | tee "$OUT/profile_train_$1_$2.log" | tail -4 || status=1
       done ;;
-    profile-compiled)
-      box $PY benchmarks/profile_train.py --task seq-cls --batch 32 --compile 2>&1 | tee "$OUT/profile_compiled.log" | tail -6 || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         echo "== $tool"

@@ -1,12 +1,12 @@
 """Where a CUDA training step's time goes: UltraFastBERT-1x11 beside BERT-base, kernel time by kind.
 
-    python benchmarks/profile_train.py [--task seq-cls|mlm] [--batch 32] [--steps 5] [--compile]
+    python benchmarks/profile_train.py [--task seq-cls|mlm] [--batch 32] [--steps 5]
 
 The same models, batch, bf16 autocast and fused AdamW as `hf-fff bench --train`. For each model it prints the
 wall time of a step (CUDA-synchronised median), the GPU's busy time in that step (sum of kernel times) and that
 busy time split by kernel kind (GEMM, attention, FFF, normalisation, dropout, optimizer, other elementwise), then
 the ten longest kernels. A step whose busy time is well below its wall time is bound by the host's launches.
---compile adds both models' steps compiled with torch.compile (default mode) as two more rows.
+The models run one after the other, not interleaved: compare their kernel sums, not their walls.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
     ultrafast, bert = bench.build_training_models(args.task, device)
@@ -108,9 +107,6 @@ def main() -> None:
     for name, model in (("UltraFastBERT-1x11", ultrafast), ("BERT-base", bert)):
         step = bench.training_step(model, bench.make_optimizer(model), inputs, device)
         results[name] = report(name, step, args.steps)
-        if args.compile:
-            compiled = torch.compile(step)
-            results[name + " compiled"] = report(name + " (torch.compile)", compiled, args.steps)
     base = results["BERT-base"]["wall_ms"]
     print("\nstep           wall ms  vs BERT-base")
     for name, result in results.items():
