@@ -61,11 +61,12 @@ auto* mutable_data(at::Tensor& t) {
   return reinterpret_cast<S*>(t.mutable_data_ptr<scalar_t>());
 }
 
-// Threads for `work` multiply-adds split into at most `parts` pieces; `requested` > 0 forces a count
-// (benchmarks measure the threshold with it).
-int64_t threads_for(int64_t work, int64_t parts, int64_t requested) {
+// Threads for `work` units (multiply-adds unless said otherwise) split into at most `parts` pieces, each
+// thread getting at least `min_per_thread` of them; `requested` > 0 forces a count (benchmarks measure the
+// threshold with it).
+int64_t threads_for(int64_t work, int64_t parts, int64_t requested, int64_t min_per_thread = kMinMacsPerThread) {
   const int64_t available = requested > 0 ? requested : at::get_num_threads();
-  const int64_t by_work = requested > 0 ? available : work / kMinMacsPerThread;
+  const int64_t by_work = requested > 0 ? available : work / min_per_thread;
   return std::max<int64_t>(1, std::min({available, by_work, parts}));
 }
 
@@ -225,12 +226,10 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t threads)
   at::Tensor out = at::empty_like(x);
   const int64_t count = x.numel();
   if (count == 0) return out;
-  // p * 2^32 < 2^32 for p < 1; the largest double below 1 rounds to 2^32, which stays a valid (drop-all) threshold
-  // only as 2^32 - 1: clamp.
+  // round(p * 2^32) reaches 2^32 for p within 2^-33 of 1; the clamp keeps the threshold in 32 bits.
   const double scaled = std::min(std::nearbyint(p * 4294967296.0), 4294967295.0);
   const core::DropoutKey key{static_cast<uint64_t>(seed), static_cast<uint32_t>(scaled)};
-  const int64_t available = threads > 0 ? threads : at::get_num_threads();
-  const int64_t team = std::max<int64_t>(1, std::min(available, threads > 0 ? threads : count / kMinDropoutElementsPerThread));
+  const int64_t team = threads_for(count, count, threads, kMinDropoutElementsPerThread);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fff_cpu_dropout", [&] {
     using S = typename CoreType<scalar_t>::type;
     using A = core::Acc<S>;
