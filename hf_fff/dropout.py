@@ -54,7 +54,7 @@ def _uses_native_cpu_kernels() -> bool:
 
 
 def takes_hashed_dropout(x: torch.Tensor, p: float, training: bool) -> bool:
-    """Whether `dropout(x, p, training)` runs the hashed CPU kernel (else it is torch's dropout)."""
+    """Whether `fast_dropout(x, p, training)` runs the hashed CPU kernel (else it is torch's dropout)."""
     return (
         training
         and 0.0 < p < 1.0
@@ -65,7 +65,7 @@ def takes_hashed_dropout(x: torch.Tensor, p: float, training: bool) -> bool:
     )
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training), through the hashed CPU kernel where `takes_hashed_dropout` says so."""
     if not takes_hashed_dropout(x, p, training):
         return F.dropout(x, p, training)
@@ -80,4 +80,4 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace:
             return F.dropout(x, self.p, self.training, self.inplace)
-        return dropout(x, self.p, self.training)
+        return fast_dropout(x, self.p, self.training)

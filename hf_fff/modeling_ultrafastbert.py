@@ -390,9 +390,10 @@ def inspect_inputs(input_ids: Optional[torch.Tensor], attention_mask: Optional[t
     read_mask = attention_mask is not None and attention_mask.numel() > 0 and _can_read_values(attention_mask)
     if not (read_ids or read_mask):
         return attention_mask
+    device = input_ids.device if read_ids else attention_mask.device  # where the facts are gathered
     facts = list(torch.aminmax(input_ids)) if read_ids else []
     if read_mask:
-        facts.append(attention_mask.eq(1).all().to(facts[0].device if facts else attention_mask.device))
+        facts.append(attention_mask.eq(1).all().to(device))
     values = torch.stack([fact.to(torch.int64) for fact in facts]).tolist()
     if read_ids and (values[0] < 0 or values[1] >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}) (vocab_size), got values in [{values[0]}, {values[1]}]")

@@ -12,8 +12,9 @@ import torch
 from . import backends
 from .backends import reference
 from .backends.reference import check_fff_arguments
-from .dropout import FastDropout, takes_hashed_dropout  # noqa: F401  (the modeling code's dropouts, imported from here like the FFF entry points)
-from .dropout import dropout as fast_dropout  # noqa: F401
+# The modeling code imports its dropouts from here, as it does the FFF entry points: ops.py is the one module
+# the trust_remote_code export replaces with plain torch (hf_fff.tools.remote_code), dropouts included.
+from .dropout import FastDropout, fast_dropout, takes_hashed_dropout  # noqa: F401
 
 
 @torch.library.custom_op("hf_fff::fff_forward", mutates_args=())
