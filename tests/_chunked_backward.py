@@ -19,10 +19,13 @@ from hf_fff.backends import reference
 def chunk_size(levels: int, tokens: int, hidden: int, trees: int, sms: int = 132) -> int:
     """backward_chunk in cuda/backward.h: the largest chunk, or fewer tokens (a multiple of 32, at least 32)
     when that leaves fewer than 4 weight-pass blocks per SM."""
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
     largest = 128 if levels > 16 else 256
     blocks_per_chunk = (hidden + 128) // 128 * trees
-    wanted_chunks = -(-4 * sms // blocks_per_chunk)
-    rounded = -(-(-(-tokens // wanted_chunks)) // 32) * 32
+    wanted_chunks = ceil_div(4 * sms, blocks_per_chunk)
+    rounded = ceil_div(ceil_div(tokens, wanted_chunks), 32) * 32
     return min(largest, max(32, rounded))
 
 
