@@ -42,6 +42,9 @@ inline uint32_t dropout_hash(uint64_t index, uint64_t seed) {
 template <typename S>
 void dropout_range(const S* in, S* out, int64_t begin, int64_t end, DropoutKey key, Acc<S> scale) {
   using A = Acc<S>;
+  auto scalar = [&](int64_t at) {
+    narrow(dropout_hash(static_cast<uint64_t>(at), key.seed) >= key.threshold ? widen(in[at]) * scale : A(0), out + at);
+  };
   int64_t i = begin;
   if constexpr (sizeof(A) == sizeof(uint32_t)) {
     using U = Vec<uint32_t>;
@@ -50,10 +53,7 @@ void dropout_range(const S* in, S* out, int64_t begin, int64_t end, DropoutKey k
     for (int64_t k = 0; k < L; ++k) lane_index[k] = static_cast<uint32_t>(k);
     const uint32_t seed_low = static_cast<uint32_t>(key.seed), seed_high = static_cast<uint32_t>(key.seed >> 32);
     // Vectors start at multiples of L, so none straddles a multiple of 2^32 (one high word per vector).
-    for (; i < end && i % L != 0; ++i) {
-      const A value = dropout_hash(static_cast<uint64_t>(i), key.seed) >= key.threshold ? widen(in[i]) * scale : A(0);
-      narrow(value, out + i);
-    }
+    for (; i < end && i % L != 0; ++i) scalar(i);
     for (; i + L <= end; i += L) {
       const U first = lowbias32((lane_index + static_cast<uint32_t>(i)) ^ seed_low);
       const U hash = lowbias32(first ^ (static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32) + seed_high));
@@ -62,10 +62,7 @@ void dropout_range(const S* in, S* out, int64_t begin, int64_t end, DropoutKey k
       store<S>((Vec<A>)((U)scaled & keep), out + i);
     }
   }
-  for (; i < end; ++i) {
-    const A value = dropout_hash(static_cast<uint64_t>(i), key.seed) >= key.threshold ? widen(in[i]) * scale : A(0);
-    narrow(value, out + i);
-  }
+  for (; i < end; ++i) scalar(i);
 }
 
 }  // namespace hf_fff_cpu
