@@ -460,7 +460,7 @@ void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "weight pass shared memory");
   }
-  const dim3 grid((p.hidden + 1 + kColumns - 1) / kColumns, p.chunks, p.trees);
+  const dim3 grid(backward_column_tiles(p.hidden), p.chunks, p.trees);
   kernel<<<grid, kColumns, smem, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
 }
@@ -492,7 +492,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   else launch_weight_pass<T, 32>(p, stream);
 
   if (p.chunks > 1) {
-    const dim3 grid((hidden + 1 + kColumns - 1) / kColumns, p.chunks, p.trees * levels);
+    const dim3 grid(backward_column_tiles(hidden), p.chunks, p.trees * levels);
     fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
     HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
   }

@@ -20,6 +20,7 @@
 //      chunk order and writes the gradient row. Rows no token visited stay zero (outputs start zeroed).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -79,13 +80,15 @@ inline int backward_chunk(int levels, int64_t tokens, int64_t blocks_per_chunk, 
   const int64_t wanted_chunks = (int64_t{kWeightBlocksPerSm} * sms + blocks_per_chunk - 1) / blocks_per_chunk;
   const int64_t even = (tokens + wanted_chunks - 1) / wanted_chunks;
   const int64_t rounded = (even + kSmallestChunk - 1) / kSmallestChunk * kSmallestChunk;
-  return static_cast<int>(rounded < kSmallestChunk ? kSmallestChunk : (rounded > largest ? largest : rounded));
+  return static_cast<int>(std::clamp<int64_t>(rounded, kSmallestChunk, largest));
 }
 
-// Blocks of the weight pass per chunk: column tiles of kBackwardColumns (plus the bias column), times trees.
-inline int64_t backward_blocks_per_chunk(int64_t hidden, int64_t trees) {
-  return (hidden + kBackwardColumns) / kBackwardColumns * trees;
-}
+// Column tiles of the weight pass and the fixup: kBackwardColumns columns each, over hidden + 1 columns (the last
+// one is the bias).
+inline int backward_column_tiles(int hidden) { return (hidden + kBackwardColumns) / kBackwardColumns; }
+
+// Blocks of the weight pass per chunk: its column tiles times the trees.
+inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_column_tiles(hidden)} * trees; }
 
 inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
 
