@@ -59,11 +59,20 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="time training instead: forward+backward+AdamW steps vs BERT-base (fp32 on cpu, bf16 autocast on cuda; "
         "--dtype, --tokens, --plot and the encoder options do not apply) and the FFF backward vs dense backwards",
     )
+    parser.add_argument(
+        "--compile",
+        dest="compile_models",
+        action="store_true",
+        help="with --train: also time both models under torch.compile (compile time is reported, not timed)",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
     if any(t < 0 for t in args.tokens) or args.repeats < 1 or args.encoder_batch < 1 or args.encoder_seq < 1:
         print("hf-fff bench: --tokens must be >= 0; --repeats, --encoder-batch and --encoder-seq >= 1", file=sys.stderr)
+        return 2
+    if args.compile_models and not args.train:
+        print("hf-fff bench: --compile applies to --train only", file=sys.stderr)
         return 2
     for path in (args.json_path, args.plot_path):
         problem = _unwritable(path)
@@ -74,7 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         if args.train:
-            run_train_bench(device=args.device, repeats=args.repeats, json_path=args.json_path)
+            run_train_bench(device=args.device, repeats=args.repeats, json_path=args.json_path, compile_models=args.compile_models)
             return 0
         run_bench(
             device=args.device,

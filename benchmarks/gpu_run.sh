@@ -2,7 +2,8 @@
 # One device run for the CUDA backend: environment, build, CUDA tests, compute-sanitizer, benchmarks.
 #
 #   bash benchmarks/gpu_run.sh [env] [build] [tests] [backward] [training] [sanitize] [bench] [bench-quick]
-#                              [bench-backward] [hf-bench] [train-bench] [profile-train]
+#                              [bench-backward] [hf-bench] [train-bench] [train-compile] [profile-train]
+#                              [sanitize-backward] [ncu-backward]
 #                              (default: env build tests backward training sanitize bench)
 #
 # Each test or benchmark step is time-boxed by STEP_S seconds (default 600), so that one device call can
@@ -44,6 +45,15 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
       box $PY -m hf_fff_cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
     train-bench)
       box $PY -m hf_fff_cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
+    train-compile)  # eager and torch.compile'd steps side by side; TRAIN_CASES="task:batch ..." (default seq-cls:32)
+      for case in ${TRAIN_CASES:-seq-cls:32}; do
+        box $PY -c "
+import sys
+from hf_fff.tools.bench import run_train_bench
+task, batch = sys.argv[1].split(':')
+run_train_bench(device='cuda', batches={task: (int(batch),)}, backward_tokens=(), compile_models=True, json_path=sys.argv[2])" \
+          "$case" "$OUT/train_compile_${case/:/_}.json" 2>&1 | tee "$OUT/train_compile_${case/:/_}.log" | grep -v "^$" | tail -12
+      done ;;
     profile-train)
       for case in "seq-cls 32" "seq-cls 128" "mlm 128"; do
         set -- $case
@@ -57,6 +67,20 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
           grep -v "^=========     " "$OUT/${script}_$tool.log" | head -40
         done
       done 2>&1 | tee "$OUT/sanitize.log" ;;
+    sanitize-backward)  # the fused backward's paths only
+      for tool in memcheck racecheck; do
+        echo "== $tool"
+        box compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/sanitize_backward.py > "$OUT/sanitize_backward_$tool.log" 2>&1 || status=1
+        grep -v "^=========     " "$OUT/sanitize_backward_$tool.log" | head -40
+      done 2>&1 | tee "$OUT/sanitize.log" ;;
+    ncu-backward)  # Nsight Compute sections of one warm fused backward (token pass, weight pass, fixup) per dtype
+      for dtype in ${NCU_DTYPES:-fp32 bf16}; do
+        box ncu --clock-control none --kernel-name regex:"token_pass|weight_pass|fixup" --launch-skip 3 --launch-count 3 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+          --section MemoryWorkloadAnalysis $PY benchmarks/bench_backward.py --tokens ${NCU_TOKENS:-32768} --dtypes $dtype \
+          > "$OUT/ncu_backward_$dtype.log" 2>&1 || status=1
+        grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp Per" "$OUT/ncu_backward_$dtype.log" | head -60
+      done ;;
     bench)
       $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     bench-backward)

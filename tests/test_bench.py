@@ -220,4 +220,34 @@ def test_cli_train_reaches_run_train_bench(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "run_train_bench", lambda **kwargs: seen.update(kwargs) or {})
     monkeypatch.setattr(bench, "run_bench", lambda **kwargs: pytest.fail("--train ran the inference bench"))
     assert cli.main(["bench", "--train", "--repeats", "3", "--json", str(tmp_path / "t.json")]) == 0
-    assert seen == {"device": "cpu", "repeats": 3, "json_path": str(tmp_path / "t.json")}
+    assert seen == {"device": "cpu", "repeats": 3, "json_path": str(tmp_path / "t.json"), "compile_models": False}
+    assert cli.main(["bench", "--train", "--compile"]) == 0
+    assert seen["compile_models"] is True
+
+
+def test_cli_compile_without_train_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: pytest.fail("the inference bench ran"))
+    assert cli.main(["bench", "--compile"]) == 2
+    assert "--compile applies to --train only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_rows_sit_beside_eager_ones_with_both_baselines(monkeypatch):
+    """--compile adds UltraFastBERT and BERT under torch.compile (fullgraph for ours) to the same table; every
+    non-baseline row is compared with BERT in both modes."""
+    monkeypatch.setattr(bench, "MIN_SECONDS_PER_ROW", 0.0)
+    results = bench.run_train_bench(
+        repeats=2, batches={"seq-cls": (2,)}, seq=5, backward_tokens=(), model_overrides=TINY_TRAIN_MODELS, compile_models=True
+    )
+    assert "backward" not in results  # no backward sizes asked for: no empty table
+    (setting,) = results["train"]
+    assert setting["compiled"] is True
+    eager_bert, compiled_bert = setting["baselines"]
+    assert compiled_bert == eager_bert + " compiled"
+    names = [row["name"] for row in setting["rows"]]
+    assert len(names) == 5 and names[3].startswith("UltraFastBertForSequenceClassification") and names[3].endswith(" compiled")
+    assert names[4] == compiled_bert
+    for row in setting["rows"]:
+        assert row["median_s"] > 0
+        if row["name"] not in (eager_bert, compiled_bert):
+            assert set(row["speedup"]) == {eager_bert, compiled_bert}

@@ -324,8 +324,24 @@ def step_peak_memory(step: Callable[[], object], model: nn.Module, optimizer: to
     return resident + torch.cuda.max_memory_allocated(device) - before
 
 
-def bench_training_step(task: str, device, batch: int, seq: int, repeats: int, model_overrides: Optional[dict] = None) -> tuple[list[Row], dict]:
-    """One task at one batch size: UltraFastBERT (automatic FFF backend, then the masked backend) and BERT-base."""
+def compiled_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, device: torch.device, name: str, *, fullgraph: bool) -> Callable[[], torch.Tensor]:
+    """`training_step` of `torch.compile(model)` (the module's forward and, through AOTAutograd, its backward;
+    the optimizer step stays eager, as Trainer's torch_compile runs it), compiled here by one warm-up step so
+    that the compile time is reported and never timed."""
+    step = training_step(torch.compile(model, fullgraph=fullgraph), optimizer, inputs, device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(f"  compiled {name} in {time.perf_counter() - start:.0f} s")
+    return step
+
+
+def bench_training_step(
+    task: str, device, batch: int, seq: int, repeats: int, model_overrides: Optional[dict] = None, *, compile_models: bool = False
+) -> tuple[list[Row], dict]:
+    """One task at one batch size: UltraFastBERT (automatic FFF backend, then the masked backend) and BERT-base;
+    with `compile_models`, also both models under torch.compile, each compared with BERT-base in the same mode."""
     ultrafast, bert = build_training_models(task, device, model_overrides)
     vocab = min(ultrafast.config.vocab_size, bert.config.vocab_size)
     inputs = training_batch(task, batch, seq, vocab, device)
@@ -335,24 +351,35 @@ def bench_training_step(task: str, device, batch: int, seq: int, repeats: int, m
     head = "ForSequenceClassification" if task == "seq-cls" else "ForMaskedLM"
     ufb = f"UltraFastBert{head} 1x{ultrafast.config.fff_depth} ({ultrafast.config.num_hidden_layers} layers"
     bert_name = f"Bert{head} bert-base ({bert.config.num_hidden_layers} layers, sdpa)"
+    ufb_name = f"{ufb}, {backends.resolve(device.type)[0]})"
     candidates = {
-        f"{ufb}, {backends.resolve(device.type)[0]})": (backends.AUTO, ultrafast_step),
+        ufb_name: (backends.AUTO, ultrafast_step),
         # The masked backend computes as the published code does in both directions: every node, then a mask.
         f"{ufb}, masked, published)": (backends.MASKED, ultrafast_step),
         bert_name: (None, bert_step),
     }
-    rows = _rows("train", batch * seq, time_side_by_side(candidates, device, repeats, grad=True), baselines=[bert_name])
-    for row, (name, (backend, step)) in zip(rows, candidates.items()):
-        model, optimizer = (bert, bert_optimizer) if step is bert_step else (ultrafast, ultrafast_optimizer)
+    owners = {ultrafast_step: (ultrafast, ultrafast_optimizer), bert_step: (bert, bert_optimizer)}
+    baselines = [bert_name]
+    if compile_models:
+        # fullgraph for UltraFastBERT: a graph break around the FFF op raises instead of hiding in the timing
+        ufb_compiled = compiled_training_step(ultrafast, ultrafast_optimizer, inputs, device, f"{ufb_name} compiled", fullgraph=True)
+        bert_compiled = compiled_training_step(bert, bert_optimizer, inputs, device, f"{bert_name} compiled", fullgraph=False)
+        candidates[f"{ufb_name} compiled"] = (backends.AUTO, ufb_compiled)
+        candidates[f"{bert_name} compiled"] = (None, bert_compiled)
+        owners[ufb_compiled], owners[bert_compiled] = owners[ultrafast_step], owners[bert_step]
+        baselines.append(f"{bert_name} compiled")
+    rows = _rows("train", batch * seq, time_side_by_side(candidates, device, repeats, grad=True), baselines=baselines)
+    for row, (backend, step) in zip(rows, candidates.values()):
         with backends.use_backend(backend or backends.AUTO):
-            row.peak_memory_bytes = step_peak_memory(step, model, optimizer, device)
+            row.peak_memory_bytes = step_peak_memory(step, *owners[step], device)
     setting = {
         "task": task,
         "batch": batch,
         "seq": seq,
         "precision": "bf16 autocast, fp32 parameters" if autocast_dtype(device) else "fp32",
         "optimizer": "AdamW (fused=True)",
-        "baselines": [bert_name],
+        "compiled": compile_models,
+        "baselines": baselines,
         "rows": [_row_dict(r) for r in rows],
     }
     return rows, setting
@@ -404,13 +431,15 @@ def run_train_bench(
     backward_tokens: Optional[Sequence[int]] = None,
     json_path: Optional[str] = None,
     *,
+    compile_models: bool = False,
     hidden: int = 768,
     depth: int = 11,
     model_overrides: Optional[dict] = None,
 ) -> dict:
     """`hf-fff bench --train`: the training-step tables and the backward table; print them, optionally
     write JSON; return the results dict. Defaults per device: `default_train_batches`, and the backward at
-    4096 tokens on the CPU, 32768 on CUDA."""
+    4096 tokens on the CPU, 32768 on CUDA. `compile_models` (`--compile`) adds torch.compile'd steps of both
+    models to each training table."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but no CUDA GPU is visible")
@@ -424,17 +453,23 @@ def run_train_bench(
     results: dict = {"meta": meta, "train": []}
     for task, sizes in batches.items():
         for batch in sizes:
-            rows, setting = bench_training_step(task, device, batch, seq, repeats, model_overrides)
+            rows, setting = bench_training_step(task, device, batch, seq, repeats, model_overrides, compile_models=compile_models)
             print(f"\nTraining step ({task}), batch {batch} x {seq} tokens, {setting['precision']}, {setting['optimizer']}, "
                   f"random weights (median of side-by-side steps)")
             print(format_table(rows, setting["baselines"], "tokens"))
             results["train"].append(setting)
             _release(device)
+    if not backward_tokens:  # the training tables only
+        return _finish_train_bench(results, json_path)
     backward_rows = bench_layer_backward(device, layer_dtype, backward_tokens, repeats, hidden, depth)
     backward_baselines = [f"{dense_name(hidden, 4 * hidden)} backward", f"{dense_name(hidden, reference.nodes_per_tree(depth))} backward"]
     print(f"\nBackward alone (grads of x and all weights), hidden {hidden}, depth {depth}, 1 tree, {meta['dtype']} (median of side-by-side calls)")
     print(format_table(backward_rows, backward_baselines, "tokens"))
     results["backward"] = {"hidden": hidden, "depth": depth, "baselines": backward_baselines, "rows": [_row_dict(r) for r in backward_rows]}
+    return _finish_train_bench(results, json_path)
+
+
+def _finish_train_bench(results: dict, json_path: Optional[str]) -> dict:
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {json_path}")
