@@ -11,6 +11,7 @@ e.g. x86-64-v3 (AVX2 + FMA) on an AVX-512 machine; each target is its own cached
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Optional
@@ -39,7 +40,14 @@ def resolved_march(march: Optional[str] = None) -> str:
 
 def load_module(march: Optional[str] = None):
     """The compiled extension for `march` (default: $HF_FFF_CPU_MARCH or native), or None after one warning."""
-    return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=cflags(resolved_march(march)), extra_ldflags=LDFLAGS)
+    return _load_module_for(resolved_march(march))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_module_for(march: str):
+    # Once per target and process: the flags carry a hash of the headers' content, and reading and hashing them
+    # took ~0.35 ms a call, which the hashed dropout paid at every use (~100 calls in a training step).
+    return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=cflags(march), extra_ldflags=LDFLAGS)
 
 
 def load_kernels() -> Optional[Kernels]:
