@@ -159,6 +159,24 @@ def converted_tiny(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 # ====================================================================================================
+# The compiled CPU extension (test_cpu_backend, test_dropout)
+# ====================================================================================================
+
+
+@pytest.fixture(scope="session")
+def cpp_module():
+    """The compiled extension, built once per session (and reused from the on-disk cache after that)."""
+    from hf_fff.backends import cpu
+
+    module = cpu.load_module()
+    if module is None:
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler here; the fallback is covered by test_extension.py")
+        pytest.fail("a C++ compiler is available but the fff_cpu extension did not build (see the warning)")
+    return module
+
+
+# ====================================================================================================
 # Markers (registered in pytest.ini): `gpu` and `slow`
 # ====================================================================================================
 

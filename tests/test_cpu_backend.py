@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import zlib
 from pathlib import Path
 
@@ -45,17 +44,6 @@ SHAPES = [
     (700, 768, 1, 11),
 ]
 DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@pytest.fixture(scope="session")
-def cpp_module():
-    """The compiled extension, built once per session (and reused from the on-disk cache after that)."""
-    module = cpu.load_module()
-    if module is None:
-        if shutil.which("c++") is None:
-            pytest.skip("no C++ compiler here; the fallback is covered by test_extension.py")
-        pytest.fail("a C++ compiler is available but the fff_cpu extension did not build (see the warning)")
-    return module
 
 
 @pytest.fixture

@@ -7,21 +7,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hf_fff
 from hf_fff import backends, dropout
-from hf_fff.backends import cpu as cpu_backend
 
 from _model_helpers import enable_checkpointing, tiny_config
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    module = cpu_backend.load_module()
-    if module is None:
-        pytest.skip("the CPU extension did not build here")
-    return module.dropout
+def kernel(cpp_module):
+    return cpp_module.dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
