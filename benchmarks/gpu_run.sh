@@ -20,6 +20,19 @@ export HF_FFF_CACHE=${HF_FFF_CACHE:-/tmp/hf_fff_cache}
 PY=${PYTHON:-python3}
 steps=${*:-env build tests backward training sanitize bench}
 box() { timeout "${STEP_S:-600}" "$@"; }
+# compute-sanitizer memcheck and racecheck of benchmarks/<script>.py for each script named; non-zero if any reports
+# an error (the callers pipe it through tee, so it returns its status instead of setting `status`)
+sanitize_scripts() {
+  local failed=0 tool script
+  for tool in memcheck racecheck; do
+    echo "== $tool"
+    for script in "$@"; do
+      box compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 || failed=1
+      grep -v "^=========     " "$OUT/${script}_$tool.log" | head -40
+    done
+  done
+  return $failed
+}
 status=0
 
 for step in $steps; do
@@ -59,20 +72,12 @@ run_train_bench(device='cuda', batches={task: (int(batch),)}, backward_tokens=()
         set -- $case
         box $PY benchmarks/profile_train.py --task $1 --batch $2 2>&1 | tee "$OUT/profile_train_$1_$2.log" | tail -4 || status=1
       done ;;
-    sanitize)
-      for tool in memcheck racecheck; do
-        echo "== $tool"
-        for script in sanitize_cuda sanitize_backward; do  # the forward's strategies, the fused backward's paths
-          compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 || status=1
-          grep -v "^=========     " "$OUT/${script}_$tool.log" | head -40
-        done
-      done 2>&1 | tee "$OUT/sanitize.log" ;;
+    sanitize)  # the forward's strategies and the fused backward's paths
+      sanitize_scripts sanitize_cuda sanitize_backward 2>&1 | tee "$OUT/sanitize.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     sanitize-backward)  # the fused backward's paths only
-      for tool in memcheck racecheck; do
-        echo "== $tool"
-        box compute-sanitizer --tool $tool --error-exitcode 1 $PY -X faulthandler benchmarks/sanitize_backward.py > "$OUT/sanitize_backward_$tool.log" 2>&1 || status=1
-        grep -v "^=========     " "$OUT/sanitize_backward_$tool.log" | head -40
-      done 2>&1 | tee "$OUT/sanitize.log" ;;
+      sanitize_scripts sanitize_backward 2>&1 | tee "$OUT/sanitize.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     ncu-backward)  # Nsight Compute sections of one warm fused backward (token pass, weight pass, fixup) per dtype
       for dtype in ${NCU_DTYPES:-fp32 bf16}; do
         box ncu --clock-control none --kernel-name regex:"token_pass|weight_pass|fixup" --launch-skip 3 --launch-count 3 \
