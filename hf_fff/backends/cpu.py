@@ -46,7 +46,7 @@ def load_module(march: Optional[str] = None):
 @functools.lru_cache(maxsize=None)
 def _load_module_for(march: str):
     # Once per target and process: the flags carry a hash of the headers' content, and reading and hashing them
-    # took ~0.35 ms a call, which the hashed dropout paid at every use (~100 calls in a training step).
+    # took ~0.4 ms a call, which the hashed dropout paid at every use (~100 calls in a training step).
     return extension.load_extension(EXTENSION_NAME, SOURCES, extra_cflags=cflags(march), extra_ldflags=LDFLAGS)
 
 
