@@ -12,8 +12,8 @@ untimed, then torch.autograd.grad of the output (w.r.t. the input and the four p
 from __future__ import annotations
 
 import argparse
-import itertools
 import datetime
+import itertools
 
 import torch
 import torch.nn as nn
