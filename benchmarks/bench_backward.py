@@ -6,7 +6,10 @@ One process, one GPU, medians of triton.testing.do_bench (CUDA events). The FFF 
 (768), one tree of depth 11 (UltraFastBERT-1x11), with the leaves its forward actually reaches on random
 inputs. The dense baseline is nn.Linear(768, 3072), exact GELU, nn.Linear(3072, 768): its forward runs
 untimed, then torch.autograd.grad of the output (w.r.t. the input and the four parameters) is timed.
---profile adds the fused backward's per-kernel times at each size.
+--profile adds the fused backward's per-kernel times at each size. --variants A/B-times kernel choices that the
+extension reads from the environment at each launch, side by side in this process: each variant is a
+comma-separated list of NAME=VALUE settings (e.g. HF_FFF_TOKEN_PASS=warp); the table gives each one's median and
+its gradients' largest difference from the first variant's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import os
 
 import torch
 import torch.nn as nn
@@ -71,11 +75,55 @@ def profile_kernels(kernels, problem) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:14]
 
 
+def parse_variant(text: str) -> dict[str, str]:
+    settings = dict(item.split("=", 1) for item in text.split(",") if item)
+    if not settings or any(not name.startswith("HF_FFF_") for name in settings):
+        raise argparse.ArgumentTypeError(f"a variant is NAME=VALUE[,NAME=VALUE...] of HF_FFF_* settings, got {text!r}")
+    return settings
+
+
+def under(settings: dict[str, str], fn):
+    """fn() with the environment variables of `settings` set, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def compare_variants(kernels, variants: list[dict[str, str]], dtypes: list[str], token_counts: list[int], profile: bool) -> None:
+    names = [",".join(f"{k.removeprefix('HF_FFF_')}={v}" for k, v in variant.items()) for variant in variants]
+    print("A/B of the fused backward, medians in us (max |grad - first variant's grad| in brackets)")
+    for name in names:
+        print(f"  {name}")
+    for dtype_name, tokens in itertools.product(dtypes, token_counts):
+        problem = fff_problem(tokens, DTYPES[dtype_name], kernels)
+        first = under(variants[0], lambda: kernels.backward(*problem))
+        cells = []
+        for variant in variants:
+            grads = under(variant, lambda: kernels.backward(*problem))
+            diff = max((g.float() - f.float()).abs().max().item() for g, f in zip(grads, first))
+            cells.append(f"{under(variant, lambda: median_us(lambda: kernels.backward(*problem))):8.1f} [{diff:.1e}]")
+        print(f"{dtype_name:>5} {tokens:>6} | " + " | ".join(cells), flush=True)
+        if profile:
+            for name, variant in zip(names, variants):
+                print(f"  kernels under {name}:")
+                for kernel, us in under(variant, lambda: profile_kernels(kernels, problem)):
+                    print(f"    {us:8.1f}  {kernel}")
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", nargs="+", type=parse_variant, metavar="NAME=VALUE[,...]")
     args = parser.parse_args()
 
     from hf_fff.backends import cuda as cuda_backend
@@ -83,6 +131,9 @@ def main() -> None:
     kernels = cuda_backend.load_kernels()
     assert kernels is not None and kernels.backward is not None, "the CUDA extension did not build"
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, hf_fff {hf_fff.__version__ if hasattr(hf_fff, '__version__') else ''}, {datetime.date.today()}")
+    if args.variants:
+        compare_variants(kernels, args.variants, args.dtypes, args.tokens, args.profile)
+        return
     print(f"FFF {TREES}x{DEPTH} width {HIDDEN} backward vs dense {HIDDEN}-{DENSE}-{HIDDEN} FF backward; medians in us")
     header = f"{'dtype':>5} {'tokens':>6} | {'fused':>8} {'reference':>9} {'dense':>8} | {'dense/fused':>11} {'ref/fused':>9}"
     print(header)
