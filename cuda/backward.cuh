@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -17,7 +16,7 @@ namespace hf_fff_cuda {
 namespace bwd {
 
 constexpr int kTokenWarps = 8;                 // token pass: tokens (warps) per block
-constexpr int kColumns = kBackwardColumns;     // fixup: threads per block, one column each (the weight pass: a tile)
+constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block, one column each
 constexpr int kGroup = 16;                     // weight pass: tokens whose x / grad_y loads are in flight together
 constexpr int kFixupBatch = 8;                 // fixup: chunk partials loaded before they are added in order
 
@@ -249,209 +248,6 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Grouped token pass: a block of kGroupThreads threads takes kTok consecutive tokens of tree 0's sorted order;
-// thread t holds the column pairs t + kGroupThreads * j (j < kJ) of all of them (x, grad_y and grad_x in
-// registers). Neighbours in sorted order visit the same rows, so a row is loaded once per group and applied
-// to every token that visits it, instead of once per token as in the warp-per-token kernels above. The
-// per-token dot products are summed across the block: a transposing warp sum (lane ends with one of the 2 kTok
-// sums) and the warps' partials in shared memory, in a fixed order. The coefficients of step s (tree, level)
-// are computed by kTok lanes of warp 0 while the other warps go on; grad_x takes them one step later, so there
-// is one barrier per step.
-constexpr int kGroupThreads = 128;
-// Blocks per SM that the grouped pass's registers must allow, from the floats a thread keeps per token (x,
-// grad_y and grad_x: 6 per column pair) plus ~56 for the rest: left alone, nvcc takes ~160 registers at width
-// 768 and 4 tokens (3 blocks per SM); 4 blocks fit in 128 with no spills.
-constexpr int group_min_blocks(int pairs, int tokens) {
-  const int registers = 6 * pairs * tokens + 56;
-  const int blocks = 65536 / (kGroupThreads * registers);
-  return blocks < 1 ? 1 : (blocks > 8 ? 8 : blocks);
-}
-// Tokens per block: 4 while a thread holds at most 3 column pairs (width <= 768), else 2 (no spills to 2048).
-constexpr int group_tokens(int pairs) { return pairs <= 3 ? 4 : 2; }
-
-// Elements 2 * pair and 2 * pair + 1 of a row (zeros past `hidden`). kPaired: one 2-element load (hidden even,
-// rows aligned to two elements).
-template <typename T, bool kPaired>
-__device__ __forceinline__ void load_pair(const T* row, int pair, int hidden, float& lo, float& hi) {
-  const int c = 2 * pair;
-  if constexpr (kPaired) {
-    lo = hi = 0.f;
-    if (c < hidden) Elem<T>::load2(row, pair, lo, hi);
-  } else {
-    lo = c < hidden ? Elem<T>::load(row + c) : 0.f;
-    hi = c + 1 < hidden ? Elem<T>::load(row + c + 1) : 0.f;
-  }
-}
-
-template <typename T, bool kPaired>
-__device__ __forceinline__ void store_pair(T* row, int pair, int hidden, float lo, float hi) {
-  const int c = 2 * pair;
-  if constexpr (kPaired) {
-    if (c < hidden) Elem<T>::store2(row, pair, lo, hi);
-  } else {
-    if (c < hidden) Elem<T>::store(row + c, lo);
-    if (c + 1 < hidden) Elem<T>::store(row + c + 1, hi);
-  }
-}
-
-// Sums each of kCount values (a power of two <= 32) over the warp: every step halves the values a lane keeps,
-// swapping the other half with its partner (kCount - 1 shuffles in all instead of 5 kCount). Afterwards lane
-// holds the sum of value lane / (32 / kCount), as do the other lanes of its run of 32 / kCount.
-template <int kCount>
-__device__ __forceinline__ float transposed_warp_sum(float (&v)[kCount], int lane) {
-  static_assert(kCount >= 1 && kCount <= 32 && (kCount & (kCount - 1)) == 0, "a power of two up to 32");
-  constexpr int kRun = 32 / kCount;
-#pragma unroll
-  for (int half = kCount / 2; half >= 1; half /= 2) {
-    const int offset = half * kRun;
-    const bool upper = lane & offset;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(kFullMask, send, offset);
-    }
-  }
-  float sum = v[0];
-#pragma unroll
-  for (int offset = kRun / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
-  return sum;
-}
-
-template <typename T, int kJ, int kTok, bool kPaired>
-__global__ void __launch_bounds__(kGroupThreads, group_min_blocks(kJ, kTok)) token_group_kernel(const BackwardParams p) {
-  constexpr int kWarps = kGroupThreads / 32;
-  constexpr int kSums = 2 * kTok;  // z then dg of each token
-  __shared__ float s_partial[2][kSums][kWarps];  // by step parity
-  __shared__ float s_c_in[2][kTok];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
-  const T* w_in = static_cast<const T*>(p.w_in);
-  const T* w_out = static_cast<const T*>(p.w_out);
-
-  // The group's tokens; positions past the end repeat the first token, with their results discarded.
-  const int64_t first = blockIdx.x * int64_t{kTok};
-  int token[kTok];  // tokens < 2^31: the launcher caps a call at 65535 chunks
-  bool real[kTok];
-  float xr[kTok][kJ][2], gr[kTok][kJ][2], gx[kTok][kJ][2];
-#pragma unroll
-  for (int k = 0; k < kTok; ++k) {
-    real[k] = first + k < p.tokens;
-    token[k] = static_cast<int>(p.order[real[k] ? first + k : first]);
-    const T* x = static_cast<const T*>(p.x) + int64_t{token[k]} * hidden;
-    const T* grad_y = static_cast<const T*>(p.grad_y) + int64_t{token[k]} * hidden;
-#pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      const int pair = threadIdx.x + kGroupThreads * j;
-      load_pair<T, kPaired>(x, pair, hidden, xr[k][j][0], xr[k][j][1]);
-      load_pair<T, kPaired>(grad_y, pair, hidden, gr[k][j][0], gr[k][j][1]);
-      gx[k][j][0] = gx[k][j][1] = 0.f;
-    }
-  }
-
-  // grad_x += c_in * w_in[row] for the step whose rows are `rows` (reloaded: L1 hits, once per distinct row).
-  auto add_grad_x = [&](const int (&rows)[kTok], int parity) {
-    float w[kJ][2];
-#pragma unroll
-    for (int k = 0; k < kTok; ++k) {
-      if (k == 0 || rows[k] != rows[k - 1]) {  // the same for the whole block
-#pragma unroll
-        for (int j = 0; j < kJ; ++j)
-          load_pair<T, kPaired>(w_in + int64_t{rows[k]} * hidden, threadIdx.x + kGroupThreads * j, hidden, w[j][0], w[j][1]);
-      }
-      const float c_in = s_c_in[parity][k];
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-        gx[k][j][0] = fmaf(c_in, w[j][0], gx[k][j][0]);
-        gx[k][j][1] = fmaf(c_in, w[j][1], gx[k][j][1]);
-      }
-    }
-  };
-
-  int leaf[kTok];
-  int rows[kTok], previous_rows[kTok];  // rows < 2^31: the launcher checks
-  const int steps = trees * levels;
-  for (int step = 0; step < steps; ++step) {
-    const int tree = step / levels, level = step - tree * levels, parity = step & 1;
-    if (level == 0) {
-#pragma unroll
-      for (int k = 0; k < kTok; ++k) leaf[k] = p.leaf_keys[tree * p.tokens + token[k]];
-    }
-#pragma unroll
-    for (int k = 0; k < kTok; ++k) rows[k] = static_cast<int>(path_row(tree, level, leaf[k], depth));
-
-    // This thread's share of z = x . w_in[row] and dg = grad_y . w_out[row] for every token.
-    float sums[kSums];
-    float wi[kJ][2], wo[kJ][2];
-#pragma unroll
-    for (int k = 0; k < kTok; ++k) {
-      if (k == 0 || rows[k] != rows[k - 1]) {
-#pragma unroll
-        for (int j = 0; j < kJ; ++j) {
-          const int pair = threadIdx.x + kGroupThreads * j;
-          load_pair<T, kPaired>(w_in + int64_t{rows[k]} * hidden, pair, hidden, wi[j][0], wi[j][1]);
-          load_pair<T, kPaired>(w_out + int64_t{rows[k]} * hidden, pair, hidden, wo[j][0], wo[j][1]);
-        }
-      }
-      float z = 0.f, dg = 0.f;
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-        z = fmaf(xr[k][j][0], wi[j][0], z);
-        z = fmaf(xr[k][j][1], wi[j][1], z);
-        dg = fmaf(gr[k][j][0], wo[j][0], dg);
-        dg = fmaf(gr[k][j][1], wo[j][1], dg);
-      }
-      sums[k] = z;
-      sums[kTok + k] = dg;
-    }
-    const float warp_total = transposed_warp_sum(sums, lane);
-    if (lane % (32 / kSums) == 0) s_partial[parity][lane / (32 / kSums)][warp] = warp_total;
-    __syncthreads();  // this step's partials, and the previous step's coefficients, are visible
-
-    if (warp == 0 && lane < kTok) {
-      int row = rows[0], mine = token[0];
-      bool keep = real[0];
-#pragma unroll
-      for (int k = 1; k < kTok; ++k) {
-        if (lane == k) {
-          row = rows[k];
-          mine = token[k];
-          keep = real[k];
-        }
-      }
-      float z = 0.f, dg = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        z += s_partial[parity][lane][w];
-        dg += s_partial[parity][kTok + lane][w];
-      }
-      z += Elem<T>::load(static_cast<const T*>(p.b_in) + row);
-      const float c_in = dg * gelu_grad(z);
-      s_c_in[parity][lane] = c_in;
-      if (keep) {
-        const int64_t at = int64_t{mine} * steps + step;
-        p.coef_in[at] = c_in;
-        p.coef_out[at] = gelu(z);
-      }
-    }
-    if (step > 0) add_grad_x(previous_rows, parity ^ 1);
-#pragma unroll
-    for (int k = 0; k < kTok; ++k) previous_rows[k] = rows[k];
-  }
-  __syncthreads();
-  add_grad_x(previous_rows, (steps - 1) & 1);
-
-#pragma unroll
-  for (int k = 0; k < kTok; ++k) {
-    if (!real[k]) continue;
-    T* grad_x = static_cast<T*>(p.grad_x) + int64_t{token[k]} * hidden;
-#pragma unroll
-    for (int j = 0; j < kJ; ++j)
-      store_pair<T, kPaired>(grad_x, threadIdx.x + kGroupThreads * j, hidden, gx[k][j][0], gx[k][j][1]);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
 // Weight pass: block (column tile, chunk, tree). Thread = one column of the tile; column `hidden` is the
 // bias (its "x" is 1 and it has no grad_y side). kMaxLevels >= depth + 1 bounds the per-level running sums
 // kept in registers (indexed only by unrolled loop counters).
@@ -472,14 +268,13 @@ __device__ __forceinline__ void write_row(const BackwardParams& p, int64_t row, 
   }
 }
 
-template <typename T, int kMaxLevels, int kUnroll>
-__global__ void __launch_bounds__(kBackwardWeightThreads, kMaxLevels > 16 ? 2 : 4) weight_pass_kernel(const BackwardParams p) {
+template <typename T, int kMaxLevels>
+__global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardParams p) {
   extern __shared__ float smem[];
   const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
   const int tree = blockIdx.z;
   const int64_t chunk = blockIdx.y;
-  const int threads = blockDim.x;
-  const int col = blockIdx.x * p.tile + threadIdx.x;
+  const int col = blockIdx.x * kColumns + threadIdx.x;
   const int64_t start = chunk * chunk_size;
   const int len = static_cast<int>(min(int64_t{chunk_size}, p.tokens - start));
   const int stride = backward_coef_stride(levels);                  // levels padded for 16-byte reads
@@ -487,24 +282,24 @@ __global__ void __launch_bounds__(kBackwardWeightThreads, kMaxLevels > 16 ? 2 : 
   float* s_coef_out = s_coef_in + chunk_size * stride;              // (chunk, stride)
   int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * stride);  // (chunk)
   int* s_token = s_leaf + chunk_size;                                // (chunk)
-  float* s_x = reinterpret_cast<float*>(s_token + chunk_size);       // (kGroup, threads): this thread's column only
-  float* s_g = s_x + kGroup * threads;
+  float* s_x = reinterpret_cast<float*>(s_token + chunk_size);       // (kGroup, kColumns): this thread's column only
+  float* s_g = s_x + kGroup * kColumns;
 
   const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
   const int64_t* order = p.order + tree * p.tokens;
-  for (int i = threadIdx.x; i < len; i += threads) {
+  for (int i = threadIdx.x; i < len; i += kColumns) {
     s_leaf[i] = sorted_leaf[start + i];
     s_token[i] = static_cast<int>(order[start + i]);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < len * levels; i += threads) {
+  for (int i = threadIdx.x; i < len * levels; i += kColumns) {
     const int at = i / levels, level = i - at * levels;
     const int64_t source = (s_token[at] * int64_t{trees} + tree) * levels + level;
     s_coef_in[at * stride + level] = p.coef_in[source];
     s_coef_out[at * stride + level] = p.coef_out[source];
   }
   __syncthreads();
-  if (threadIdx.x >= p.tile || col > hidden) return;  // no barrier below
+  if (col > hidden) return;  // no barrier below
 
   // Leaves just outside the chunk: a node whose run reaches past either end is flushed to a partial slot.
   const int prev_leaf = start > 0 ? sorted_leaf[start - 1] : -1;
@@ -530,14 +325,13 @@ __global__ void __launch_bounds__(kBackwardWeightThreads, kMaxLevels > 16 ? 2 : 
     }
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
-      s_x[j * threads + threadIdx.x] = xs[j];
-      s_g[j * threads + threadIdx.x] = gs[j];
+      s_x[j * kColumns + threadIdx.x] = xs[j];
+      s_g[j * kColumns + threadIdx.x] = gs[j];
     }
     const int group_len = min(kGroup, len - g0);
-#pragma unroll kUnroll
     for (int j = 0; j < group_len; ++j) {
       const int at = g0 + j;
-      const float xv = s_x[j * threads + threadIdx.x], gv = s_g[j * threads + threadIdx.x];
+      const float xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
       const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
       const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
 #pragma unroll
@@ -656,73 +450,19 @@ void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
 }
 
 inline bool is_aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
-inline bool is_aligned_to(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
 
-template <typename T, int kMaxLevels, int kUnroll = 1>
+template <typename T, int kMaxLevels>
 void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
   const int levels = p.depth + 1;
-  BackwardParams q = p;
-  int tiles = backward_weight_tiles(p.hidden);
-  q.tile = backward_weight_tile(p.hidden);
-  // A/B knob while the shared bias column is measured: HF_FFF_WEIGHT_TILE=own gives the bias its own tile again.
-  const char* tiling = std::getenv("HF_FFF_WEIGHT_TILE");
-  if (tiling && std::string(tiling) == "own") {
-    tiles = backward_column_tiles(p.hidden);
-    q.tile = kColumns;
-  }
-  const int threads = (q.tile + 31) / 32 * 32;
-  const int64_t smem = backward_weight_smem_bytes(p.chunk, levels) + 2 * kGroup * threads * sizeof(float);
-  auto kernel = weight_pass_kernel<T, kMaxLevels, kUnroll>;
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, levels) + 2 * kGroup * kColumns * sizeof(float);
+  auto kernel = weight_pass_kernel<T, kMaxLevels>;
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "weight pass shared memory");
   }
-  const dim3 grid(tiles, p.chunks, p.trees);
-  kernel<<<grid, threads, smem, stream>>>(q);
+  const dim3 grid(backward_column_tiles(p.hidden), p.chunks, p.trees);
+  kernel<<<grid, kColumns, smem, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
-}
-
-template <typename T, int kJ, int kTok, bool kPaired>
-void launch_token_group(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.tokens + kTok - 1) / kTok;
-  token_group_kernel<T, kJ, kTok, kPaired><<<static_cast<unsigned>(blocks), kGroupThreads, 0, stream>>>(p);
-  HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
-}
-
-template <typename T, bool kPaired>
-bool launch_token_group_for_width(const BackwardParams& p, cudaStream_t stream) {
-  const int per_thread = ((p.hidden + 1) / 2 + kGroupThreads - 1) / kGroupThreads;  // column pairs
-  if (per_thread <= 1) launch_token_group<T, 1, group_tokens(1), kPaired>(p, stream);
-  else if (per_thread <= 2) launch_token_group<T, 2, group_tokens(2), kPaired>(p, stream);
-  else if (per_thread <= 3) launch_token_group<T, 3, group_tokens(3), kPaired>(p, stream);
-  else if (per_thread <= 4) launch_token_group<T, 4, group_tokens(4), kPaired>(p, stream);
-  else if (per_thread <= 6) launch_token_group<T, 6, group_tokens(6), kPaired>(p, stream);
-  else if (per_thread <= 8) launch_token_group<T, 8, group_tokens(8), kPaired>(p, stream);
-  else return false;
-  return true;
-}
-
-// A/B knob while the grouped token pass is measured against the warp-per-token kernels: HF_FFF_TOKEN_PASS=warp
-// (the old kernels), group2 / group4 (default) / group8 (tokens per block; 2 and 8 only at width 768, paired).
-template <typename T>
-bool launch_token_group_pass(const BackwardParams& p, cudaStream_t stream) {
-  const char* choice = std::getenv("HF_FFF_TOKEN_PASS");
-  const std::string which = choice ? choice : "group4";
-  if (which == "warp") return false;
-  if (p.trees * nodes_per_tree(p.depth) > INT32_MAX) return false;  // the kernel keeps rows in 32 bits
-  const bool paired = p.hidden % 2 == 0 && is_aligned_to(p.x, 2 * sizeof(T)) && is_aligned_to(p.grad_y, 2 * sizeof(T)) &&
-                      is_aligned_to(p.w_in, 2 * sizeof(T)) && is_aligned_to(p.w_out, 2 * sizeof(T)) &&
-                      is_aligned_to(p.grad_x, 2 * sizeof(T));
-  const int per_thread = ((p.hidden + 1) / 2 + kGroupThreads - 1) / kGroupThreads;
-  if (paired && per_thread == 3 && which == "group2") {
-    launch_token_group<T, 3, 2, true>(p, stream);
-    return true;
-  }
-  if (paired && per_thread == 3 && which == "group8") {
-    launch_token_group<T, 3, 8, true>(p, stream);
-    return true;
-  }
-  return paired ? launch_token_group_for_width<T, true>(p, stream) : launch_token_group_for_width<T, false>(p, stream);
 }
 
 template <typename T>
@@ -730,37 +470,28 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
   const int hidden = p.hidden, levels = p.depth + 1;
   constexpr int kE = Elem<T>::kVec;
-  if (!launch_token_group_pass<T>(p, stream)) {
-    const bool aligned = hidden % kE == 0 && is_aligned16(p.x) && is_aligned16(p.grad_y) && is_aligned16(p.w_in) &&
-                         is_aligned16(p.w_out) && is_aligned16(p.grad_x);
-    const int vectors_per_lane = (hidden / kE + 31) / 32;
-    if (aligned && vectors_per_lane <= 1) launch_token_pass_vec<T, 1>(p, stream);
-    else if (aligned && vectors_per_lane <= 2) launch_token_pass_vec<T, 2>(p, stream);
-    else if (aligned && vectors_per_lane <= 3) launch_token_pass_vec<T, 3>(p, stream);
-    else if (aligned && vectors_per_lane <= 4) launch_token_pass_vec<T, 4>(p, stream);
-    else if (aligned && vectors_per_lane <= 6) launch_token_pass_vec<T, 6>(p, stream);
-    else if (aligned && vectors_per_lane <= 8) launch_token_pass_vec<T, 8>(p, stream);
-    else if (hidden <= 128) launch_token_pass<T, 4>(p, stream);
-    else if (hidden <= 256) launch_token_pass<T, 8>(p, stream);
-    else if (hidden <= 512) launch_token_pass<T, 16>(p, stream);
-    else if (hidden <= 768) launch_token_pass<T, 24>(p, stream);
-    else if (hidden <= 1024) launch_token_pass<T, 32>(p, stream);
-    else launch_token_pass<T, 0>(p, stream);
-  }
+  const bool aligned = hidden % kE == 0 && is_aligned16(p.x) && is_aligned16(p.grad_y) && is_aligned16(p.w_in) &&
+                       is_aligned16(p.w_out) && is_aligned16(p.grad_x);
+  const int vectors_per_lane = (hidden / kE + 31) / 32;
+  if (aligned && vectors_per_lane <= 1) launch_token_pass_vec<T, 1>(p, stream);
+  else if (aligned && vectors_per_lane <= 2) launch_token_pass_vec<T, 2>(p, stream);
+  else if (aligned && vectors_per_lane <= 3) launch_token_pass_vec<T, 3>(p, stream);
+  else if (aligned && vectors_per_lane <= 4) launch_token_pass_vec<T, 4>(p, stream);
+  else if (aligned && vectors_per_lane <= 6) launch_token_pass_vec<T, 6>(p, stream);
+  else if (aligned && vectors_per_lane <= 8) launch_token_pass_vec<T, 8>(p, stream);
+  else if (hidden <= 128) launch_token_pass<T, 4>(p, stream);
+  else if (hidden <= 256) launch_token_pass<T, 8>(p, stream);
+  else if (hidden <= 512) launch_token_pass<T, 16>(p, stream);
+  else if (hidden <= 768) launch_token_pass<T, 24>(p, stream);
+  else if (hidden <= 1024) launch_token_pass<T, 32>(p, stream);
+  else launch_token_pass<T, 0>(p, stream);
 
   // The running sums take 2 * kMaxLevels registers per thread whether the levels exist or not: a bound of 12
   // for depths 9 to 11 (UltraFastBERT-1x11's) instead of 16 leaves bf16 at 80 registers instead of 137, 5 blocks
   // per SM instead of 3 (bf16 weight pass at 32768 tokens 311 -> 245 us on an H100; fp32 unchanged).
   if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
   else if (levels <= 8) launch_weight_pass<T, 8>(p, stream);
-  else if (levels <= 12) {
-    // A/B knob while unrolling the token loop is measured: HF_FFF_WEIGHT_UNROLL=1 (default), 2 or 4.
-    const char* unroll = std::getenv("HF_FFF_WEIGHT_UNROLL");
-    const int by = unroll ? std::atoi(unroll) : 1;
-    if (by == 2) launch_weight_pass<T, 12, 2>(p, stream);
-    else if (by == 4) launch_weight_pass<T, 12, 4>(p, stream);
-    else launch_weight_pass<T, 12>(p, stream);
-  }
+  else if (levels <= 12) launch_weight_pass<T, 12>(p, stream);
   else if (levels <= 16) launch_weight_pass<T, 16>(p, stream);
   else launch_weight_pass<T, 32>(p, stream);
 

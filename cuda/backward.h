@@ -64,7 +64,6 @@ struct BackwardParams {
   int depth;
   int trees;
   int chunk;   // tokens per weight-pass block
-  int tile;    // columns per weight-pass block (set by the launcher)
   int chunks;  // ceil(tokens / chunk)
 };
 
@@ -88,18 +87,8 @@ inline int backward_chunk(int levels, int64_t tokens, int64_t blocks_per_chunk, 
 // one is the bias).
 inline int backward_column_tiles(int hidden) { return (hidden + kBackwardColumns) / kBackwardColumns; }
 
-// Weight pass tiles: ceil(hidden / kBackwardColumns) blocks share the hidden + 1 columns, the bias being the last, so
-// that the bias gets no block of its own (at width 768 that block had 1 column of 128 and walked every token all
-// the same); a tile is then up to kBackwardColumns + 1 columns, run by whole warps.
-constexpr int kBackwardWeightThreads = kBackwardColumns + 32;
-inline int backward_weight_tiles(int hidden) { return std::max(1, (hidden + kBackwardColumns - 1) / kBackwardColumns); }
-inline int backward_weight_tile(int hidden) {
-  const int tiles = backward_weight_tiles(hidden);
-  return (hidden + tiles) / tiles;  // ceil((hidden + 1) / tiles)
-}
-
 // Blocks of the weight pass per chunk: its column tiles times the trees.
-inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_weight_tiles(hidden)} * trees; }
+inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_column_tiles(hidden)} * trees; }
 
 inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
 

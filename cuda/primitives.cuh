@@ -14,7 +14,7 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Element types: 16-byte vector <-> fp32 values, pairs of elements, scalar loads and stores.
+// Element types: 16-byte vector <-> fp32 values, scalar loads and stores.
 template <typename T>
 struct Elem;
 
@@ -32,15 +32,6 @@ struct Elem<float> {
   }
   static __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
   static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
-  // Elements 2 * pair and 2 * pair + 1 of an 8-byte aligned row.
-  static __device__ __forceinline__ void load2(const float* row, int pair, float& lo, float& hi) {
-    const float2 v = __ldg(reinterpret_cast<const float2*>(row) + pair);
-    lo = v.x;
-    hi = v.y;
-  }
-  static __device__ __forceinline__ void store2(float* row, int pair, float lo, float hi) {
-    reinterpret_cast<float2*>(row)[pair] = make_float2(lo, hi);
-  }
 };
 
 // 16-bit types: a 32-bit word holds two elements, widened and narrowed by the type's unpack2 / pack2.
@@ -56,15 +47,6 @@ struct PairedElem {
   static __device__ __forceinline__ uint4 pack(const float (&f)[kVec]) {
     return make_uint4(Derived::pack2(f[0], f[1]), Derived::pack2(f[2], f[3]), Derived::pack2(f[4], f[5]),
                       Derived::pack2(f[6], f[7]));
-  }
-  // Elements 2 * pair and 2 * pair + 1 of a 4-byte aligned row.
-  template <typename T>
-  static __device__ __forceinline__ void load2(const T* row, int pair, float& lo, float& hi) {
-    Derived::unpack2(__ldg(reinterpret_cast<const unsigned*>(row) + pair), lo, hi);
-  }
-  template <typename T>
-  static __device__ __forceinline__ void store2(T* row, int pair, float lo, float hi) {
-    reinterpret_cast<unsigned*>(row)[pair] = Derived::pack2(lo, hi);
   }
 };
 
