@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -181,122 +180,70 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 // Token pass with 16-byte loads: hidden is a multiple of the vector width, the rows are 16-byte aligned and
 // a row is at most 32 * kVecs vectors (lane holds vectors lane + 32 k). Same arithmetic as above, with an
 // eighth of the load instructions at 16 bits.
-// A/B variants (knobs read per launch while they are measured): kILP splits each dot product over two
-// accumulators (the 24-long chain of dependent FMAs becomes two of 12); kPrefetch gives each warp
-// kPrefetchTokens tokens (warp w of a block takes positions w, w + 8, ...) and copies the next token's x and grad_y
-// into shared memory with cp.async while it computes the current one.
-constexpr int kPrefetchTokens = 4;
-
-template <typename T, int kVecs, bool kILP, bool kPrefetch>
+template <typename T, int kVecs>
 __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
     token_pass_vec_kernel(const BackwardParams p) {
   constexpr int kE = Elem<T>::kVec;
-  constexpr int kPer = kPrefetch ? kPrefetchTokens : 1;
-  extern __shared__ uint4 s_staged[];  // kPrefetch: per warp, the next token's x then grad_y (32 * kVecs vectors each)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t base = blockIdx.x * int64_t{kTokenWarps * kPer} + warp;
+  const int lane = threadIdx.x & 31;
+  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
+  if (position >= p.tokens) return;
+  const int64_t token = p.order[position];
   const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
   const int vectors = hidden / kE;
+  const T* x = static_cast<const T*>(p.x) + token * hidden;
+  const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
   const T* b_in = static_cast<const T*>(p.b_in);
-  uint4* s_x = s_staged + warp * 2 * 32 * kVecs;
-  uint4* s_g = s_x + 32 * kVecs;
-  // Lane copies the vectors it will read back itself, so cp.async's wait orders the copy for it alone.
-  auto stage = [&](int64_t position) {
-    const int64_t token = p.order[position];
-    const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + token * hidden);
-    const uint4* g = reinterpret_cast<const uint4*>(static_cast<const T*>(p.grad_y) + token * hidden);
+  float* coef_in = p.coef_in + token * trees * levels;
+  float* coef_out = p.coef_out + token * trees * levels;
+
+  float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
 #pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      const int v = lane + 32 * k;
-      if (v < vectors) {
-        cp_async16(s_x + v, x + v, true);
-        cp_async16(s_g + v, g + v, true);
-      }
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+#pragma unroll
+    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
+    if (v < vectors) {
+      load_vec(x, v, xr[k]);
+      load_vec(grad_y, v, gr[k]);
     }
-    cp_async_commit();
-  };
-  if constexpr (kPrefetch) {
-    if (base < p.tokens) stage(base);
   }
-
-  for (int i = 0; i < kPer; ++i) {
-    const int64_t position = base + int64_t{i} * kTokenWarps;
-    if (position >= p.tokens) return;  // whole warps only: no block-wide barrier
-    const int64_t token = p.order[position];
-    float* coef_in = p.coef_in + token * trees * levels;
-    float* coef_out = p.coef_out + token * trees * levels;
-
-    float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
-    if constexpr (kPrefetch) {
-      cp_async_wait_all();
-      __syncwarp();
+  for (int tree = 0; tree < trees; ++tree) {
+    const int leaf = p.leaf_keys[tree * p.tokens + token];
+    for (int level = 0; level < levels; ++level) {
+      const int64_t row = path_row(tree, level, leaf, depth);
+      const T* wi = static_cast<const T*>(p.w_in) + row * hidden;
+      const T* wo = static_cast<const T*>(p.w_out) + row * hidden;
+      float wr[kVecs][kE];
+      float z = 0.f, dg = 0.f;
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
         const int v = lane + 32 * k;
+        float wo_v[kE];
 #pragma unroll
-        for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
+        for (int e = 0; e < kE; ++e) wr[k][e] = wo_v[e] = 0.f;
         if (v < vectors) {
-          Elem<T>::unpack(s_x[v], xr[k]);
-          Elem<T>::unpack(s_g[v], gr[k]);
+          load_vec(wi, v, wr[k]);
+          load_vec(wo, v, wo_v);
+        }
+#pragma unroll
+        for (int e = 0; e < kE; ++e) {
+          z = fmaf(xr[k][e], wr[k][e], z);
+          dg = fmaf(gr[k][e], wo_v[e], dg);
         }
       }
-      __syncwarp();
-      const int64_t next = position + kTokenWarps;
-      if (i + 1 < kPer && next < p.tokens) stage(next);
-    } else {
-      const T* x = static_cast<const T*>(p.x) + token * hidden;
-      const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
+      const float c_in = row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
-        const int v = lane + 32 * k;
 #pragma unroll
-        for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
-        if (v < vectors) {
-          load_vec(x, v, xr[k]);
-          load_vec(grad_y, v, gr[k]);
-        }
+        for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
       }
     }
-    for (int tree = 0; tree < trees; ++tree) {
-      const int leaf = p.leaf_keys[tree * p.tokens + token];
-      for (int level = 0; level < levels; ++level) {
-        const int64_t row = path_row(tree, level, leaf, depth);
-        const T* wi = static_cast<const T*>(p.w_in) + row * hidden;
-        const T* wo = static_cast<const T*>(p.w_out) + row * hidden;
-        float wr[kVecs][kE];
-        float z[2] = {0.f, 0.f}, dg[2] = {0.f, 0.f};
+  }
+  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
 #pragma unroll
-        for (int k = 0; k < kVecs; ++k) {
-          const int v = lane + 32 * k;
-          float wo_v[kE];
-#pragma unroll
-          for (int e = 0; e < kE; ++e) wr[k][e] = wo_v[e] = 0.f;
-          if (v < vectors) {
-            load_vec(wi, v, wr[k]);
-            load_vec(wo, v, wo_v);
-          }
-#pragma unroll
-          for (int e = 0; e < kE; ++e) {
-            const int a = kILP ? (e & 1) : 0;
-            z[a] = fmaf(xr[k][e], wr[k][e], z[a]);
-            dg[a] = fmaf(gr[k][e], wo_v[e], dg[a]);
-          }
-        }
-        const float c_in = row_coefficients(z[0] + z[1], dg[0] + dg[1], b_in, row, coef_in, coef_out,
-                                            tree * levels + level, lane);
-#pragma unroll
-        for (int k = 0; k < kVecs; ++k) {
-#pragma unroll
-          for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
-        }
-      }
-    }
-    T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
-#pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      const int v = lane + 32 * k;
-      if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
-    }
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
   }
 }
 
@@ -321,7 +268,7 @@ __device__ __forceinline__ void write_row(const BackwardParams& p, int64_t row, 
   }
 }
 
-template <typename T, int kMaxLevels, bool kPrefetch>
+template <typename T, int kMaxLevels>
 __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardParams p) {
   extern __shared__ float smem[];
   const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
@@ -365,11 +312,10 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
 #pragma unroll
   for (int l = 0; l < kMaxLevels; ++l) sum_in[l] = sum_out[l] = 0.f;
 
-  // All of a group's loads in flight at once, then parked in this thread's shared-memory column so that the
-  // token loop below needs no unrolling. kPrefetch (A/B): the next group's loads are issued before this group's
-  // tokens are summed, so that their DRAM latency overlaps the sums.
-  float xs[kGroup], gs[kGroup];
-  auto load_group = [&](int g0) {
+  for (int g0 = 0; g0 < len; g0 += kGroup) {
+    // All of the group's loads in flight at once, then parked in this thread's shared-memory column so
+    // that the token loop below needs no unrolling.
+    float xs[kGroup], gs[kGroup];
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       const bool real = g0 + j < len && col < hidden;
@@ -377,17 +323,10 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
       xs[j] = real ? Elem<T>::load(x + offset) : 1.f;  // the bias column's "x" is 1
       gs[j] = real ? Elem<T>::load(grad_y + offset) : 0.f;
     }
-  };
-  if constexpr (kPrefetch) load_group(0);
-  for (int g0 = 0; g0 < len; g0 += kGroup) {
-    if constexpr (!kPrefetch) load_group(g0);
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       s_x[j * kColumns + threadIdx.x] = xs[j];
       s_g[j * kColumns + threadIdx.x] = gs[j];
-    }
-    if constexpr (kPrefetch) {
-      if (g0 + kGroup < len) load_group(g0 + kGroup);
     }
     const int group_len = min(kGroup, len - g0);
     for (int j = 0; j < group_len; ++j) {
@@ -503,41 +442,20 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
   HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
 
-template <typename T, int kVecs, bool kILP = false, bool kPrefetch = false>
-void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
-  constexpr int kPer = kPrefetch ? kPrefetchTokens : 1;
-  const int64_t blocks = (p.tokens + kTokenWarps * kPer - 1) / (kTokenWarps * kPer);
-  const int smem = kPrefetch ? kTokenWarps * 2 * 32 * kVecs * 16 : 0;
-  auto kernel = token_pass_vec_kernel<T, kVecs, kILP, kPrefetch>;
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "token pass shared memory");
-  }
-  kernel<<<static_cast<unsigned>(blocks), kTokenWarps * 32, smem, stream>>>(p);
-  HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
-}
-
-// A/B knobs while they are measured: HF_FFF_TOKEN_ILP=1, HF_FFF_TOKEN_PREFETCH=1 (width 768 only).
-inline bool knob(const char* name) {
-  const char* value = std::getenv(name);
-  return value && std::string(value) == "1";
-}
-
 template <typename T, int kVecs>
-void launch_token_pass_variant(const BackwardParams& p, cudaStream_t stream) {
-  const bool ilp = knob("HF_FFF_TOKEN_ILP"), prefetch = knob("HF_FFF_TOKEN_PREFETCH");
-  if (ilp && prefetch) launch_token_pass_vec<T, kVecs, true, true>(p, stream);
-  else if (ilp) launch_token_pass_vec<T, kVecs, true, false>(p, stream);
-  else if (prefetch) launch_token_pass_vec<T, kVecs, false, true>(p, stream);
-  else launch_token_pass_vec<T, kVecs>(p, stream);
+void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
+  token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
 
 inline bool is_aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
-template <typename T, int kMaxLevels, bool kPrefetch = false>
+template <typename T, int kMaxLevels>
 void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
   const int levels = p.depth + 1;
   const int64_t smem = backward_weight_smem_bytes(p.chunk, levels) + 2 * kGroup * kColumns * sizeof(float);
-  auto kernel = weight_pass_kernel<T, kMaxLevels, kPrefetch>;
+  auto kernel = weight_pass_kernel<T, kMaxLevels>;
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "weight pass shared memory");
@@ -557,9 +475,9 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   const int vectors_per_lane = (hidden / kE + 31) / 32;
   if (aligned && vectors_per_lane <= 1) launch_token_pass_vec<T, 1>(p, stream);
   else if (aligned && vectors_per_lane <= 2) launch_token_pass_vec<T, 2>(p, stream);
-  else if (aligned && vectors_per_lane <= 3) launch_token_pass_variant<T, 3>(p, stream);
+  else if (aligned && vectors_per_lane <= 3) launch_token_pass_vec<T, 3>(p, stream);
   else if (aligned && vectors_per_lane <= 4) launch_token_pass_vec<T, 4>(p, stream);
-  else if (aligned && vectors_per_lane <= 6) launch_token_pass_variant<T, 6>(p, stream);
+  else if (aligned && vectors_per_lane <= 6) launch_token_pass_vec<T, 6>(p, stream);
   else if (aligned && vectors_per_lane <= 8) launch_token_pass_vec<T, 8>(p, stream);
   else if (hidden <= 128) launch_token_pass<T, 4>(p, stream);
   else if (hidden <= 256) launch_token_pass<T, 8>(p, stream);
@@ -573,10 +491,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // per SM instead of 3 (bf16 weight pass at 32768 tokens 311 -> 245 us on an H100; fp32 unchanged).
   if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
   else if (levels <= 8) launch_weight_pass<T, 8>(p, stream);
-  else if (levels <= 12) {
-    if (knob("HF_FFF_WEIGHT_PREFETCH")) launch_weight_pass<T, 12, true>(p, stream);  // A/B knob while measured
-    else launch_weight_pass<T, 12>(p, stream);
-  }
+  else if (levels <= 12) launch_weight_pass<T, 12>(p, stream);
   else if (levels <= 16) launch_weight_pass<T, 16>(p, stream);
   else launch_weight_pass<T, 32>(p, stream);
 

@@ -6,8 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
 
@@ -86,9 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   if (tokens == 0) return {grad_x, grad_w_in, grad_b_in, grad_w_out};
 
   // Checked before anything is launched: the weight pass's grid has one block row per chunk.
-  int chunk = backward_chunk(levels, tokens, backward_blocks_per_chunk(hidden, trees), sm_count(x.get_device()));
-  // A/B knob while the weight pass's wave count is measured: HF_FFF_WEIGHT_CHUNK=<tokens> (at most the default).
-  if (const char* wanted = std::getenv("HF_FFF_WEIGHT_CHUNK")) chunk = std::clamp(std::atoi(wanted), 32, chunk);
+  const int chunk = backward_chunk(levels, tokens, backward_blocks_per_chunk(hidden, trees), sm_count(x.get_device()));
   const int64_t chunks = backward_chunk_count(tokens, chunk);
   TORCH_CHECK(chunks <= 65535, "hf_fff CUDA backward: at most ", num(int64_t{65535} * chunk), " tokens per call, got ",
               num(tokens));

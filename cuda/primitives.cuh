@@ -1,7 +1,6 @@
 // Device primitives that the forward kernels (common.cuh and the strategy families) and the fused backward
 // (backward.cuh) both compute with: element types (16-byte vectors <-> fp32, scalar loads and stores with round to
-// nearest even on the way out, as torch's .to()), the warp's butterfly sum, exact GELU, the tree's size and
-// asynchronous copies into shared memory.
+// nearest even on the way out, as torch's .to()), the warp's butterfly sum, exact GELU and the tree's size.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -96,17 +95,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
-
-// Asynchronous 16-byte copies into shared memory (sm_80 and later).
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows and columns).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __host__ __device__ __forceinline__ int64_t nodes_per_tree(int depth) { return (int64_t{2} << depth) - 1; }
 

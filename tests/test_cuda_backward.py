@@ -62,7 +62,8 @@ def random_problem(tokens, hidden, trees, depth, dtype, seed, device="cpu", crow
         (150, 5, 3, 5, 16, True),
         (300, 2, 1, 8, 32, False),  # many leaves, nodes shorter than a chunk at deep levels
         (64, 3, 2, 4, 16, False),  # tokens a multiple of the chunk
-        (257, 6, 1, 11, 256, True),  # the kernel's largest chunk
+        (257, 6, 1, 11, 192, True),  # the kernel's largest chunk
+        (257, 6, 1, 11, 256, True),  # the shared-memory bound of a chunk
         (257, 6, 1, 11, 32, True),  # its smallest (small calls)
     ],
 )
@@ -159,6 +160,14 @@ def test_backward_long_runs_and_wide_rows(kernels, dtype, hidden, depth):
     run_checked(kernels, (grad_y, x, weight_in, bias_in, weight_out, depth, leaves))
     one_leaf = torch.full_like(leaves, 2**depth - 1)
     run_checked(kernels, (grad_y, x, weight_in, bias_in, weight_out, depth, one_leaf))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_backward_at_the_largest_chunk(kernels, dtype):
+    """Enough tokens (a training step's 16384, and more) that the weight pass takes its largest chunk."""
+    run_checked(kernels, random_problem(30000, 768, 1, 11, dtype, seed=6, device="cuda"))
 
 
 @pytest.mark.gpu
