@@ -6,10 +6,11 @@ One process, one GPU, medians of triton.testing.do_bench (CUDA events). The FFF 
 (768), one tree of depth 11 (UltraFastBERT-1x11), with the leaves its forward actually reaches on random
 inputs. The dense baseline is nn.Linear(768, 3072), exact GELU, nn.Linear(3072, 768): its forward runs
 untimed, then torch.autograd.grad of the output (w.r.t. the input and the four parameters) is timed.
---profile adds the fused backward's per-kernel times at each size. --variants A/B-times kernel choices that the
-extension reads from the environment at each launch, side by side in this process: each variant is a
-comma-separated list of NAME=VALUE settings (e.g. HF_FFF_TOKEN_PASS=warp); the table gives each one's median and
-its gradients' largest difference from the first variant's.
+--profile adds the fused backward's per-kernel times at each size. --variants A/B-times kernel choices side by side
+in this process: while a candidate kernel is measured, the extension picks it by an HF_FFF_* environment knob read
+at each launch (the loser and the knob are deleted afterwards). Each variant is a comma-separated list of
+NAME=VALUE settings; the table gives each one's median and its gradients' largest difference from the first
+variant's.
 """
 
 from __future__ import annotations
