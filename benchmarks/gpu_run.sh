@@ -58,14 +58,16 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
       box $PY -m hf_fff_cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
     train-bench)
       box $PY -m hf_fff_cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
-    train-compile)  # eager and torch.compile'd steps side by side; TRAIN_CASES="task:batch ..." (default seq-cls:32)
+    train-compile)  # eager and torch.compile'd steps side by side; TRAIN_CASES="task:batch ..." (default seq-cls:32),
+                    # COMPILE_MODE (default: default; reduce-overhead replays CUDA graphs)
       for case in ${TRAIN_CASES:-seq-cls:32}; do
         box $PY -c "
 import sys
 from hf_fff.tools.bench import run_train_bench
 task, batch = sys.argv[1].split(':')
-run_train_bench(device='cuda', batches={task: (int(batch),)}, backward_tokens=(), compile_models=True, json_path=sys.argv[2])" \
-          "$case" "$OUT/train_compile_${case/:/_}.json" 2>&1 | tee "$OUT/train_compile_${case/:/_}.log" | grep -v "^$" | tail -12
+run_train_bench(device='cuda', batches={task: (int(batch),)}, backward_tokens=(), compile_mode=sys.argv[3], json_path=sys.argv[2])" \
+          "$case" "$OUT/train_compile_${case/:/_}_${COMPILE_MODE:-default}.json" "${COMPILE_MODE:-default}" 2>&1 \
+          | tee "$OUT/train_compile_${case/:/_}_${COMPILE_MODE:-default}.log" | grep -v "^$" | tail -12
       done ;;
     profile-train)
       for case in "seq-cls 32" "seq-cls 128" "mlm 128"; do

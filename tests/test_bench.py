@@ -220,9 +220,23 @@ def test_cli_train_reaches_run_train_bench(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "run_train_bench", lambda **kwargs: seen.update(kwargs) or {})
     monkeypatch.setattr(bench, "run_bench", lambda **kwargs: pytest.fail("--train ran the inference bench"))
     assert cli.main(["bench", "--train", "--repeats", "3", "--json", str(tmp_path / "t.json")]) == 0
-    assert seen == {"device": "cpu", "repeats": 3, "json_path": str(tmp_path / "t.json"), "compile_models": False}
+    assert seen == {"device": "cpu", "repeats": 3, "json_path": str(tmp_path / "t.json"), "compile_mode": None}
     assert cli.main(["bench", "--train", "--compile"]) == 0
-    assert seen["compile_models"] is True
+    assert seen["compile_mode"] == "default"
+    assert cli.main(["bench", "--train", "--compile", "reduce-overhead"]) == 0
+    assert seen["compile_mode"] == "reduce-overhead"
+
+
+def test_cli_offers_the_compile_modes_the_bench_runs(capsys):
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["bench", "--train", "--compile", "fastest"])
+    assert refused.value.code == 2
+    message = capsys.readouterr().err
+    assert "invalid choice: 'fastest'" in message
+    for mode in bench.COMPILE_MODES:
+        assert mode in message
+    with pytest.raises(ValueError, match="compile mode 'fastest'"):
+        bench.compiled_training_step(torch.nn.Linear(1, 1), None, {}, torch.device("cpu"), "x", fullgraph=True, mode="fastest")
 
 
 def test_cli_compile_without_train_is_refused(monkeypatch, capsys):
@@ -237,11 +251,11 @@ def test_compiled_training_rows_sit_beside_eager_ones_with_both_baselines(monkey
     non-baseline row is compared with BERT in both modes."""
     monkeypatch.setattr(bench, "MIN_SECONDS_PER_ROW", 0.0)
     results = bench.run_train_bench(
-        repeats=2, batches={"seq-cls": (2,)}, seq=5, backward_tokens=(), model_overrides=TINY_TRAIN_MODELS, compile_models=True
+        repeats=2, batches={"seq-cls": (2,)}, seq=5, backward_tokens=(), model_overrides=TINY_TRAIN_MODELS, compile_mode="default"
     )
     assert "backward" not in results  # no backward sizes asked for: no empty table
     (setting,) = results["train"]
-    assert setting["compiled"] is True
+    assert setting["compiled"] is True and setting["compile_mode"] == "default"
     eager_bert, compiled_bert = setting["baselines"]
     assert compiled_bert == eager_bert + " compiled"
     names = [row["name"] for row in setting["rows"]]

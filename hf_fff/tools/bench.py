@@ -324,13 +324,32 @@ def step_peak_memory(step: Callable[[], object], model: nn.Module, optimizer: to
     return resident + torch.cuda.max_memory_allocated(device) - before
 
 
-def compiled_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, device: torch.device, name: str, *, fullgraph: bool) -> Callable[[], torch.Tensor]:
-    """`training_step` of `torch.compile(model)` (the module's forward and, through AOTAutograd, its backward;
-    the optimizer step stays eager, as Trainer's torch_compile runs it), compiled here by one warm-up step so
+# torch.compile's modes; those that capture CUDA graphs replay the step from one graph per shape, which lifts
+# the host's launch cost off small batches.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compiled_training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, device: torch.device, name: str, *, fullgraph: bool, mode: str = "default"
+) -> Callable[[], torch.Tensor]:
+    """`training_step` of `torch.compile(model, mode=mode)` (the module's forward and, through AOTAutograd, its
+    backward; the optimizer step stays eager, as Trainer's torch_compile runs it), compiled here by warm-up steps so
     that the compile time is reported and never timed."""
-    step = training_step(torch.compile(model, fullgraph=fullgraph), optimizer, inputs, device)
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    compiled = training_step(torch.compile(model, fullgraph=fullgraph, mode=None if mode == "default" else mode), optimizer, inputs, device)
+    step = compiled
+    if mode in CUDA_GRAPH_MODES and device.type == "cuda":
+
+        def step() -> torch.Tensor:
+            # each call is a new training iteration: the graphs may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled()
+
     start = time.perf_counter()
-    step()
+    for _ in range(3 if mode in CUDA_GRAPH_MODES else 1):  # CUDA graph trees record on the steps after the first
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     print(f"  compiled {name} in {time.perf_counter() - start:.0f} s")
@@ -338,10 +357,11 @@ def compiled_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, i
 
 
 def bench_training_step(
-    task: str, device, batch: int, seq: int, repeats: int, model_overrides: Optional[dict] = None, *, compile_models: bool = False
+    task: str, device, batch: int, seq: int, repeats: int, model_overrides: Optional[dict] = None, *, compile_mode: Optional[str] = None
 ) -> tuple[list[Row], dict]:
     """One task at one batch size: UltraFastBERT (automatic FFF backend, then the masked backend) and BERT-base;
-    with `compile_models`, also both models under torch.compile, each compared with BERT-base in the same mode."""
+    with a `compile_mode` (one of COMPILE_MODES), also both models under torch.compile in that mode, each compared
+    with BERT-base eager and BERT-base compiled."""
     ultrafast, bert = build_training_models(task, device, model_overrides)
     vocab = min(ultrafast.config.vocab_size, bert.config.vocab_size)
     inputs = training_batch(task, batch, seq, vocab, device)
@@ -360,14 +380,15 @@ def bench_training_step(
     }
     owners = {ultrafast_step: (ultrafast, ultrafast_optimizer), bert_step: (bert, bert_optimizer)}
     baselines = [bert_name]
-    if compile_models:
+    if compile_mode is not None:
+        compiled = "compiled" if compile_mode == "default" else f"compiled {compile_mode}"
         # fullgraph for UltraFastBERT: a graph break around the FFF op raises instead of hiding in the timing
-        ufb_compiled = compiled_training_step(ultrafast, ultrafast_optimizer, inputs, device, f"{ufb_name} compiled", fullgraph=True)
-        bert_compiled = compiled_training_step(bert, bert_optimizer, inputs, device, f"{bert_name} compiled", fullgraph=False)
-        candidates[f"{ufb_name} compiled"] = (backends.AUTO, ufb_compiled)
-        candidates[f"{bert_name} compiled"] = (None, bert_compiled)
+        ufb_compiled = compiled_training_step(ultrafast, ultrafast_optimizer, inputs, device, f"{ufb_name} {compiled}", fullgraph=True, mode=compile_mode)
+        bert_compiled = compiled_training_step(bert, bert_optimizer, inputs, device, f"{bert_name} {compiled}", fullgraph=False, mode=compile_mode)
+        candidates[f"{ufb_name} {compiled}"] = (backends.AUTO, ufb_compiled)
+        candidates[f"{bert_name} {compiled}"] = (None, bert_compiled)
         owners[ufb_compiled], owners[bert_compiled] = owners[ultrafast_step], owners[bert_step]
-        baselines.append(f"{bert_name} compiled")
+        baselines.append(f"{bert_name} {compiled}")
     rows = _rows("train", batch * seq, time_side_by_side(candidates, device, repeats, grad=True), baselines=baselines)
     for row, (backend, step) in zip(rows, candidates.values()):
         with backends.use_backend(backend or backends.AUTO):
@@ -378,7 +399,8 @@ def bench_training_step(
         "seq": seq,
         "precision": "bf16 autocast, fp32 parameters" if autocast_dtype(device) else "fp32",
         "optimizer": "AdamW (fused=True)",
-        "compiled": compile_models,
+        "compiled": compile_mode is not None,
+        "compile_mode": compile_mode,
         "baselines": baselines,
         "rows": [_row_dict(r) for r in rows],
     }
@@ -431,15 +453,15 @@ def run_train_bench(
     backward_tokens: Optional[Sequence[int]] = None,
     json_path: Optional[str] = None,
     *,
-    compile_models: bool = False,
+    compile_mode: Optional[str] = None,
     hidden: int = 768,
     depth: int = 11,
     model_overrides: Optional[dict] = None,
 ) -> dict:
     """`hf-fff bench --train`: the training-step tables and the backward table; print them, optionally
     write JSON; return the results dict. Defaults per device: `default_train_batches`, and the backward at
-    4096 tokens on the CPU, 32768 on CUDA. `compile_models` (`--compile`) adds torch.compile'd steps of both
-    models to each training table."""
+    4096 tokens on the CPU, 32768 on CUDA. A `compile_mode` (`--compile [MODE]`) adds both models' steps under
+    torch.compile in that mode to each training table."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but no CUDA GPU is visible")
@@ -453,7 +475,7 @@ def run_train_bench(
     results: dict = {"meta": meta, "train": []}
     for task, sizes in batches.items():
         for batch in sizes:
-            rows, setting = bench_training_step(task, device, batch, seq, repeats, model_overrides, compile_models=compile_models)
+            rows, setting = bench_training_step(task, device, batch, seq, repeats, model_overrides, compile_mode=compile_mode)
             print(f"\nTraining step ({task}), batch {batch} x {seq} tokens, {setting['precision']}, {setting['optimizer']}, "
                   f"random weights (median of side-by-side steps)")
             print(format_table(rows, setting["baselines"], "tokens"))
