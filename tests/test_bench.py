@@ -246,20 +246,22 @@ def test_cli_compile_without_train_is_refused(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_compiled_training_rows_sit_beside_eager_ones_with_both_baselines(monkeypatch):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_rows_sit_beside_eager_ones_with_both_baselines(monkeypatch, mode):
     """--compile adds UltraFastBERT and BERT under torch.compile (fullgraph for ours) to the same table; every
     non-baseline row is compared with BERT in both modes."""
     monkeypatch.setattr(bench, "MIN_SECONDS_PER_ROW", 0.0)
     results = bench.run_train_bench(
-        repeats=2, batches={"seq-cls": (2,)}, seq=5, backward_tokens=(), model_overrides=TINY_TRAIN_MODELS, compile_mode="default"
+        repeats=2, batches={"seq-cls": (2,)}, seq=5, backward_tokens=(), model_overrides=TINY_TRAIN_MODELS, compile_mode=mode
     )
     assert "backward" not in results  # no backward sizes asked for: no empty table
     (setting,) = results["train"]
-    assert setting["compiled"] is True and setting["compile_mode"] == "default"
+    assert setting["compiled"] is True and setting["compile_mode"] == mode
     eager_bert, compiled_bert = setting["baselines"]
-    assert compiled_bert == eager_bert + " compiled"
+    suffix = " compiled" if mode == "default" else f" compiled {mode}"
+    assert compiled_bert == eager_bert + suffix
     names = [row["name"] for row in setting["rows"]]
-    assert len(names) == 5 and names[3].startswith("UltraFastBertForSequenceClassification") and names[3].endswith(" compiled")
+    assert len(names) == 5 and names[3].startswith("UltraFastBertForSequenceClassification") and names[3].endswith(suffix)
     assert names[4] == compiled_bert
     for row in setting["rows"]:
         assert row["median_s"] > 0
