@@ -22,7 +22,7 @@ def chunk_size(levels: int, tokens: int, hidden: int, trees: int, sms: int = 132
     def ceil_div(a: int, b: int) -> int:
         return -(-a // b)
 
-    largest = 128 if levels > 16 else 256
+    largest = 128 if levels > 16 else 192  # kLargestChunk
     blocks_per_chunk = (hidden + 128) // 128 * trees
     wanted_chunks = ceil_div(4 * sms, blocks_per_chunk)
     rounded = ceil_div(ceil_div(tokens, wanted_chunks), 32) * 32
