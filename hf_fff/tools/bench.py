@@ -339,16 +339,16 @@ def compiled_training_step(
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     compiled = training_step(torch.compile(model, fullgraph=fullgraph, mode=None if mode == "default" else mode), optimizer, inputs, device)
-    step = compiled
-    if mode in CUDA_GRAPH_MODES and device.type == "cuda":
+    graphs = mode in CUDA_GRAPH_MODES
 
-        def step() -> torch.Tensor:
+    def step() -> torch.Tensor:
+        if graphs and device.type == "cuda":
             # each call is a new training iteration: the graphs may reuse the previous step's output memory
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled()
+        return compiled()
 
     start = time.perf_counter()
-    for _ in range(3 if mode in CUDA_GRAPH_MODES else 1):  # CUDA graph trees record on the steps after the first
+    for _ in range(3 if graphs else 1):  # CUDA graph trees record on the steps after the first
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
