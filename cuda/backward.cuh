@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -29,12 +30,15 @@ inline void check_cuda(cudaError_t status, const char* what) {
 }
 #define HF_FFF_BWD_LAUNCH_CHECK(what) ::hf_fff_cuda::bwd::check_cuda(cudaGetLastError(), what)
 
-// The derivative of exact GELU (primitives.cuh), Phi(z) + z phi(z). The erfc form keeps Phi accurate for z << 0,
-// where 1 + erf(z / sqrt 2) cancels.
-__device__ __forceinline__ float gelu_grad(float z) {
+// Exact GELU (primitives.cuh) and its derivative Phi(z) + z phi(z) from one erfc: the erfc form keeps Phi accurate
+// for z << 0, where 1 + erf(z / sqrt 2) cancels. z * Phi(z) has gelu(z)'s bits (the halving is exact either way).
+struct GeluAndGrad {
+  float value, grad;
+};
+__device__ __forceinline__ GeluAndGrad gelu_and_grad(float z) {
   const float cdf = 0.5f * erfcf(-z * 0.70710678118654752f);
   const float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
-  return fmaf(z, pdf, cdf);
+  return {z * cdf, fmaf(z, pdf, cdf)};
 }
 
 template <typename T>
@@ -50,10 +54,11 @@ __device__ __forceinline__ float row_coefficients(float z, float dg, const T* b_
                                                   float* coef_out, int at, int lane) {
   z = warp_sum(z) + Elem<T>::load(b_in + row);
   dg = warp_sum(dg);
-  const float c_in = dg * gelu_grad(z);
+  const GeluAndGrad g = gelu_and_grad(z);
+  const float c_in = dg * g.grad;
   if (lane == 0) {
     coef_in[at] = c_in;
-    coef_out[at] = gelu(z);
+    coef_out[at] = g.value;
   }
   return c_in;
 }
@@ -66,13 +71,14 @@ __device__ __forceinline__ int64_t path_row(int tree, int level, int leaf, int d
 // ---------------------------------------------------------------------------------------------------
 // Leaf keys for the sort: (tokens, trees) int64 -> (trees, tokens) int32, masked into the tree so that a
 // corrupt leaf can only give wrong rows of the right tree, never an out-of-bounds access.
-__global__ void keys_kernel(const int64_t* __restrict__ leaves, int* __restrict__ keys, int64_t tokens, int trees,
-                            int depth) {
+__global__ void keys_kernel(const int64_t* __restrict__ leaves, int* __restrict__ keys, int64_t* __restrict__ ids,
+                            int64_t tokens, int trees, int depth) {
   const int64_t total = tokens * trees;
   const int64_t mask = (int64_t{1} << depth) - 1;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t token = i / trees, tree = i % trees;
     keys[tree * tokens + token] = static_cast<int>(leaves[i] & mask);
+    if (ids) ids[tree * tokens + token] = token;
   }
 }
 
@@ -247,6 +253,127 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   }
 }
 
+// Token pass in two phases (A/B knob HF_FFF_TOKEN_PASS=split while it is measured): every level's row is known from
+// the leaf, so phase 1 takes each level's lane partials of z and dg into their own registers (no reduction, no GELU
+// between levels: the levels' loads and FMAs overlap), one transposing warp sum then leaves z_l in lane l and dg_l in
+// lane kSlots + l (31 shuffles for all levels instead of 10 per level), the lanes evaluate GELU once for all levels
+// at a time, and phase 2 re-reads each w_in row (from L1: the block's warps walk nearly one path) to accumulate
+// grad_x with the coefficient broadcast from its lane. levels <= kSlots = 16.
+constexpr int kSplitSlots = 16;
+
+// Transposing butterfly: v[i] summed over the warp ends in lane i (i < 32) after 16 + 8 + 4 + 2 + 1 shuffles.
+// A template per step, so that every index is a constant and v stays in registers.
+template <int kWidth>
+__device__ __forceinline__ void warp_transpose_step(float (&v)[32], int lane) {
+  const bool upper = lane & kWidth;
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) {
+    const float send = upper ? v[i] : v[i + kWidth];
+    const float keep = upper ? v[i + kWidth] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFullMask, send, kWidth);
+  }
+  if constexpr (kWidth > 1) warp_transpose_step<kWidth / 2>(v, lane);
+}
+
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kTokenWarps * 32, 2) token_pass_split_kernel(const BackwardParams p) {
+  constexpr int kE = Elem<T>::kVec;
+  const int lane = threadIdx.x & 31;
+  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
+  if (position >= p.tokens) return;  // whole warps only
+  const int64_t token = p.order[position];
+  const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
+  const int vectors = hidden / kE;
+  const T* x = static_cast<const T*>(p.x) + token * hidden;
+  const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
+  const T* w_in = static_cast<const T*>(p.w_in);
+  const T* w_out = static_cast<const T*>(p.w_out);
+  const T* b_in = static_cast<const T*>(p.b_in);
+  float* coef_in = p.coef_in + token * trees * levels;
+  float* coef_out = p.coef_out + token * trees * levels;
+
+  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
+  float xr[kVecs][kE], gr[kVecs][kE];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+#pragma unroll
+    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = 0.f;
+    if (v < vectors) {
+      load_vec(x, v, xr[k]);
+      load_vec(grad_y, v, gr[k]);
+    }
+  }
+  for (int tree = 0; tree < trees; ++tree) {
+    const int leaf = p.leaf_keys[tree * p.tokens + token];
+    float part[32];
+#pragma unroll
+    for (int l = 0; l < kSplitSlots; ++l) {
+      part[l] = part[kSplitSlots + l] = 0.f;
+      if (l < levels) {
+        const int64_t row = path_row(tree, l, leaf, depth);
+#pragma unroll
+        for (int k = 0; k < kVecs; ++k) {
+          const int v = lane + 32 * k;
+          if (v < vectors) {
+            float wi[kE], wo[kE];
+            load_vec(w_in + row * hidden, v, wi);
+            load_vec(w_out + row * hidden, v, wo);
+#pragma unroll
+            for (int e = 0; e < kE; ++e) {
+              part[l] = fmaf(xr[k][e], wi[e], part[l]);
+              part[kSplitSlots + l] = fmaf(gr[k][e], wo[e], part[kSplitSlots + l]);
+            }
+          }
+        }
+      }
+    }
+    warp_transpose_step<16>(part, lane);
+    const float total = part[0];
+    const float dg = __shfl_sync(kFullMask, total, (lane + kSplitSlots) & 31);
+    float c_in = 0.f;
+    if (lane < levels) {
+      const float z = total + Elem<T>::load(b_in + path_row(tree, lane, leaf, depth));
+      const GeluAndGrad g = gelu_and_grad(z);
+      c_in = dg * g.grad;
+      coef_in[tree * levels + lane] = c_in;
+      coef_out[tree * levels + lane] = g.value;
+    }
+    // grad_x in registers for this tree's levels only (it is not live during phase 1): the first tree starts from
+    // zero, later ones from what this warp stored for the trees before.
+    float gx[kVecs][kE];
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int v = lane + 32 * k;
+#pragma unroll
+      for (int e = 0; e < kE; ++e) gx[k][e] = 0.f;
+      if (tree > 0 && v < vectors) load_vec(grad_x, v, gx[k]);
+    }
+#pragma unroll
+    for (int l = 0; l < kSplitSlots; ++l) {
+      if (l < levels) {
+        const float c = __shfl_sync(kFullMask, c_in, l);
+        const T* wi_row = w_in + path_row(tree, l, leaf, depth) * hidden;
+#pragma unroll
+        for (int k = 0; k < kVecs; ++k) {
+          const int v = lane + 32 * k;
+          if (v < vectors) {
+            float wi[kE];
+            load_vec(wi_row, v, wi);
+#pragma unroll
+            for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c, wi[e], gx[k][e]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int v = lane + 32 * k;
+      if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Weight pass: block (column tile, chunk, tree). Thread = one column of the tile; column `hidden` is the
 // bias (its "x" is 1 and it has no grad_y side). kMaxLevels >= depth + 1 bounds the per-level running sums
@@ -381,6 +508,141 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
   }
 }
 
+// Weight pass over column pairs (A/B knob HF_FFF_WEIGHT_PASS=pairs while it is measured): a thread owns columns 2q
+// and 2q + 1 (hidden even, rows 2-element aligned), so each token's coefficient reads and node-boundary bookkeeping
+// serve two columns, and a block spans 2 * kColumns columns. The bias is the first element of pair hidden / 2. The
+// levels whose node ends at each token are found once per block, in the prologue, not by every thread.
+constexpr int kPairGroup = 8;  // tokens whose x / grad_y pairs are in flight together
+
+inline int64_t backward_pair_smem_bytes(int chunk, int levels) {
+  return backward_weight_smem_bytes(chunk, levels) + int64_t{chunk} * 4 + 2 * kPairGroup * kColumns * sizeof(float2);
+}
+
+template <typename T, int kMaxLevels>
+__global__ void __launch_bounds__(kColumns) weight_pass_pair_kernel(const BackwardParams p) {
+  extern __shared__ float smem[];
+  const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
+  const int tree = blockIdx.z;
+  const int64_t chunk = blockIdx.y;
+  const int pair = blockIdx.x * kColumns + threadIdx.x;
+  const int col = 2 * pair;
+  const int64_t start = chunk * chunk_size;
+  const int len = static_cast<int>(min(int64_t{chunk_size}, p.tokens - start));
+  const int stride = backward_coef_stride(levels);
+  float* s_coef_in = smem;                                                 // (chunk, stride)
+  float* s_coef_out = s_coef_in + chunk_size * stride;                     // (chunk, stride)
+  int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * stride);  // (chunk)
+  int* s_token = s_leaf + chunk_size;                                      // (chunk)
+  int* s_first = s_token + chunk_size;  // (chunk): the highest level whose node ends at the token (levels: none)
+  float2* s_x = reinterpret_cast<float2*>(s_first + chunk_size);           // (kPairGroup, kColumns)
+  float2* s_g = s_x + kPairGroup * kColumns;
+
+  const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
+  const int64_t* order = p.order + tree * p.tokens;
+  for (int i = threadIdx.x; i < len; i += kColumns) {
+    s_leaf[i] = sorted_leaf[start + i];
+    s_token[i] = static_cast<int>(order[start + i]);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < len * levels; i += kColumns) {
+    const int at = i / levels, level = i - at * levels;
+    const int64_t source = (s_token[at] * int64_t{trees} + tree) * levels + level;
+    s_coef_in[at * stride + level] = p.coef_in[source];
+    s_coef_out[at * stride + level] = p.coef_out[source];
+  }
+  // Every level ends at the chunk's last token; elsewhere those at and below the highest leaf bit that differs from
+  // the next token's (node(l) = leaf >> (depth - l)).
+  for (int at = threadIdx.x; at < len; at += kColumns) {
+    int first = 0;
+    if (at < len - 1) {
+      const int diff = s_leaf[at] ^ s_leaf[at + 1];
+      first = diff ? depth - (31 - __clz(diff)) : levels;
+    }
+    s_first[at] = first;
+  }
+  __syncthreads();
+  if (col > hidden) return;  // no barrier below
+
+  const int prev_leaf = start > 0 ? sorted_leaf[start - 1] : -1;
+  const int next_leaf = start + len < p.tokens ? sorted_leaf[start + len] : -1;
+  const T* x = static_cast<const T*>(p.x);
+  const T* grad_y = static_cast<const T*>(p.grad_y);
+  const int in_width = hidden + 1;
+  const bool real = col < hidden;  // else this thread's first element is the bias and its second nothing
+
+  float sum_in[kMaxLevels][2], sum_out[kMaxLevels][2];
+#pragma unroll
+  for (int l = 0; l < kMaxLevels; ++l) sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
+
+  for (int g0 = 0; g0 < len; g0 += kPairGroup) {
+    float2 xs[kPairGroup], gs[kPairGroup];
+#pragma unroll
+    for (int j = 0; j < kPairGroup; ++j) {
+      const bool load = g0 + j < len && real;
+      const int64_t row = load ? s_token[g0 + j] * int64_t{hidden} : 0;
+      xs[j] = load ? Elem<T>::load2(x + row, pair) : make_float2(1.f, 0.f);  // the bias column's "x" is 1
+      gs[j] = load ? Elem<T>::load2(grad_y + row, pair) : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < kPairGroup; ++j) {
+      s_x[j * kColumns + threadIdx.x] = xs[j];
+      s_g[j * kColumns + threadIdx.x] = gs[j];
+    }
+    const int group_len = min(kPairGroup, len - g0);
+    for (int j = 0; j < group_len; ++j) {
+      const int at = g0 + j;
+      const float2 xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
+      const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
+      const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
+#pragma unroll
+      for (int l = 0; l < kMaxLevels; l += 4) {
+        if (l < levels) {
+          const float4 a = ci[l / 4], b = co[l / 4];
+          const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            sum_in[l + u][0] = fmaf(av[u], xv.x, sum_in[l + u][0]);
+            sum_in[l + u][1] = fmaf(av[u], xv.y, sum_in[l + u][1]);
+            sum_out[l + u][0] = fmaf(bv[u], gv.x, sum_out[l + u][0]);
+            sum_out[l + u][1] = fmaf(bv[u], gv.y, sum_out[l + u][1]);
+          }
+        }
+      }
+      const int first = s_first[at];
+      if (first == levels) continue;  // the same for every thread of the block
+      const int leaf = s_leaf[at];
+      const bool last = at == len - 1;
+#pragma unroll
+      for (int l = 0; l < kMaxLevels; ++l) {
+        if (l < levels && l >= first) {
+          const int shift = depth - l;
+          const int node = leaf >> shift;
+          const bool started_before = prev_leaf >= 0 && (prev_leaf >> shift) == node;
+          const bool runs_past = last && next_leaf >= 0 && (next_leaf >> shift) == node;
+          if (!started_before && !runs_past) {
+            const int64_t row = path_row(tree, l, leaf, depth);
+            if (real) {
+              Elem<T>::store2(static_cast<T*>(p.grad_w_in) + row * hidden, pair, sum_in[l][0], sum_in[l][1]);
+              Elem<T>::store2(static_cast<T*>(p.grad_w_out) + row * hidden, pair, sum_out[l][0], sum_out[l][1]);
+            } else {
+              Elem<T>::store(static_cast<T*>(p.grad_b_in) + row, sum_in[l][0]);
+            }
+          } else {
+            const int64_t slot = partial_index(p, tree, chunk, l, started_before ? 0 : 1);
+            p.partial_in[slot * in_width + col] = sum_in[l][0];
+            if (real) {
+              p.partial_in[slot * in_width + col + 1] = sum_in[l][1];
+              p.partial_out[slot * hidden + col] = sum_out[l][0];
+              p.partial_out[slot * hidden + col + 1] = sum_out[l][1];
+            }
+          }
+          sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Fixup: block (column tile, chunk, tree * levels). The chunk in which a node starts and whose run reaches
 // past it owns that node: it adds its slot 1 and the slot 0 of every following chunk the run covers, in
@@ -445,7 +707,13 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
 template <typename T, int kVecs>
 void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
-  token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  // A/B knob while the two-phase pass is measured: HF_FFF_TOKEN_PASS=split.
+  const char* choice = std::getenv("HF_FFF_TOKEN_PASS");
+  if (choice && std::string(choice) == "split" && p.depth + 1 <= kSplitSlots) {
+    token_pass_split_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  } else {
+    token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  }
   HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
 
@@ -461,6 +729,30 @@ void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
                "weight pass shared memory");
   }
   const dim3 grid(backward_column_tiles(p.hidden), p.chunks, p.trees);
+  kernel<<<grid, kColumns, smem, stream>>>(p);
+  HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
+}
+
+inline bool is_aligned_to(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
+
+// Whether the pair weight pass takes this call (its A/B knob, an even width and 2-element aligned rows).
+template <typename T>
+bool weight_pass_takes_pairs(const BackwardParams& p) {
+  const char* choice = std::getenv("HF_FFF_WEIGHT_PASS");
+  return choice && std::string(choice) == "pairs" && p.hidden % 2 == 0 && is_aligned_to(p.x, 2 * sizeof(T)) &&
+         is_aligned_to(p.grad_y, 2 * sizeof(T)) && is_aligned_to(p.grad_w_in, 2 * sizeof(T)) &&
+         is_aligned_to(p.grad_w_out, 2 * sizeof(T));
+}
+
+template <typename T, int kMaxLevels>
+void launch_weight_pass_pairs(const BackwardParams& p, cudaStream_t stream) {
+  const int64_t smem = backward_pair_smem_bytes(p.chunk, p.depth + 1);
+  auto kernel = weight_pass_pair_kernel<T, kMaxLevels>;
+  if (smem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "weight pass shared memory");
+  }
+  const dim3 grid(backward_pair_tiles(p.hidden), p.chunks, p.trees);
   kernel<<<grid, kColumns, smem, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
 }
@@ -489,7 +781,13 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // The running sums take 2 * kMaxLevels registers per thread whether the levels exist or not: a bound of 12
   // for depths 9 to 11 (UltraFastBERT-1x11's) instead of 16 leaves bf16 at 80 registers instead of 137, 5 blocks
   // per SM instead of 3 (bf16 weight pass at 32768 tokens 311 -> 245 us on an H100; fp32 unchanged).
-  if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
+  if (weight_pass_takes_pairs<T>(p)) {
+    if (levels <= 4) launch_weight_pass_pairs<T, 4>(p, stream);
+    else if (levels <= 8) launch_weight_pass_pairs<T, 8>(p, stream);
+    else if (levels <= 12) launch_weight_pass_pairs<T, 12>(p, stream);
+    else if (levels <= 16) launch_weight_pass_pairs<T, 16>(p, stream);
+    else launch_weight_pass_pairs<T, 32>(p, stream);
+  } else if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
   else if (levels <= 8) launch_weight_pass<T, 8>(p, stream);
   else if (levels <= 12) launch_weight_pass<T, 12>(p, stream);
   else if (levels <= 16) launch_weight_pass<T, 16>(p, stream);

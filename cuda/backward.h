@@ -91,6 +91,10 @@ inline int backward_chunk(int levels, int64_t tokens, int64_t blocks_per_chunk, 
 // one is the bias).
 inline int backward_column_tiles(int hidden) { return (hidden + kBackwardColumns) / kBackwardColumns; }
 
+// Column tiles of the pair weight pass (HF_FFF_WEIGHT_PASS=pairs): kBackwardColumns column pairs each, over hidden / 2
+// pairs and the bias.
+inline int backward_pair_tiles(int hidden) { return (hidden / 2 + kBackwardColumns) / kBackwardColumns; }
+
 // Blocks of the weight pass per chunk: its column tiles times the trees.
 inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_column_tiles(hidden)} * trees; }
 
@@ -108,8 +112,26 @@ void launch_backward_f32(const BackwardParams& p, cudaStream_t stream);
 void launch_backward_f16(const BackwardParams& p, cudaStream_t stream);
 void launch_backward_bf16(const BackwardParams& p, cudaStream_t stream);
 
-// Leaf keys for the sort: keys (trees, tokens) int32 = leaves (tokens, trees) masked to [0, 2^depth).
-void launch_backward_keys(const int64_t* leaves, int* keys, int64_t tokens, int trees, int depth, cudaStream_t stream);
+// Leaf keys for the sort: keys (trees, tokens) int32 = leaves (tokens, trees) masked to [0, 2^depth), and ids (trees,
+// tokens) = each token's index, the values the sort carries.
+void launch_backward_keys(const int64_t* leaves, int* keys, int64_t* ids, int64_t tokens, int trees, int depth,
+                          cudaStream_t stream);
+
+// The stable sort of each tree's tokens by leaf (keys and ids as launch_backward_keys writes them).
+struct BackwardSort {
+  const int* keys;
+  int* sorted_keys;    // (trees, tokens)
+  const int64_t* ids;
+  int64_t* order;      // (trees, tokens)
+  const int* offsets;  // (trees + 1,): tree t's tokens are [offsets[t], offsets[t + 1]) of the flat arrays
+  int64_t tokens;
+  int trees;
+  int depth;
+  void* scratch;        // nullptr: only size the scratch
+  size_t scratch_bytes;
+};
+// Returns the scratch bytes needed (when `scratch` is null) or used.
+size_t launch_backward_sort(const BackwardSort& sort, cudaStream_t stream);
 
 #ifndef __CUDACC__
 // Python binding (fff_cuda_backward.cpp): the four gradients of fff_forward along the saved leaves.

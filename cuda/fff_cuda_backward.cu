@@ -1,6 +1,9 @@
 // The fused FFF backward of backward.cuh, instantiated for the three kernel dtypes.
 #include "backward.cuh"
 
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
+
 #include <algorithm>
 
 namespace hf_fff_cuda {
@@ -9,13 +12,31 @@ void launch_backward_f32(const BackwardParams& p, cudaStream_t stream) { bwd::la
 void launch_backward_f16(const BackwardParams& p, cudaStream_t stream) { bwd::launch_backward<__half>(p, stream); }
 void launch_backward_bf16(const BackwardParams& p, cudaStream_t stream) { bwd::launch_backward<__nv_bfloat16>(p, stream); }
 
-void launch_backward_keys(const int64_t* leaves, int* keys, int64_t tokens, int trees, int depth, cudaStream_t stream) {
+void launch_backward_keys(const int64_t* leaves, int* keys, int64_t* ids, int64_t tokens, int trees, int depth,
+                          cudaStream_t stream) {
   const int64_t total = tokens * trees;
   if (total == 0) return;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
-  bwd::keys_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(leaves, keys, tokens, trees, depth);
+  bwd::keys_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(leaves, keys, ids, tokens, trees, depth);
   HF_FFF_BWD_LAUNCH_CHECK("key kernel launch");
+}
+
+// CUB's radix sort over the leaf's depth bits only (two 8-bit passes up to depth 16), stable; a tree per segment.
+size_t launch_backward_sort(const BackwardSort& s, cudaStream_t stream) {
+  size_t bytes = s.scratch_bytes;
+  const int items = static_cast<int>(s.tokens * s.trees);
+  const int end_bit = std::max(s.depth, 1);
+  cudaError_t status;
+  if (s.trees == 1) {
+    status = cub::DeviceRadixSort::SortPairs(s.scratch, bytes, s.keys, s.sorted_keys, s.ids, s.order, items, 0, end_bit,
+                                             stream);
+  } else {
+    status = cub::DeviceSegmentedRadixSort::SortPairs(s.scratch, bytes, s.keys, s.sorted_keys, s.ids, s.order, items,
+                                                      s.trees, s.offsets, s.offsets + 1, 0, end_bit, stream);
+  }
+  bwd::check_cuda(status, "sort");
+  return bytes;
 }
 
 }  // namespace hf_fff_cuda

@@ -32,6 +32,13 @@ struct Elem<float> {
   }
   static __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
   static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+  // Elements 2 * pair and 2 * pair + 1 of an 8-byte aligned row.
+  static __device__ __forceinline__ float2 load2(const float* row, int64_t pair) {
+    return __ldg(reinterpret_cast<const float2*>(row) + pair);
+  }
+  static __device__ __forceinline__ void store2(float* row, int64_t pair, float lo, float hi) {
+    reinterpret_cast<float2*>(row)[pair] = make_float2(lo, hi);
+  }
 };
 
 // 16-bit types: a 32-bit word holds two elements, widened and narrowed by the type's unpack2 / pack2.
@@ -47,6 +54,17 @@ struct PairedElem {
   static __device__ __forceinline__ uint4 pack(const float (&f)[kVec]) {
     return make_uint4(Derived::pack2(f[0], f[1]), Derived::pack2(f[2], f[3]), Derived::pack2(f[4], f[5]),
                       Derived::pack2(f[6], f[7]));
+  }
+  // Elements 2 * pair and 2 * pair + 1 of a 4-byte aligned row.
+  template <typename T>
+  static __device__ __forceinline__ float2 load2(const T* row, int64_t pair) {
+    float2 f;
+    Derived::unpack2(__ldg(reinterpret_cast<const unsigned*>(row) + pair), f.x, f.y);
+    return f;
+  }
+  template <typename T>
+  static __device__ __forceinline__ void store2(T* row, int64_t pair, float lo, float hi) {
+    reinterpret_cast<unsigned*>(row)[pair] = Derived::pack2(lo, hi);
   }
 };
 
