@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -17,8 +16,8 @@ namespace hf_fff_cuda {
 namespace bwd {
 
 constexpr int kTokenWarps = 8;                 // token pass: tokens (warps) per block
-constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block, one column each
-constexpr int kGroup = 16;                     // weight pass: tokens whose x / grad_y loads are in flight together
+constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block (a column pair each); fixup: columns
+constexpr int kPairGroup = kBackwardPairGroup; // weight pass: tokens whose x / grad_y pairs are in flight together
 constexpr int kFixupBatch = 8;                 // fixup: chunk partials loaded before they are added in order
 
 // The .cu files are compiled without torch headers; a CUDA error becomes a C++ exception, which pybind11
@@ -78,7 +77,7 @@ __global__ void keys_kernel(const int64_t* __restrict__ leaves, int* __restrict_
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t token = i / trees, tree = i % trees;
     keys[tree * tokens + token] = static_cast<int>(leaves[i] & mask);
-    if (ids) ids[tree * tokens + token] = token;
+    ids[tree * tokens + token] = token;
   }
 }
 
@@ -253,288 +252,66 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   }
 }
 
-// Token pass in two phases (A/B knob HF_FFF_TOKEN_PASS=split while it is measured): every level's row is known from
-// the leaf, so phase 1 takes each level's lane partials of z and dg into their own registers (no reduction, no GELU
-// between levels: the levels' loads and FMAs overlap), one transposing warp sum then leaves z_l in lane l and dg_l in
-// lane kSlots + l (31 shuffles for all levels instead of 10 per level), the lanes evaluate GELU once for all levels
-// at a time, and phase 2 re-reads each w_in row (from L1: the block's warps walk nearly one path) to accumulate
-// grad_x with the coefficient broadcast from its lane. levels <= kSlots = 16.
-constexpr int kSplitSlots = 16;
-
-// Transposing butterfly: v[i] summed over the warp ends in lane i (i < 32) after 16 + 8 + 4 + 2 + 1 shuffles.
-// A template per step, so that every index is a constant and v stays in registers.
-template <int kWidth>
-__device__ __forceinline__ void warp_transpose_step(float (&v)[32], int lane) {
-  const bool upper = lane & kWidth;
-#pragma unroll
-  for (int i = 0; i < kWidth; ++i) {
-    const float send = upper ? v[i] : v[i + kWidth];
-    const float keep = upper ? v[i + kWidth] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFullMask, send, kWidth);
-  }
-  if constexpr (kWidth > 1) warp_transpose_step<kWidth / 2>(v, lane);
-}
-
-template <typename T, int kVecs>
-__global__ void __launch_bounds__(kTokenWarps * 32, 2) token_pass_split_kernel(const BackwardParams p) {
-  constexpr int kE = Elem<T>::kVec;
-  const int lane = threadIdx.x & 31;
-  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
-  if (position >= p.tokens) return;  // whole warps only
-  const int64_t token = p.order[position];
-  const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
-  const int vectors = hidden / kE;
-  const T* x = static_cast<const T*>(p.x) + token * hidden;
-  const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
-  const T* w_in = static_cast<const T*>(p.w_in);
-  const T* w_out = static_cast<const T*>(p.w_out);
-  const T* b_in = static_cast<const T*>(p.b_in);
-  float* coef_in = p.coef_in + token * trees * levels;
-  float* coef_out = p.coef_out + token * trees * levels;
-
-  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
-  float xr[kVecs][kE], gr[kVecs][kE];
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    const int v = lane + 32 * k;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = 0.f;
-    if (v < vectors) {
-      load_vec(x, v, xr[k]);
-      load_vec(grad_y, v, gr[k]);
-    }
-  }
-  for (int tree = 0; tree < trees; ++tree) {
-    const int leaf = p.leaf_keys[tree * p.tokens + token];
-    float part[32];
-#pragma unroll
-    for (int l = 0; l < kSplitSlots; ++l) {
-      part[l] = part[kSplitSlots + l] = 0.f;
-      if (l < levels) {
-        const int64_t row = path_row(tree, l, leaf, depth);
-#pragma unroll
-        for (int k = 0; k < kVecs; ++k) {
-          const int v = lane + 32 * k;
-          if (v < vectors) {
-            float wi[kE], wo[kE];
-            load_vec(w_in + row * hidden, v, wi);
-            load_vec(w_out + row * hidden, v, wo);
-#pragma unroll
-            for (int e = 0; e < kE; ++e) {
-              part[l] = fmaf(xr[k][e], wi[e], part[l]);
-              part[kSplitSlots + l] = fmaf(gr[k][e], wo[e], part[kSplitSlots + l]);
-            }
-          }
-        }
-      }
-    }
-    warp_transpose_step<16>(part, lane);
-    const float total = part[0];
-    const float dg = __shfl_sync(kFullMask, total, (lane + kSplitSlots) & 31);
-    float c_in = 0.f;
-    if (lane < levels) {
-      const float z = total + Elem<T>::load(b_in + path_row(tree, lane, leaf, depth));
-      const GeluAndGrad g = gelu_and_grad(z);
-      c_in = dg * g.grad;
-      coef_in[tree * levels + lane] = c_in;
-      coef_out[tree * levels + lane] = g.value;
-    }
-    // grad_x in registers for this tree's levels only (it is not live during phase 1): the first tree starts from
-    // zero, later ones from what this warp stored for the trees before.
-    float gx[kVecs][kE];
-#pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      const int v = lane + 32 * k;
-#pragma unroll
-      for (int e = 0; e < kE; ++e) gx[k][e] = 0.f;
-      if (tree > 0 && v < vectors) load_vec(grad_x, v, gx[k]);
-    }
-#pragma unroll
-    for (int l = 0; l < kSplitSlots; ++l) {
-      if (l < levels) {
-        const float c = __shfl_sync(kFullMask, c_in, l);
-        const T* wi_row = w_in + path_row(tree, l, leaf, depth) * hidden;
-#pragma unroll
-        for (int k = 0; k < kVecs; ++k) {
-          const int v = lane + 32 * k;
-          if (v < vectors) {
-            float wi[kE];
-            load_vec(wi_row, v, wi);
-#pragma unroll
-            for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c, wi[e], gx[k][e]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      const int v = lane + 32 * k;
-      if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
-// Weight pass: block (column tile, chunk, tree). Thread = one column of the tile; column `hidden` is the
-// bias (its "x" is 1 and it has no grad_y side). kMaxLevels >= depth + 1 bounds the per-level running sums
-// kept in registers (indexed only by unrolled loop counters).
+// Weight pass: block (column tile, chunk, tree). A thread owns the column pair 2q, 2q + 1 of the hidden + 1 columns,
+// column `hidden` being the bias (its "x" is 1 and it has no grad_y side), so that each token's coefficient reads
+// and node-boundary bookkeeping serve two columns: on an H100 that took the weight pass at 32768 fp32 tokens from 173
+// to 164 us and the bf16 backward 4-7% (one column per thread before). kPaired: hidden even and rows 2-element
+// aligned, so a pair is one load or store. kMaxLevels >= depth + 1 bounds the per-level running sums kept in
+// registers (indexed only by unrolled loop counters).
 
 // Where partial sums of (tree, chunk, level, slot) start in partial_in / partial_out (in rows of their width).
 __device__ __forceinline__ int64_t partial_index(const BackwardParams& p, int tree, int64_t chunk, int level, int slot) {
   return ((tree * int64_t{p.chunks} + chunk) * (p.depth + 1) + level) * 2 + slot;
 }
 
+// Gradient element `col` of a visited row: a weight column, or the bias for col == hidden.
 template <typename T>
 __device__ __forceinline__ void write_row(const BackwardParams& p, int64_t row, int col, float sum_in, float sum_out) {
   const int hidden = p.hidden;
   if (col < hidden) {
     Elem<T>::store(static_cast<T*>(p.grad_w_in) + row * hidden + col, sum_in);
     Elem<T>::store(static_cast<T*>(p.grad_w_out) + row * hidden + col, sum_out);
-  } else {
+  } else if (col == hidden) {
     Elem<T>::store(static_cast<T*>(p.grad_b_in) + row, sum_in);
   }
 }
 
-template <typename T, int kMaxLevels>
+// x and grad_y of columns col, col + 1 of one token row: (1, 0) for the bias column's x, zeros past it.
+template <typename T, bool kPaired>
+__device__ __forceinline__ void load_pair(const T* x_row, const T* g_row, int col, int hidden, float2& xv, float2& gv) {
+  if constexpr (kPaired) {  // col even, hidden even: both columns exist, or col is the bias
+    if (col < hidden) {
+      xv = Elem<T>::load2(x_row, col / 2);
+      gv = Elem<T>::load2(g_row, col / 2);
+    } else {
+      xv = make_float2(1.f, 0.f);
+      gv = make_float2(0.f, 0.f);
+    }
+  } else {
+    xv.x = col < hidden ? Elem<T>::load(x_row + col) : (col == hidden ? 1.f : 0.f);
+    gv.x = col < hidden ? Elem<T>::load(g_row + col) : 0.f;
+    xv.y = col + 1 < hidden ? Elem<T>::load(x_row + col + 1) : (col + 1 == hidden ? 1.f : 0.f);
+    gv.y = col + 1 < hidden ? Elem<T>::load(g_row + col + 1) : 0.f;
+  }
+}
+
+template <typename T, int kMaxLevels, bool kPaired>
 __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardParams p) {
   extern __shared__ float smem[];
   const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
   const int tree = blockIdx.z;
   const int64_t chunk = blockIdx.y;
-  const int col = blockIdx.x * kColumns + threadIdx.x;
+  const int col = 2 * (blockIdx.x * kColumns + threadIdx.x);  // this thread's columns: col and col + 1
   const int64_t start = chunk * chunk_size;
   const int len = static_cast<int>(min(int64_t{chunk_size}, p.tokens - start));
-  const int stride = backward_coef_stride(levels);                  // levels padded for 16-byte reads
-  float* s_coef_in = smem;                                          // (chunk, stride)
-  float* s_coef_out = s_coef_in + chunk_size * stride;              // (chunk, stride)
-  int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * stride);  // (chunk)
-  int* s_token = s_leaf + chunk_size;                                // (chunk)
-  float* s_x = reinterpret_cast<float*>(s_token + chunk_size);       // (kGroup, kColumns): this thread's column only
-  float* s_g = s_x + kGroup * kColumns;
-
-  const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
-  const int64_t* order = p.order + tree * p.tokens;
-  for (int i = threadIdx.x; i < len; i += kColumns) {
-    s_leaf[i] = sorted_leaf[start + i];
-    s_token[i] = static_cast<int>(order[start + i]);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < len * levels; i += kColumns) {
-    const int at = i / levels, level = i - at * levels;
-    const int64_t source = (s_token[at] * int64_t{trees} + tree) * levels + level;
-    s_coef_in[at * stride + level] = p.coef_in[source];
-    s_coef_out[at * stride + level] = p.coef_out[source];
-  }
-  __syncthreads();
-  if (col > hidden) return;  // no barrier below
-
-  // Leaves just outside the chunk: a node whose run reaches past either end is flushed to a partial slot.
-  const int prev_leaf = start > 0 ? sorted_leaf[start - 1] : -1;
-  const int next_leaf = start + len < p.tokens ? sorted_leaf[start + len] : -1;
-  const T* x = static_cast<const T*>(p.x);
-  const T* grad_y = static_cast<const T*>(p.grad_y);
-  const int in_width = hidden + 1;
-
-  float sum_in[kMaxLevels], sum_out[kMaxLevels];
-#pragma unroll
-  for (int l = 0; l < kMaxLevels; ++l) sum_in[l] = sum_out[l] = 0.f;
-
-  for (int g0 = 0; g0 < len; g0 += kGroup) {
-    // All of the group's loads in flight at once, then parked in this thread's shared-memory column so
-    // that the token loop below needs no unrolling.
-    float xs[kGroup], gs[kGroup];
-#pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      const bool real = g0 + j < len && col < hidden;
-      const int64_t offset = real ? s_token[g0 + j] * int64_t{hidden} + col : 0;
-      xs[j] = real ? Elem<T>::load(x + offset) : 1.f;  // the bias column's "x" is 1
-      gs[j] = real ? Elem<T>::load(grad_y + offset) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      s_x[j * kColumns + threadIdx.x] = xs[j];
-      s_g[j * kColumns + threadIdx.x] = gs[j];
-    }
-    const int group_len = min(kGroup, len - g0);
-    for (int j = 0; j < group_len; ++j) {
-      const int at = g0 + j;
-      const float xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
-      const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
-      const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
-#pragma unroll
-      for (int l = 0; l < kMaxLevels; l += 4) {
-        if (l < levels) {  // padding coefficients are never read into a level that exists
-          const float4 a = ci[l / 4], b = co[l / 4];
-          sum_in[l] = fmaf(a.x, xv, sum_in[l]);
-          sum_out[l] = fmaf(b.x, gv, sum_out[l]);
-          sum_in[l + 1] = fmaf(a.y, xv, sum_in[l + 1]);
-          sum_out[l + 1] = fmaf(b.y, gv, sum_out[l + 1]);
-          sum_in[l + 2] = fmaf(a.z, xv, sum_in[l + 2]);
-          sum_out[l + 2] = fmaf(b.z, gv, sum_out[l + 2]);
-          sum_in[l + 3] = fmaf(a.w, xv, sum_in[l + 3]);
-          sum_out[l + 3] = fmaf(b.w, gv, sum_out[l + 3]);
-        }
-      }
-      // Levels whose node ends at this token: all at the chunk's end, else those at and below the highest
-      // leaf bit that differs from the next token's (node(l) = leaf >> (depth - l)).
-      const int leaf = s_leaf[at];
-      const bool last = at == len - 1;
-      int first = levels;
-      if (last) {
-        first = 0;
-      } else {
-        const int diff = leaf ^ s_leaf[at + 1];
-        if (diff) first = depth - (31 - __clz(diff));
-      }
-      if (first == levels) continue;  // the same for every thread of the block
-#pragma unroll
-      for (int l = 0; l < kMaxLevels; ++l) {
-        if (l < levels && l >= first) {
-          const int shift = depth - l;
-          const int node = leaf >> shift;
-          const bool started_before = prev_leaf >= 0 && (prev_leaf >> shift) == node;
-          const bool runs_past = last && next_leaf >= 0 && (next_leaf >> shift) == node;
-          if (!started_before && !runs_past) {
-            write_row<T>(p, path_row(tree, l, leaf, depth), col, sum_in[l], sum_out[l]);
-          } else {
-            const int64_t slot = partial_index(p, tree, chunk, l, started_before ? 0 : 1);
-            p.partial_in[slot * in_width + col] = sum_in[l];
-            if (col < hidden) p.partial_out[slot * hidden + col] = sum_out[l];
-          }
-          sum_in[l] = sum_out[l] = 0.f;
-        }
-      }
-    }
-  }
-}
-
-// Weight pass over column pairs (A/B knob HF_FFF_WEIGHT_PASS=pairs while it is measured): a thread owns columns 2q
-// and 2q + 1 (hidden even, rows 2-element aligned), so each token's coefficient reads and node-boundary bookkeeping
-// serve two columns, and a block spans 2 * kColumns columns. The bias is the first element of pair hidden / 2. The
-// levels whose node ends at each token are found once per block, in the prologue, not by every thread.
-constexpr int kPairGroup = 8;  // tokens whose x / grad_y pairs are in flight together
-
-inline int64_t backward_pair_smem_bytes(int chunk, int levels) {
-  return backward_weight_smem_bytes(chunk, levels) + int64_t{chunk} * 4 + 2 * kPairGroup * kColumns * sizeof(float2);
-}
-
-template <typename T, int kMaxLevels>
-__global__ void __launch_bounds__(kColumns) weight_pass_pair_kernel(const BackwardParams p) {
-  extern __shared__ float smem[];
-  const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
-  const int tree = blockIdx.z;
-  const int64_t chunk = blockIdx.y;
-  const int pair = blockIdx.x * kColumns + threadIdx.x;
-  const int col = 2 * pair;
-  const int64_t start = chunk * chunk_size;
-  const int len = static_cast<int>(min(int64_t{chunk_size}, p.tokens - start));
-  const int stride = backward_coef_stride(levels);
+  const int stride = backward_coef_stride(levels);                       // levels padded for 16-byte reads
   float* s_coef_in = smem;                                                 // (chunk, stride)
   float* s_coef_out = s_coef_in + chunk_size * stride;                     // (chunk, stride)
   int* s_leaf = reinterpret_cast<int*>(s_coef_out + chunk_size * stride);  // (chunk)
   int* s_token = s_leaf + chunk_size;                                      // (chunk)
   int* s_first = s_token + chunk_size;  // (chunk): the highest level whose node ends at the token (levels: none)
-  float2* s_x = reinterpret_cast<float2*>(s_first + chunk_size);           // (kPairGroup, kColumns)
+  float2* s_x = reinterpret_cast<float2*>(s_first + chunk_size);           // (kPairGroup, kColumns): own pair only
   float2* s_g = s_x + kPairGroup * kColumns;
 
   const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
@@ -550,8 +327,8 @@ __global__ void __launch_bounds__(kColumns) weight_pass_pair_kernel(const Backwa
     s_coef_in[at * stride + level] = p.coef_in[source];
     s_coef_out[at * stride + level] = p.coef_out[source];
   }
-  // Every level ends at the chunk's last token; elsewhere those at and below the highest leaf bit that differs from
-  // the next token's (node(l) = leaf >> (depth - l)).
+  // Found once per block rather than by every thread: every level ends at the chunk's last token; elsewhere those
+  // at and below the highest leaf bit that differs from the next token's (node(l) = leaf >> (depth - l)).
   for (int at = threadIdx.x; at < len; at += kColumns) {
     int first = 0;
     if (at < len - 1) {
@@ -563,25 +340,25 @@ __global__ void __launch_bounds__(kColumns) weight_pass_pair_kernel(const Backwa
   __syncthreads();
   if (col > hidden) return;  // no barrier below
 
+  // Leaves just outside the chunk: a node whose run reaches past either end is flushed to a partial slot.
   const int prev_leaf = start > 0 ? sorted_leaf[start - 1] : -1;
   const int next_leaf = start + len < p.tokens ? sorted_leaf[start + len] : -1;
   const T* x = static_cast<const T*>(p.x);
   const T* grad_y = static_cast<const T*>(p.grad_y);
   const int in_width = hidden + 1;
-  const bool real = col < hidden;  // else this thread's first element is the bias and its second nothing
 
   float sum_in[kMaxLevels][2], sum_out[kMaxLevels][2];
 #pragma unroll
   for (int l = 0; l < kMaxLevels; ++l) sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
 
   for (int g0 = 0; g0 < len; g0 += kPairGroup) {
+    // All of the group's loads in flight at once, then parked in this thread's shared-memory slots so that the
+    // token loop below needs no unrolling.
     float2 xs[kPairGroup], gs[kPairGroup];
 #pragma unroll
     for (int j = 0; j < kPairGroup; ++j) {
-      const bool load = g0 + j < len && real;
-      const int64_t row = load ? s_token[g0 + j] * int64_t{hidden} : 0;
-      xs[j] = load ? Elem<T>::load2(x + row, pair) : make_float2(1.f, 0.f);  // the bias column's "x" is 1
-      gs[j] = load ? Elem<T>::load2(grad_y + row, pair) : make_float2(0.f, 0.f);
+      const int64_t row = (g0 + j < len ? s_token[g0 + j] : s_token[0]) * int64_t{hidden};
+      load_pair<T, kPaired>(x + row, grad_y + row, col, hidden, xs[j], gs[j]);
     }
 #pragma unroll
     for (int j = 0; j < kPairGroup; ++j) {
@@ -596,7 +373,7 @@ __global__ void __launch_bounds__(kColumns) weight_pass_pair_kernel(const Backwa
       const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
 #pragma unroll
       for (int l = 0; l < kMaxLevels; l += 4) {
-        if (l < levels) {
+        if (l < levels) {  // padding coefficients are never read into a level that exists
           const float4 a = ci[l / 4], b = co[l / 4];
           const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -621,20 +398,19 @@ __global__ void __launch_bounds__(kColumns) weight_pass_pair_kernel(const Backwa
           const bool runs_past = last && next_leaf >= 0 && (next_leaf >> shift) == node;
           if (!started_before && !runs_past) {
             const int64_t row = path_row(tree, l, leaf, depth);
-            if (real) {
-              Elem<T>::store2(static_cast<T*>(p.grad_w_in) + row * hidden, pair, sum_in[l][0], sum_in[l][1]);
-              Elem<T>::store2(static_cast<T*>(p.grad_w_out) + row * hidden, pair, sum_out[l][0], sum_out[l][1]);
+            if (kPaired && col < hidden) {
+              Elem<T>::store2(static_cast<T*>(p.grad_w_in) + row * hidden, col / 2, sum_in[l][0], sum_in[l][1]);
+              Elem<T>::store2(static_cast<T*>(p.grad_w_out) + row * hidden, col / 2, sum_out[l][0], sum_out[l][1]);
             } else {
-              Elem<T>::store(static_cast<T*>(p.grad_b_in) + row, sum_in[l][0]);
+              write_row<T>(p, row, col, sum_in[l][0], sum_out[l][0]);
+              write_row<T>(p, row, col + 1, sum_in[l][1], sum_out[l][1]);
             }
           } else {
             const int64_t slot = partial_index(p, tree, chunk, l, started_before ? 0 : 1);
             p.partial_in[slot * in_width + col] = sum_in[l][0];
-            if (real) {
-              p.partial_in[slot * in_width + col + 1] = sum_in[l][1];
-              p.partial_out[slot * hidden + col] = sum_out[l][0];
-              p.partial_out[slot * hidden + col + 1] = sum_out[l][1];
-            }
+            if (col + 1 <= hidden) p.partial_in[slot * in_width + col + 1] = sum_in[l][1];
+            if (col < hidden) p.partial_out[slot * hidden + col] = sum_out[l][0];
+            if (col + 1 < hidden) p.partial_out[slot * hidden + col + 1] = sum_out[l][1];
           }
           sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
         }
@@ -707,52 +483,25 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
 template <typename T, int kVecs>
 void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
-  // A/B knob while the two-phase pass is measured: HF_FFF_TOKEN_PASS=split.
-  const char* choice = std::getenv("HF_FFF_TOKEN_PASS");
-  if (choice && std::string(choice) == "split" && p.depth + 1 <= kSplitSlots) {
-    token_pass_split_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
-  } else {
-    token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
-  }
+  token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
 
-inline bool is_aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+inline bool is_aligned_to(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
+inline bool is_aligned16(const void* pointer) { return is_aligned_to(pointer, 16); }
 
 template <typename T, int kMaxLevels>
 void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
-  const int levels = p.depth + 1;
-  const int64_t smem = backward_weight_smem_bytes(p.chunk, levels) + 2 * kGroup * kColumns * sizeof(float);
-  auto kernel = weight_pass_kernel<T, kMaxLevels>;
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
+  const size_t pair_bytes = 2 * sizeof(T);
+  const bool paired = p.hidden % 2 == 0 && is_aligned_to(p.x, pair_bytes) && is_aligned_to(p.grad_y, pair_bytes) &&
+                      is_aligned_to(p.grad_w_in, pair_bytes) && is_aligned_to(p.grad_w_out, pair_bytes);
+  auto kernel = paired ? weight_pass_kernel<T, kMaxLevels, true> : weight_pass_kernel<T, kMaxLevels, false>;
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "weight pass shared memory");
   }
-  const dim3 grid(backward_column_tiles(p.hidden), p.chunks, p.trees);
-  kernel<<<grid, kColumns, smem, stream>>>(p);
-  HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
-}
-
-inline bool is_aligned_to(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
-
-// Whether the pair weight pass takes this call (its A/B knob, an even width and 2-element aligned rows).
-template <typename T>
-bool weight_pass_takes_pairs(const BackwardParams& p) {
-  const char* choice = std::getenv("HF_FFF_WEIGHT_PASS");
-  return choice && std::string(choice) == "pairs" && p.hidden % 2 == 0 && is_aligned_to(p.x, 2 * sizeof(T)) &&
-         is_aligned_to(p.grad_y, 2 * sizeof(T)) && is_aligned_to(p.grad_w_in, 2 * sizeof(T)) &&
-         is_aligned_to(p.grad_w_out, 2 * sizeof(T));
-}
-
-template <typename T, int kMaxLevels>
-void launch_weight_pass_pairs(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t smem = backward_pair_smem_bytes(p.chunk, p.depth + 1);
-  auto kernel = weight_pass_pair_kernel<T, kMaxLevels>;
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "weight pass shared memory");
-  }
-  const dim3 grid(backward_pair_tiles(p.hidden), p.chunks, p.trees);
+  const dim3 grid(backward_weight_tiles(p.hidden), p.chunks, p.trees);
   kernel<<<grid, kColumns, smem, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
 }
@@ -781,13 +530,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
   // The running sums take 2 * kMaxLevels registers per thread whether the levels exist or not: a bound of 12
   // for depths 9 to 11 (UltraFastBERT-1x11's) instead of 16 leaves bf16 at 80 registers instead of 137, 5 blocks
   // per SM instead of 3 (bf16 weight pass at 32768 tokens 311 -> 245 us on an H100; fp32 unchanged).
-  if (weight_pass_takes_pairs<T>(p)) {
-    if (levels <= 4) launch_weight_pass_pairs<T, 4>(p, stream);
-    else if (levels <= 8) launch_weight_pass_pairs<T, 8>(p, stream);
-    else if (levels <= 12) launch_weight_pass_pairs<T, 12>(p, stream);
-    else if (levels <= 16) launch_weight_pass_pairs<T, 16>(p, stream);
-    else launch_weight_pass_pairs<T, 32>(p, stream);
-  } else if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
+  if (levels <= 4) launch_weight_pass<T, 4>(p, stream);
   else if (levels <= 8) launch_weight_pass<T, 8>(p, stream);
   else if (levels <= 12) launch_weight_pass<T, 12>(p, stream);
   else if (levels <= 16) launch_weight_pass<T, 16>(p, stream);

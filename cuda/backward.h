@@ -4,13 +4,13 @@
 // Given grad_y and x (M, H), the weights (T*N, H), bias (T*N,) and the leaves (M, T) that the forward reached,
 // it computes grad_x (M, H), grad_weight_in, grad_bias_in and grad_weight_out, deterministically (fixed
 // summation order, no atomics), in fp32 accumulation, with O(M * T * levels) scratch and no (M, levels, H)
-// temporaries. Three steps after a stable sort of each tree's tokens by leaf:
+// temporaries. Three steps after a stable sort of each tree's tokens by leaf (CUB's radix sort over the leaf bits):
 //   1. token pass (one warp per token, tokens in tree 0's sorted order so that neighbouring warps share
 //      rows in L1): along each tree's path recompute z = x.w_in[row] + b and dg = grad_y.w_out[row], store
 //      coef_in = dg * GELU'(z) and coef_out = GELU(z) per (token, tree, level), and accumulate
 //      grad_x = sum coef_in * w_in[row] in registers.
 //   2. weight pass: a block owns `chunk` consecutive tokens of one tree's sorted order and a tile of
-//      columns. Sorted by leaf means sorted by node at every level (node(l) = leaf >> (depth - l)), so each
+//      columns, two per thread. Sorted by leaf means sorted by node at every level (node(l) = leaf >> (depth - l)), so each
 //      node's tokens are one run of the sorted order at every level. The block walks its tokens once,
 //      keeping per level the running sums coef_in * x (and coef_in alone, the bias, as the virtual column
 //      H) and coef_out * grad_y of the current node; when a node's run ends it is flushed: straight to the
@@ -40,7 +40,8 @@
 namespace hf_fff_cuda {
 
 constexpr int kBackwardMaxLevels = 31;  // depth <= 30 (leaves are int32 heap offsets below 2^30)
-constexpr int kBackwardColumns = 128;   // weight pass: columns per block, one per thread
+constexpr int kBackwardColumns = 128;   // threads per block of the weight pass (a column pair each) and of the fixup
+constexpr int kBackwardPairGroup = 8;   // weight pass: tokens whose x / grad_y pairs are in flight together
 
 struct BackwardParams {
   const void* grad_y;  // (tokens, hidden) contiguous
@@ -70,10 +71,10 @@ struct BackwardParams {
 // Tokens per weight-pass block. The block stages `chunk * levels` coefficient pairs in shared memory, which caps
 // the chunk at 256 tokens (128 past 16 levels); a block walks its chunk token by token, so shorter chunks
 // (more, shorter blocks) balance better until the fixup's partials outweigh them: on an H100 at 32768 fp32
-// tokens, 192-token chunks took the weight pass from 214 to 173 us (fixup 26 -> 33 us) and 128-token ones to 171
-// (fixup 48), so the chunk stops at kLargestChunk. A smaller call takes smaller chunks, down to kSmallestChunk, so
-// that the grid (column tiles x chunks x trees blocks) still gives every SM kWeightBlocksPerSm blocks: with
-// 256-token chunks, 4096 tokens made 112 blocks of 4 warps for 132 SMs. The chunk fixes the summation order,
+// tokens (one column per thread then), 192-token chunks took the weight pass from 214 to 173 us (fixup 26 -> 33 us)
+// and 128-token ones to 171 (fixup 48), so the chunk stops at kLargestChunk. A smaller call takes smaller chunks,
+// down to kSmallestChunk, so that the grid (column tiles x chunks x trees blocks) still gives every SM
+// kWeightBlocksPerSm blocks: with 256-token chunks, 4096 tokens made 112 blocks of 4 warps for 132 SMs. The chunk fixes the summation order,
 // so the gradients depend on it (and on the GPU's SM count) but never vary from run to run.
 constexpr int kWeightBlocksPerSm = 4;
 constexpr int kSmallestChunk = 32;
@@ -87,25 +88,27 @@ inline int backward_chunk(int levels, int64_t tokens, int64_t blocks_per_chunk, 
   return static_cast<int>(std::clamp<int64_t>(rounded, kSmallestChunk, largest));
 }
 
-// Column tiles of the weight pass and the fixup: kBackwardColumns columns each, over hidden + 1 columns (the last
-// one is the bias).
+// Column tiles of the fixup: kBackwardColumns columns each, over hidden + 1 columns (the last one is the bias).
 inline int backward_column_tiles(int hidden) { return (hidden + kBackwardColumns) / kBackwardColumns; }
 
-// Column tiles of the pair weight pass (HF_FFF_WEIGHT_PASS=pairs): kBackwardColumns column pairs each, over hidden / 2
-// pairs and the bias.
-inline int backward_pair_tiles(int hidden) { return (hidden / 2 + kBackwardColumns) / kBackwardColumns; }
+// Column tiles of the weight pass: kBackwardColumns column pairs each, over the hidden + 1 columns.
+inline int backward_weight_tiles(int hidden) {
+  const int pairs = (hidden + 2) / 2;
+  return (pairs + kBackwardColumns - 1) / kBackwardColumns;
+}
 
 // Blocks of the weight pass per chunk: its column tiles times the trees.
-inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_column_tiles(hidden)} * trees; }
+inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_weight_tiles(hidden)} * trees; }
 
 inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
 
 // Weight pass: a token's coefficients in shared memory, padded to a multiple of 4 for 16-byte reads.
 HF_FFF_BWD_HOST_DEVICE inline int backward_coef_stride(int levels) { return (levels + 3) & ~3; }
 
-// Shared memory of the weight pass: coefficient pairs, leaves and token ids of its chunk.
+// Shared memory of the weight pass: coefficient pairs, leaves, token ids and first ending levels of its chunk, and
+// the x / grad_y pairs of a token group per thread.
 inline int64_t backward_weight_smem_bytes(int chunk, int levels) {
-  return int64_t{chunk} * (2 * backward_coef_stride(levels) * 4 + 4 + 4);
+  return int64_t{chunk} * (2 * backward_coef_stride(levels) * 4 + 3 * 4) + int64_t{2} * kBackwardPairGroup * kBackwardColumns * 8;
 }
 
 void launch_backward_f32(const BackwardParams& p, cudaStream_t stream);

@@ -7,9 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <tuple>
 
 #include "backward.h"
@@ -88,41 +86,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   if (tokens == 0) return {grad_x, grad_w_in, grad_b_in, grad_w_out};
 
   // Checked before anything is launched: the weight pass's grid has one block row per chunk.
-  const char* weight_pass = std::getenv("HF_FFF_WEIGHT_PASS");
-  const bool pairs = weight_pass && std::string(weight_pass) == "pairs" && hidden % 2 == 0;
-  const int64_t blocks_per_chunk = pairs ? int64_t{backward_pair_tiles(hidden)} * trees : backward_blocks_per_chunk(hidden, trees);
-  const int chunk = backward_chunk(levels, tokens, blocks_per_chunk, sm_count(x.get_device()));
+  const int chunk = backward_chunk(levels, tokens, backward_blocks_per_chunk(hidden, trees), sm_count(x.get_device()));
   const int64_t chunks = backward_chunk_count(tokens, chunk);
   TORCH_CHECK(chunks <= 65535, "hf_fff CUDA backward: at most ", num(int64_t{65535} * chunk), " tokens per call, got ",
               num(tokens));
 
   const auto int32 = x.options().dtype(at::kInt);
   const auto fp32 = x.options().dtype(at::kFloat);
+  // A stable sort of each tree's tokens by leaf: equal leaves keep token order, so the summation order (and the bits)
+  // never vary. CUB's radix sort over the leaf's bits alone (torch's sorts all 32 bits of the key): on an H100 the
+  // sort of 32768 tokens went from 28 to 20 us, the whole fp32 backward from 558 to 534 us.
+  const auto int64 = x.options().dtype(at::kLong);
   at::Tensor keys = at::empty({trees, tokens}, int32);
-  // A stable sort: equal leaves keep token order, so the summation order (and the bits) never vary.
-  at::Tensor sorted_leaf, order;
-  // A/B knob while CUB's radix sort over the depth bits is measured against torch's: HF_FFF_BWD_SORT=cub.
-  const char* sorter = std::getenv("HF_FFF_BWD_SORT");
-  if (sorter && std::string(sorter) == "cub") {
-    at::Tensor ids = at::empty({trees, tokens}, x.options().dtype(at::kLong));
-    launch_backward_keys(leaves.data_ptr<int64_t>(), keys.data_ptr<int>(), ids.data_ptr<int64_t>(), tokens, trees,
-                         static_cast<int>(depth), stream);
-    sorted_leaf = at::empty({trees, tokens}, int32);
-    order = at::empty({trees, tokens}, x.options().dtype(at::kLong));
-    at::Tensor offsets = trees > 1 ? at::arange(int64_t{0}, (trees + 1) * tokens, tokens, int32) : at::Tensor();
-    BackwardSort sort{keys.data_ptr<int>(), sorted_leaf.data_ptr<int>(), ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-                      trees > 1 ? offsets.data_ptr<int>() : nullptr, tokens, trees, static_cast<int>(depth), nullptr, 0};
-    sort.scratch_bytes = launch_backward_sort(sort, stream);
-    at::Tensor scratch = at::empty({static_cast<int64_t>(std::max<size_t>(sort.scratch_bytes, 1))}, x.options().dtype(at::kByte));
-    sort.scratch = scratch.data_ptr();
-    launch_backward_sort(sort, stream);
-  } else {
-    launch_backward_keys(leaves.data_ptr<int64_t>(), keys.data_ptr<int>(), nullptr, tokens, trees, static_cast<int>(depth),
-                         stream);
-    std::tie(sorted_leaf, order) = at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-    sorted_leaf = sorted_leaf.contiguous();
-    order = order.contiguous();
-  }
+  at::Tensor ids = at::empty({trees, tokens}, int64);
+  launch_backward_keys(leaves.data_ptr<int64_t>(), keys.data_ptr<int>(), ids.data_ptr<int64_t>(), tokens, trees,
+                       static_cast<int>(depth), stream);
+  at::Tensor sorted_leaf = at::empty({trees, tokens}, int32);
+  at::Tensor order = at::empty({trees, tokens}, int64);
+  at::Tensor offsets = trees > 1 ? at::arange(int64_t{0}, (trees + 1) * tokens, tokens, int32) : at::Tensor();
+  BackwardSort sort{keys.data_ptr<int>(), sorted_leaf.data_ptr<int>(), ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                    trees > 1 ? offsets.data_ptr<int>() : nullptr, tokens, trees, static_cast<int>(depth), nullptr, 0};
+  sort.scratch_bytes = launch_backward_sort(sort, stream);  // sizes the scratch
+  at::Tensor scratch = at::empty({static_cast<int64_t>(std::max<size_t>(sort.scratch_bytes, 1))}, x.options().dtype(at::kByte));
+  sort.scratch = scratch.data_ptr();
+  launch_backward_sort(sort, stream);
 
   at::Tensor coef_in = at::empty({tokens, trees, levels}, fp32);
   at::Tensor coef_out = at::empty({tokens, trees, levels}, fp32);

@@ -23,7 +23,7 @@ def chunk_size(levels: int, tokens: int, hidden: int, trees: int, sms: int = 132
         return -(-a // b)
 
     largest = 128 if levels > 16 else 192  # kLargestChunk
-    blocks_per_chunk = (hidden + 128) // 128 * trees
+    blocks_per_chunk = ceil_div((hidden + 2) // 2, 128) * trees  # backward_weight_tiles: 128 column pairs a block
     wanted_chunks = ceil_div(4 * sms, blocks_per_chunk)
     rounded = ceil_div(ceil_div(tokens, wanted_chunks), 32) * 32
     return min(largest, max(32, rounded))
