@@ -487,7 +487,9 @@ void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
   HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
 
-inline bool is_aligned_to(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
+inline bool is_aligned_to(const void* pointer, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
 inline bool is_aligned16(const void* pointer) { return is_aligned_to(pointer, 16); }
 
 template <typename T, int kMaxLevels>

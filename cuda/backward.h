@@ -10,8 +10,8 @@
 //      coef_in = dg * GELU'(z) and coef_out = GELU(z) per (token, tree, level), and accumulate
 //      grad_x = sum coef_in * w_in[row] in registers.
 //   2. weight pass: a block owns `chunk` consecutive tokens of one tree's sorted order and a tile of
-//      columns, two per thread. Sorted by leaf means sorted by node at every level (node(l) = leaf >> (depth - l)), so each
-//      node's tokens are one run of the sorted order at every level. The block walks its tokens once,
+//      columns, two per thread. Sorted by leaf means sorted by node at every level (node(l) = leaf >> (depth - l)),
+//      so each node's tokens are one run of the sorted order at every level. The block walks its tokens once,
 //      keeping per level the running sums coef_in * x (and coef_in alone, the bias, as the virtual column
 //      H) and coef_out * grad_y of the current node; when a node's run ends it is flushed: straight to the
 //      gradient when the whole run lies in the chunk, else to the chunk's partial slot for that level
@@ -74,8 +74,8 @@ struct BackwardParams {
 // tokens (one column per thread then), 192-token chunks took the weight pass from 214 to 173 us (fixup 26 -> 33 us)
 // and 128-token ones to 171 (fixup 48), so the chunk stops at kLargestChunk. A smaller call takes smaller chunks,
 // down to kSmallestChunk, so that the grid (column tiles x chunks x trees blocks) still gives every SM
-// kWeightBlocksPerSm blocks: with 256-token chunks, 4096 tokens made 112 blocks of 4 warps for 132 SMs. The chunk fixes the summation order,
-// so the gradients depend on it (and on the GPU's SM count) but never vary from run to run.
+// kWeightBlocksPerSm blocks: with 256-token chunks, 4096 tokens made 112 blocks of 4 warps for 132 SMs. The chunk
+// fixes the summation order, so the gradients depend on it (and on the GPU's SM count) but never vary from run to run.
 constexpr int kWeightBlocksPerSm = 4;
 constexpr int kSmallestChunk = 32;
 constexpr int kLargestChunk = 192;
@@ -98,7 +98,9 @@ inline int backward_weight_tiles(int hidden) {
 }
 
 // Blocks of the weight pass per chunk: its column tiles times the trees.
-inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) { return int64_t{backward_weight_tiles(hidden)} * trees; }
+inline int64_t backward_blocks_per_chunk(int hidden, int64_t trees) {
+  return int64_t{backward_weight_tiles(hidden)} * trees;
+}
 
 inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens + chunk - 1) / chunk; }
 
@@ -108,7 +110,9 @@ HF_FFF_BWD_HOST_DEVICE inline int backward_coef_stride(int levels) { return (lev
 // Shared memory of the weight pass: coefficient pairs, leaves, token ids and first ending levels of its chunk, and
 // the x / grad_y pairs of a token group per thread.
 inline int64_t backward_weight_smem_bytes(int chunk, int levels) {
-  return int64_t{chunk} * (2 * backward_coef_stride(levels) * 4 + 3 * 4) + int64_t{2} * kBackwardPairGroup * kBackwardColumns * 8;
+  const int64_t per_token = 2 * backward_coef_stride(levels) * 4 + 3 * 4;
+  const int64_t staging = int64_t{2} * kBackwardPairGroup * kBackwardColumns * 8;  // float2 x and grad_y per thread
+  return int64_t{chunk} * per_token + staging;
 }
 
 void launch_backward_f32(const BackwardParams& p, cudaStream_t stream);

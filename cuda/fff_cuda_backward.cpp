@@ -55,12 +55,47 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x, con
                   leaves.size(1) == trees,
               "hf_fff CUDA backward: leaves must be int64 (", num(tokens), ", ", num(trees), "), got ",
               c10::toString(leaves.scalar_type()), " ", dims(leaves.sizes()));
-  // Launch limits: token ids are int32 in the weight pass, and the sort counts tokens x trees in int32; the fixup's grid
-  // has trees * levels blocks in z.
+  // Launch limits: token ids are int32 in the weight pass, and the sort counts tokens x trees in int32; the
+  // fixup's grid has trees * levels blocks in z.
   TORCH_CHECK(tokens * trees < std::numeric_limits<int>::max() && hidden < std::numeric_limits<int>::max() / 2 &&
                   trees * (depth + 1) <= 65535,
               "hf_fff CUDA backward: too large (tokens ", num(tokens), ", hidden ", num(hidden), ", trees ", num(trees),
               ", depth ", num(depth), ")");
+}
+
+// Each tree's tokens sorted by leaf. Returns (keys, sorted leaves, order), each (trees, tokens): the leaves masked
+// into the tree in token order (int32), the same sorted (int32), and the token at each sorted position (int64).
+// Stable: equal leaves keep token order, so the summation order (and the bits) never vary. CUB's radix sort passes
+// over the leaf's `depth` bits alone, where torch's stable sort passes over all 32 bits of the key: on an H100 the
+// whole fp32 backward of 32768 tokens went from 558 to 534 us. Scratch freed here is reused only by work queued
+// after the sort on the same stream (the caching allocator's stream order).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_tokens_by_leaf(const at::Tensor& leaves, int64_t tokens, int trees,
+                                                                   int depth, cudaStream_t stream) {
+  const auto int32 = leaves.options().dtype(at::kInt);
+  const auto int64 = leaves.options().dtype(at::kLong);
+  at::Tensor keys = at::empty({trees, tokens}, int32);
+  at::Tensor ids = at::empty({trees, tokens}, int64);
+  launch_backward_keys(leaves.data_ptr<int64_t>(), keys.data_ptr<int>(), ids.data_ptr<int64_t>(), tokens, trees, depth,
+                       stream);
+  at::Tensor sorted_leaf = at::empty({trees, tokens}, int32);
+  at::Tensor order = at::empty({trees, tokens}, int64);
+  at::Tensor offsets = trees > 1 ? at::arange(int64_t{0}, (trees + 1) * tokens, tokens, int32) : at::Tensor();
+  BackwardSort sort{keys.data_ptr<int>(),
+                    sorted_leaf.data_ptr<int>(),
+                    ids.data_ptr<int64_t>(),
+                    order.data_ptr<int64_t>(),
+                    trees > 1 ? offsets.data_ptr<int>() : nullptr,
+                    tokens,
+                    trees,
+                    depth,
+                    nullptr,
+                    0};
+  sort.scratch_bytes = launch_backward_sort(sort, stream);  // sizes the scratch
+  at::Tensor scratch = at::empty({static_cast<int64_t>(std::max<size_t>(sort.scratch_bytes, 1))},
+                                 leaves.options().dtype(at::kByte));
+  sort.scratch = scratch.data_ptr();
+  launch_backward_sort(sort, stream);
+  return {keys, sorted_leaf, order};
 }
 
 }  // namespace
@@ -91,25 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   TORCH_CHECK(chunks <= 65535, "hf_fff CUDA backward: at most ", num(int64_t{65535} * chunk), " tokens per call, got ",
               num(tokens));
 
-  const auto int32 = x.options().dtype(at::kInt);
   const auto fp32 = x.options().dtype(at::kFloat);
-  // A stable sort of each tree's tokens by leaf: equal leaves keep token order, so the summation order (and the bits)
-  // never vary. CUB's radix sort over the leaf's bits alone (torch's sorts all 32 bits of the key): on an H100 the
-  // sort of 32768 tokens went from 28 to 20 us, the whole fp32 backward from 558 to 534 us.
-  const auto int64 = x.options().dtype(at::kLong);
-  at::Tensor keys = at::empty({trees, tokens}, int32);
-  at::Tensor ids = at::empty({trees, tokens}, int64);
-  launch_backward_keys(leaves.data_ptr<int64_t>(), keys.data_ptr<int>(), ids.data_ptr<int64_t>(), tokens, trees,
-                       static_cast<int>(depth), stream);
-  at::Tensor sorted_leaf = at::empty({trees, tokens}, int32);
-  at::Tensor order = at::empty({trees, tokens}, int64);
-  at::Tensor offsets = trees > 1 ? at::arange(int64_t{0}, (trees + 1) * tokens, tokens, int32) : at::Tensor();
-  BackwardSort sort{keys.data_ptr<int>(), sorted_leaf.data_ptr<int>(), ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-                    trees > 1 ? offsets.data_ptr<int>() : nullptr, tokens, trees, static_cast<int>(depth), nullptr, 0};
-  sort.scratch_bytes = launch_backward_sort(sort, stream);  // sizes the scratch
-  at::Tensor scratch = at::empty({static_cast<int64_t>(std::max<size_t>(sort.scratch_bytes, 1))}, x.options().dtype(at::kByte));
-  sort.scratch = scratch.data_ptr();
-  launch_backward_sort(sort, stream);
+  auto [keys, sorted_leaf, order] = sort_tokens_by_leaf(leaves, tokens, trees, static_cast<int>(depth), stream);
 
   at::Tensor coef_in = at::empty({tokens, trees, levels}, fp32);
   at::Tensor coef_out = at::empty({tokens, trees, levels}, fp32);

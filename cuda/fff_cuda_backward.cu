@@ -22,7 +22,7 @@ void launch_backward_keys(const int64_t* leaves, int* keys, int64_t* ids, int64_
   HF_FFF_BWD_LAUNCH_CHECK("key kernel launch");
 }
 
-// CUB's radix sort over the leaf's depth bits only (two 8-bit passes up to depth 16), stable; a tree per segment.
+// CUB's radix sort over the leaf's `depth` bits only, stable; one segment per tree when there are several.
 size_t launch_backward_sort(const BackwardSort& s, cudaStream_t stream) {
   size_t bytes = s.scratch_bytes;
   const int items = static_cast<int>(s.tokens * s.trees);
