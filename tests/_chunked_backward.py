@@ -10,23 +10,36 @@ Run on small problems against reference.fff_backward, it checks the indexing bef
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import torch
 import torch.nn.functional as F
 
 from hf_fff.backends import reference
 
+BACKWARD_HEADER = pathlib.Path(__file__).resolve().parent.parent / "cuda" / "backward.h"
+
+
+def header_constants() -> dict[str, int]:
+    """The `constexpr int kName = value;` constants of cuda/backward.h, read from the header itself so that this
+    model cannot drift from the kernels' chunking when a constant changes there."""
+    return {name: int(value) for name, value in re.findall(r"constexpr int (k\w+) = (\d+);", BACKWARD_HEADER.read_text())}
+
 
 def chunk_size(levels: int, tokens: int, hidden: int, trees: int, sms: int = 132) -> int:
-    """backward_chunk in cuda/backward.h: the largest chunk, or fewer tokens (a multiple of 32, at least 32)
-    when that leaves fewer than 4 weight-pass blocks per SM."""
+    """backward_chunk in cuda/backward.h: the largest chunk, or fewer tokens (a multiple of kSmallestChunk, at least
+    that) when that leaves fewer than kWeightBlocksPerSm weight-pass blocks per SM."""
     def ceil_div(a: int, b: int) -> int:
         return -(-a // b)
 
-    largest = 128 if levels > 16 else 192  # kLargestChunk
-    blocks_per_chunk = ceil_div((hidden + 2) // 2, 128) * trees  # backward_weight_tiles: 128 column pairs a block
-    wanted_chunks = ceil_div(4 * sms, blocks_per_chunk)
-    rounded = ceil_div(ceil_div(tokens, wanted_chunks), 32) * 32
-    return min(largest, max(32, rounded))
+    k = header_constants()
+    largest = 128 if levels > 16 else k["kLargestChunk"]
+    # backward_weight_tiles: kBackwardColumns column pairs a block over the hidden + 1 columns
+    blocks_per_chunk = ceil_div((hidden + 2) // 2, k["kBackwardColumns"]) * trees
+    wanted_chunks = ceil_div(k["kWeightBlocksPerSm"] * sms, blocks_per_chunk)
+    rounded = ceil_div(ceil_div(tokens, wanted_chunks), k["kSmallestChunk"]) * k["kSmallestChunk"]
+    return min(largest, max(k["kSmallestChunk"], rounded))
 
 
 def chunked_backward(grad_y, x, weight_in, bias_in, weight_out, depth, leaves, chunk=None):
