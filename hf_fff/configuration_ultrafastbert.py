@@ -59,6 +59,11 @@ class UltraFastBertConfig(PreTrainedConfig):
         initializer_range: standard deviation of the normal initialiser.
         pad_token_id: padding token id (its embedding row is kept at zero).
         tie_word_embeddings: share the masked-LM decoder with the word embedding (published: True).
+        sparse_prediction: in training, compute the masked-LM logits only at the positions whose label is not
+            -100 (the crammed-BERT recipe's sparse prediction; ModernBERT's setting of the same name). The loss
+            and gradients are the same; the decoder's matmul and the logits shrink to the labelled positions, and
+            `logits` is then (labelled positions, vocab_size). Evaluation and inference always return
+            (batch, seq_len, vocab_size).
     """
 
     model_type = "ultrafastbert"
@@ -81,6 +86,7 @@ class UltraFastBertConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
     tie_word_embeddings: bool = True
+    sparse_prediction: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -115,6 +121,8 @@ class UltraFastBertConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise ValueError(f"UltraFastBertConfig.{name} must be a non-negative number, got {value!r}")
+        if not isinstance(self.sparse_prediction, bool):
+            raise ValueError(f"UltraFastBertConfig.sparse_prediction must be True or False, got {self.sparse_prediction!r}")
         if self.attention_scale is not None and not _is_real(self.attention_scale):
             raise ValueError(f"UltraFastBertConfig.attention_scale must be a number or None, got {self.attention_scale!r}")
         parameters = self.approximate_parameter_count()

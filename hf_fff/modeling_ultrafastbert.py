@@ -500,7 +500,9 @@ def _encode(model: UltraFastBertPreTrainedModel, input_ids, attention_mask, inpu
 
 class UltraFastBertForMaskedLM(UltraFastBertPreTrainedModel):
     """Masked LM: logits = last_hidden_state @ decoder.weight^T (tied to the word embedding, no bias,
-    no transform head: the published `skip_head_transform`). Logits keep their (batch, seq_len, vocab) shape."""
+    no transform head: the published `skip_head_transform`). Logits keep their (batch, seq_len, vocab) shape,
+    except in training with labels and `config.sparse_prediction`: then only the labelled positions are decoded
+    and the logits are (labelled positions, vocab), in row-major position order."""
 
     _tied_weights_keys = {"decoder.weight": "ultrafastbert.embeddings.word_embeddings.weight"}
 
@@ -532,7 +534,10 @@ class UltraFastBertForMaskedLM(UltraFastBertPreTrainedModel):
         """labels (batch, seq_len): token ids to predict, -100 where no loss is taken."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         encoded = _encode(self, input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states, output_router_paths)
-        logits = self.decoder(encoded.last_hidden_state)
+        hidden = encoded.last_hidden_state
+        if labels is not None and self.training and self.config.sparse_prediction:
+            hidden, labels = labelled_positions(hidden, labels)
+        logits = self.decoder(hidden)
         loss = None
         if labels is not None:
             loss = token_cross_entropy(logits, labels, self.config.vocab_size, kwargs.get("num_items_in_batch"))
@@ -572,6 +577,19 @@ def _mean_over_items(loss_sum: torch.Tensor, num_items_in_batch) -> torch.Tensor
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss_sum.device)
     return loss_sum / num_items_in_batch
+
+
+def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of hidden (..., H) whose label (...) is not -100, and those labels: (n, H) and (n,).
+
+    Sparse prediction: a masked-LM batch labels ~15% of its positions, so decoding only those takes the
+    (positions, vocab) matmul and logits down to that share. The loss ignores the other positions anyway.
+    """
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match the input's (batch, seq_len) {tuple(hidden.shape[:-1])}")
+    flat_labels = labels.to(hidden.device).reshape(-1)
+    keep = flat_labels != -100
+    return hidden.reshape(-1, hidden.shape[-1])[keep], flat_labels[keep]
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: int, num_items_in_batch=None) -> torch.Tensor:

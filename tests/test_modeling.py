@@ -54,7 +54,10 @@ def test_config_defaults_are_the_published_model():
     assert (config.fff_depth, config.fff_trees, config.fff_nodes_per_tree, config.max_position_embeddings) == (11, 1, 4095, 128)
 
 
-@pytest.mark.parametrize("bad", [dict(hidden_size=30, num_attention_heads=4), dict(fff_depth=-1), dict(fff_trees=0), dict(classifier_pooling="max")])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(hidden_size=30, num_attention_heads=4), dict(fff_depth=-1), dict(fff_trees=0), dict(classifier_pooling="max"), dict(sparse_prediction="yes")],
+)
 def test_config_rejects_impossible_geometry(bad):
     with pytest.raises(ValueError):
         tiny_config(**bad)

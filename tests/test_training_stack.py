@@ -76,13 +76,14 @@ def test_trainer_gradient_checkpointing_matches_plain_gradients(device):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sparse_prediction", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_mlm_pretraining_from_scratch_with_the_collator(tmp_path, device):
+def test_mlm_pretraining_from_scratch_with_the_collator(tmp_path, device, sparse_prediction):
     """A config built from scratch (any trees/depth) pretrains with DataCollatorForLanguageModeling."""
     tokenizer = train_tokenizer(128)
     config = hf_fff.UltraFastBertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fff_depth=4, fff_trees=2,
-        pad_token_id=tokenizer.pad_token_id, **NO_DROPOUT,
+        pad_token_id=tokenizer.pad_token_id, sparse_prediction=sparse_prediction, **NO_DROPOUT,
     )
     torch.manual_seed(0)
     model = hf_fff.UltraFastBertForMaskedLM(config)
@@ -95,6 +96,66 @@ def test_mlm_pretraining_from_scratch_with_the_collator(tmp_path, device):
     losses = logged_losses(trainer)
     assert len(losses) >= 20
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses  # about 4.7 -> 3.3 in this run
+
+
+def masked_lm_batch(device, batch=3, seq=12, vocab=128, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=generator)
+    labels = torch.where(torch.rand(batch, seq, generator=generator) < 0.3, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]  # at least one target
+    return ids.to(device), labels.to(device)
+
+
+@pytest.mark.parametrize("items", [None, 7])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_prediction_gives_the_dense_loss_and_gradients(device, items):
+    """Decoding only the labelled positions changes no number the optimizer sees (float64, so that any other
+    summation would show)."""
+    torch.manual_seed(6)
+    dense = hf_fff.UltraFastBertForMaskedLM(no_dropout_config()).to(device, torch.float64).train()
+    sparse = hf_fff.UltraFastBertForMaskedLM(no_dropout_config(sparse_prediction=True)).to(device, torch.float64).train()
+    sparse.load_state_dict(dense.state_dict())
+    ids, labels = masked_lm_batch(device)
+    extra = {} if items is None else {"num_items_in_batch": torch.tensor(items, device=device)}
+    loss_dense = dense(input_ids=ids, labels=labels, **extra).loss
+    loss_sparse = sparse(input_ids=ids, labels=labels, **extra).loss
+    torch.testing.assert_close(loss_sparse, loss_dense, rtol=1e-12, atol=0)
+    loss_dense.backward()
+    loss_sparse.backward()
+    grads = dict(dense.named_parameters())
+    for name, p in sparse.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_sparse_prediction_logits_cover_the_labelled_positions_in_training_only():
+    torch.manual_seed(7)
+    model = hf_fff.UltraFastBertForMaskedLM(no_dropout_config(sparse_prediction=True)).train()
+    ids, labels = masked_lm_batch("cpu")
+    labelled = labels != -100
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits.shape == (int(labelled.sum()), model.config.vocab_size)
+    full = model(input_ids=ids).logits  # no labels: nothing to select by
+    assert full.shape == (*ids.shape, model.config.vocab_size)
+    torch.testing.assert_close(out.logits, full[labelled])  # row-major order of the labelled positions
+    model.eval()
+    assert model(input_ids=ids, labels=labels).logits.shape == (*ids.shape, model.config.vocab_size)
+    with pytest.raises(ValueError, match="labels"):
+        model.train()(input_ids=ids, labels=labels[:, :-1])
+
+
+@pytest.mark.slow
+def test_sparse_prediction_compiles_whole_when_dynamic_output_shapes_are_captured(monkeypatch):
+    """Selecting the labelled positions has a data-dependent size: torch.compile breaks the graph there unless
+    dynamo captures dynamic output shapes, and then compiles the step whole (the README says so)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    torch.manual_seed(8)
+    model = hf_fff.UltraFastBertForMaskedLM(no_dropout_config(sparse_prediction=True)).train()
+    ids, labels = masked_lm_batch("cpu")
+    eager = model(input_ids=ids, labels=labels).loss
+    compiled = torch.compile(model, fullgraph=True)(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def _train_step(model, ids, labels):
