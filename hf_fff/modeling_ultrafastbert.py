@@ -34,6 +34,7 @@ from .ops import FastDropout, check_fff_arguments, fast_dropout, leaves_like, ru
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
 MASKED_SCORE = -10000.0
+IGNORE_INDEX = -100  # a label that takes no loss (torch's and transformers' convention)
 
 
 # Parameters of one FastFeedForward past which construction is refused outright (about 1 TB in float32).
@@ -588,7 +589,7 @@ def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must match the input's (batch, seq_len) {tuple(hidden.shape[:-1])}")
     flat_labels = labels.to(hidden.device).reshape(-1)
-    keep = flat_labels != -100
+    keep = flat_labels != IGNORE_INDEX
     return hidden.reshape(-1, hidden.shape[-1])[keep], flat_labels[keep]
 
 
@@ -596,8 +597,8 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: int
     """Cross-entropy over every position whose label is not -100 (masked LM, token classification)."""
     flat_logits, flat_labels = logits.view(-1, classes).float(), labels.to(logits.device).view(-1)
     if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-    return _mean_over_items(F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum"), num_items_in_batch)
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    return _mean_over_items(F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"), num_items_in_batch)
 
 
 def sequence_classification_loss(config: UltraFastBertConfig, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

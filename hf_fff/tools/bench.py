@@ -17,6 +17,7 @@ on CUDA each call is timed with CUDA events, on the CPU with a monotonic clock.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -272,10 +273,10 @@ def build_training_models(task: str, device, model_overrides: Optional[dict] = N
 
 
 def sparse_prediction_copy(model: nn.Module) -> nn.Module:
-    """A copy of an UltraFastBertForMaskedLM (same weights, train mode) with `config.sparse_prediction` on."""
-    copy = type(model)(model.config.__class__.from_dict({**model.config.to_dict(), "sparse_prediction": True}))
-    copy.load_state_dict(model.state_dict())
-    return copy.to(next(model.parameters()).device).train()
+    """A copy of an UltraFastBertForMaskedLM (same weights, device and mode) with `config.sparse_prediction` on."""
+    sparse = copy.deepcopy(model)
+    sparse.config.sparse_prediction = True
+    return sparse
 
 
 def training_batch(task: str, batch: int, seq: int, vocab: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
