@@ -144,16 +144,17 @@ def test_sparse_prediction_logits_cover_the_labelled_positions_in_training_only(
 
 
 @pytest.mark.slow
-def test_sparse_prediction_compiles_whole_when_dynamic_output_shapes_are_captured(monkeypatch):
+def test_sparse_prediction_compiles_whole_when_dynamic_output_shapes_are_captured():
     """Selecting the labelled positions has a data-dependent size: torch.compile breaks the graph there unless
     dynamo captures dynamic output shapes, and then compiles the step whole (the README says so)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
     torch.manual_seed(8)
     model = hf_fff.UltraFastBertForMaskedLM(no_dropout_config(sparse_prediction=True)).train()
     ids, labels = masked_lm_batch("cpu")
     eager = model(input_ids=ids, labels=labels).loss
-    compiled = torch.compile(model, fullgraph=True)(input_ids=ids, labels=labels).loss
+    # dynamo's own patch: pytest's monkeypatch (9.2) deletes a config entry on undo, breaking later compiles
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, fullgraph=True)(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
