@@ -12,9 +12,10 @@ from hf_fff.backends import cuda as cuda_backend
 from hf_fff.backends import reference
 
 # (tokens, hidden, trees, depth, dtype): the vector token pass, the scalar and any-width ones, 4 and 32 level sums,
-# several chunks with nodes spanning them (crowded leaves).
+# several chunks with nodes spanning them (crowded leaves), the one-block sort of small calls and CUB's device sort.
 CASES = [
     (600, 64, 2, 3, torch.bfloat16),
+    (4500, 128, 1, 11, torch.float32),
     (300, 33, 1, 17, torch.float32),
     (520, 1030, 1, 2, torch.float16),
     (1, 7, 3, 0, torch.float32),

@@ -66,6 +66,12 @@ struct BackwardParams {
   int trees;
   int chunk;   // tokens per weight-pass block
   int chunks;  // ceil(tokens / chunk)
+  // A/B knobs while they are measured (HF_FFF_BWD_* in the binding)
+  int warp_tokens = 1;             // token pass (16-byte loads): tokens per warp, the next one's rows prefetched to L2
+  int prefetch_levels = 0;         // token pass: prefetch the rows this many levels ahead into L1 (0: none)
+  int weight_prefetch_groups = 0;  // weight pass: prefetch x / grad_y pairs this many token groups ahead into L2
+  int fixup_batch = 8;             // fixup: partials in flight (8 or 32)
+  bool zero_unvisited = false;     // outputs not pre-zeroed: a kernel zeroes the rows no token visited
 };
 
 // Tokens per weight-pass block. The block stages `chunk * levels` coefficient pairs in shared memory, which caps
@@ -136,7 +142,11 @@ struct BackwardSort {
   int depth;
   void* scratch;        // nullptr: only size the scratch
   size_t scratch_bytes;
+  bool block_sort = false;  // A/B knob: one block of CUB's BlockRadixSort per tree when tokens <= kBlockSortTokens
 };
+constexpr int kBlockSortThreads = 512;
+constexpr int kBlockSortItems = 8;
+constexpr int kBlockSortTokens = kBlockSortThreads * kBlockSortItems;
 // Returns the scratch bytes needed (when `scratch` is null) or used.
 size_t launch_backward_sort(const BackwardSort& sort, cudaStream_t stream);
 
