@@ -18,6 +18,7 @@ namespace bwd {
 constexpr int kTokenWarps = 8;                 // token pass: tokens (warps) per block
 constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block (a column pair each); fixup: columns
 constexpr int kPairGroup = kBackwardPairGroup; // weight pass: tokens whose x / grad_y pairs are in flight together
+constexpr int kFixupBatch = 8;                 // fixup: chunk partials loaded before they are added in order
 
 // The .cu files are compiled without torch headers; a CUDA error becomes a C++ exception, which pybind11
 // hands to Python as a RuntimeError.
@@ -64,20 +65,6 @@ __device__ __forceinline__ float row_coefficients(float z, float dg, const T* b_
 // Row of the weights visited at `level` by a token that reached `leaf` of `tree`.
 __device__ __forceinline__ int64_t path_row(int tree, int level, int leaf, int depth) {
   return tree * nodes_per_tree(depth) + ((int64_t{1} << level) - 1) + (leaf >> (depth - level));
-}
-
-// Cache hints: fetch the 128-byte line holding `address` into L1 (and L2) or into L2 only. No register waits on
-// them, and they never change a result.
-__device__ __forceinline__ void prefetch_l1(const void* address) { asm volatile("prefetch.global.L1 [%0];" ::"l"(address)); }
-__device__ __forceinline__ void prefetch_l2(const void* address) { asm volatile("prefetch.global.L2 [%0];" ::"l"(address)); }
-
-// The warp's lanes prefetch the lines of a `bytes`-long row, one line each per 32.
-template <bool kIntoL1>
-__device__ __forceinline__ void prefetch_row(const void* row, int64_t bytes, int lane) {
-  const char* base = static_cast<const char*>(row);
-  for (int64_t offset = int64_t{lane} * 128; offset < bytes; offset += 32 * 128) {
-    if constexpr (kIntoL1) prefetch_l1(base + offset); else prefetch_l2(base + offset);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -197,13 +184,17 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
 
 // Token pass with 16-byte loads: hidden is a multiple of the vector width, the rows are 16-byte aligned and
 // a row is at most 32 * kVecs vectors (lane holds vectors lane + 32 k). Same arithmetic as above, with an
-// eighth of the load instructions at 16 bits. One token's walk; the kernel below gives a warp p.warp_tokens tokens.
+// eighth of the load instructions at 16 bits.
 template <typename T, int kVecs>
-__device__ __forceinline__ void token_pass_vec_token(const BackwardParams& p, int64_t token, int lane) {
+__global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
+    token_pass_vec_kernel(const BackwardParams p) {
   constexpr int kE = Elem<T>::kVec;
+  const int lane = threadIdx.x & 31;
+  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
+  if (position >= p.tokens) return;
+  const int64_t token = p.order[position];
   const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
   const int vectors = hidden / kE;
-  const int64_t row_bytes = int64_t{hidden} * sizeof(T);
   const T* x = static_cast<const T*>(p.x) + token * hidden;
   const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
   const T* b_in = static_cast<const T*>(p.b_in);
@@ -227,11 +218,6 @@ __device__ __forceinline__ void token_pass_vec_token(const BackwardParams& p, in
       const int64_t row = path_row(tree, level, leaf, depth);
       const T* wi = static_cast<const T*>(p.w_in) + row * hidden;
       const T* wo = static_cast<const T*>(p.w_out) + row * hidden;
-      if (p.prefetch_levels > 0 && level + p.prefetch_levels < levels) {
-        const int64_t ahead = path_row(tree, level + p.prefetch_levels, leaf, depth) * hidden;
-        prefetch_row<true>(static_cast<const T*>(p.w_in) + ahead, row_bytes, lane);
-        prefetch_row<true>(static_cast<const T*>(p.w_out) + ahead, row_bytes, lane);
-      }
       float wr[kVecs][kE];
       float z = 0.f, dg = 0.f;
 #pragma unroll
@@ -263,27 +249,6 @@ __device__ __forceinline__ void token_pass_vec_token(const BackwardParams& p, in
   for (int k = 0; k < kVecs; ++k) {
     const int v = lane + 32 * k;
     if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
-  }
-}
-
-// A block's warps take kTokenWarps consecutive sorted positions at a time, p.warp_tokens times; while a warp walks
-// one token, the x and grad_y rows of its next one are fetched into L2.
-template <typename T, int kVecs>
-__global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
-    token_pass_vec_kernel(const BackwardParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t first = blockIdx.x * int64_t{kTokenWarps} * p.warp_tokens + (threadIdx.x >> 5);
-  const int64_t row_bytes = int64_t{p.hidden} * sizeof(T);
-  for (int i = 0; i < p.warp_tokens; ++i) {
-    const int64_t position = first + int64_t{i} * kTokenWarps;
-    if (position >= p.tokens) return;  // whole warps only: no block-wide barrier
-    const int64_t next = position + kTokenWarps;
-    if (i + 1 < p.warp_tokens && next < p.tokens) {
-      const int64_t next_token = p.order[next];
-      prefetch_row<false>(static_cast<const T*>(p.x) + next_token * p.hidden, row_bytes, lane);
-      prefetch_row<false>(static_cast<const T*>(p.grad_y) + next_token * p.hidden, row_bytes, lane);
-    }
-    token_pass_vec_token<T, kVecs>(p, p.order[position], lane);
   }
 }
 
@@ -387,14 +352,6 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
   for (int l = 0; l < kMaxLevels; ++l) sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
 
   for (int g0 = 0; g0 < len; g0 += kPairGroup) {
-    if (p.weight_prefetch_groups > 0 && col < hidden) {
-      const int ahead = g0 + p.weight_prefetch_groups * kPairGroup;
-      for (int j = ahead; j < min(ahead + kPairGroup, len); ++j) {
-        const int64_t row = s_token[j] * int64_t{hidden};
-        prefetch_l2(x + row + col);
-        prefetch_l2(grad_y + row + col);
-      }
-    }
     // All of the group's loads in flight at once, then parked in this thread's shared-memory slots so that the
     // token loop below needs no unrolling.
     float2 xs[kPairGroup], gs[kPairGroup];
@@ -466,7 +423,7 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
 // Fixup: block (column tile, chunk, tree * levels). The chunk in which a node starts and whose run reaches
 // past it owns that node: it adds its slot 1 and the slot 0 of every following chunk the run covers, in
 // chunk order, and writes the row.
-template <typename T, int kFixupBatch>  // kFixupBatch: chunk partials loaded before they are added in order
+template <typename T>
 __global__ void __launch_bounds__(kColumns) fixup_kernel(const BackwardParams p) {
   const int depth = p.depth, levels = depth + 1, hidden = p.hidden;
   const int tree = blockIdx.z / levels, level = blockIdx.z % levels;
@@ -557,8 +514,7 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
 
 template <typename T, int kVecs>
 void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t per_block = int64_t{kTokenWarps} * p.warp_tokens;
-  const int64_t blocks = (p.tokens + per_block - 1) / per_block;
+  const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
   token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
@@ -616,16 +572,13 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
 
   if (p.chunks > 1) {
     const dim3 grid(backward_column_tiles(hidden), p.chunks, p.trees * levels);
-    if (p.fixup_batch > 8) fixup_kernel<T, 32><<<grid, kColumns, 0, stream>>>(p);
-    else fixup_kernel<T, 8><<<grid, kColumns, 0, stream>>>(p);
+    fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
     HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
   }
-  if (p.zero_unvisited) {
-    const int64_t nodes = nodes_per_tree(p.depth) * p.trees;
-    zero_unvisited_kernel<T><<<static_cast<unsigned>((nodes + kTokenWarps - 1) / kTokenWarps), kTokenWarps * 32, 0,
-                               stream>>>(p);
-    HF_FFF_BWD_LAUNCH_CHECK("zeroing launch");
-  }
+  const int64_t nodes = nodes_per_tree(p.depth) * p.trees;
+  zero_unvisited_kernel<T><<<static_cast<unsigned>((nodes + kTokenWarps - 1) / kTokenWarps), kTokenWarps * 32, 0,
+                             stream>>>(p);
+  HF_FFF_BWD_LAUNCH_CHECK("zeroing launch");
 }
 
 }  // namespace bwd

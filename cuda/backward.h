@@ -4,7 +4,7 @@
 // Given grad_y and x (M, H), the weights (T*N, H), bias (T*N,) and the leaves (M, T) that the forward reached,
 // it computes grad_x (M, H), grad_weight_in, grad_bias_in and grad_weight_out, deterministically (fixed
 // summation order, no atomics), in fp32 accumulation, with O(M * T * levels) scratch and no (M, levels, H)
-// temporaries. Three steps after a stable sort of each tree's tokens by leaf (CUB's radix sort over the leaf bits):
+// temporaries. Four steps after a stable sort of each tree's tokens by leaf (CUB's radix sort over the leaf bits):
 //   1. token pass (one warp per token, tokens in tree 0's sorted order so that neighbouring warps share
 //      rows in L1): along each tree's path recompute z = x.w_in[row] + b and dg = grad_y.w_out[row], store
 //      coef_in = dg * GELU'(z) and coef_out = GELU(z) per (token, tree, level), and accumulate
@@ -17,7 +17,9 @@
 //      gradient when the whole run lies in the chunk, else to the chunk's partial slot for that level
 //      (slot 0: the node the chunk starts inside of; slot 1: the node that starts in the chunk and runs past it).
 //   3. fixup: the chunk where a spanning node starts adds its slot 1 and the following chunks' slot 0 in
-//      chunk order and writes the gradient row. Rows no token visited stay zero (outputs start zeroed).
+//      chunk order and writes the gradient row.
+//   4. zeroing: the outputs are not pre-zeroed; a warp per node finds in the sorted leaves whether any token
+//      visited it, and zeroes the row if none did.
 #pragma once
 
 #include <algorithm>
@@ -53,7 +55,7 @@ struct BackwardParams {
   const int* sorted_leaf;   // (trees, tokens): each tree's leaves in ascending order (stable sort)
   const int64_t* order;     // (trees, tokens): the token at each position of that order
   void* grad_x;             // (tokens, hidden), written
-  void* grad_w_in;          // (trees * N, hidden), zeroed by the launcher's caller; visited rows written
+  void* grad_w_in;          // (trees * N, hidden): visited rows written by the passes, the others zeroed
   void* grad_b_in;          // (trees * N,), likewise
   void* grad_w_out;         // (trees * N, hidden), likewise
   float* coef_in;           // scratch (tokens, trees, levels): dg * GELU'(z)
@@ -66,12 +68,6 @@ struct BackwardParams {
   int trees;
   int chunk;   // tokens per weight-pass block
   int chunks;  // ceil(tokens / chunk)
-  // A/B knobs while they are measured (HF_FFF_BWD_* in the binding)
-  int warp_tokens = 1;             // token pass (16-byte loads): tokens per warp, the next one's rows prefetched to L2
-  int prefetch_levels = 0;         // token pass: prefetch the rows this many levels ahead into L1 (0: none)
-  int weight_prefetch_groups = 0;  // weight pass: prefetch x / grad_y pairs this many token groups ahead into L2
-  int fixup_batch = 8;             // fixup: partials in flight (8 or 32)
-  bool zero_unvisited = false;     // outputs not pre-zeroed: a kernel zeroes the rows no token visited
 };
 
 // Tokens per weight-pass block. The block stages `chunk * levels` coefficient pairs in shared memory, which caps
@@ -142,7 +138,6 @@ struct BackwardSort {
   int depth;
   void* scratch;        // nullptr: only size the scratch
   size_t scratch_bytes;
-  bool block_sort = false;  // A/B knob: one block of CUB's BlockRadixSort per tree when tokens <= kBlockSortTokens
 };
 constexpr int kBlockSortThreads = 512;
 constexpr int kBlockSortItems = 8;
