@@ -252,6 +252,102 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   }
 }
 
+// Token pass with the rows staged in shared memory: cp.async copies the next level's w_in and w_out rows while this
+// level's sums, GELU and butterflies run, without registers to hold them (the kernel above waits on each level's
+// loads before it can start the level). A lane copies exactly the 16-byte vectors it later reads (lane + 32 k), so no
+// lane waits on another's copy. Same arithmetic as above: same bits.
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
+    token_pass_staged_kernel(const BackwardParams p) {
+  extern __shared__ uint4 staged_rows[];  // per warp: two stages of (w_in row, w_out row)
+  constexpr int kE = Elem<T>::kVec;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t position = blockIdx.x * int64_t{kTokenWarps} + warp;
+  if (position >= p.tokens) return;  // whole warps only: no block-wide barrier below
+  const int64_t token = p.order[position];
+  const int hidden = p.hidden, depth = p.depth, levels = depth + 1, trees = p.trees;
+  const int vectors = hidden / kE;
+  const int steps = trees * levels;  // step s visits level s % levels of tree s / levels
+  uint4* stages = staged_rows + int64_t{warp} * 4 * vectors;
+  const uint4* w_in = static_cast<const uint4*>(p.w_in);
+  const uint4* w_out = static_cast<const uint4*>(p.w_out);
+  const T* b_in = static_cast<const T*>(p.b_in);
+  float* coef_in = p.coef_in + token * trees * levels;
+  float* coef_out = p.coef_out + token * trees * levels;
+  auto step_row = [&](int step) {
+    const int tree = step / levels, level = step - tree * levels;
+    return path_row(tree, level, p.leaf_keys[tree * p.tokens + token], depth);
+  };
+  auto stage_rows = [&](int step) {
+    const int64_t row = step_row(step) * vectors;
+    uint4* into = stages + (step & 1) * 2 * vectors;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int v = lane + 32 * k;
+      if (v < vectors) {
+        cp_async_ca<16>(into + v, w_in + row + v);
+        cp_async_ca<16>(into + vectors + v, w_out + row + v);
+      }
+    }
+    cp_async_commit();
+  };
+  stage_rows(0);
+
+  const T* x = static_cast<const T*>(p.x) + token * hidden;
+  const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
+  float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+#pragma unroll
+    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
+    if (v < vectors) {
+      load_vec(x, v, xr[k]);
+      load_vec(grad_y, v, gr[k]);
+    }
+  }
+  for (int step = 0; step < steps; ++step) {
+    if (step + 1 < steps) {
+      __syncwarp();  // the reads of the stage refilled here (at the step before) are done
+      stage_rows(step + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    const uint4* rows = stages + (step & 1) * 2 * vectors;
+    float wr[kVecs][kE];
+    float z = 0.f, dg = 0.f;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int v = lane + 32 * k;
+      float wo_v[kE];
+#pragma unroll
+      for (int e = 0; e < kE; ++e) wr[k][e] = wo_v[e] = 0.f;
+      if (v < vectors) {
+        Elem<T>::unpack(rows[v], wr[k]);
+        Elem<T>::unpack(rows[vectors + v], wo_v);
+      }
+#pragma unroll
+      for (int e = 0; e < kE; ++e) {
+        z = fmaf(xr[k][e], wr[k][e], z);
+        dg = fmaf(gr[k][e], wo_v[e], dg);
+      }
+    }
+    const float c_in = row_coefficients(z, dg, b_in, step_row(step), coef_in, coef_out, step, lane);
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+#pragma unroll
+      for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
+    }
+  }
+  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Weight pass: block (column tile, chunk, tree). A thread owns the column pair 2q, 2q + 1 of the hidden + 1 columns,
 // column `hidden` being the bias (its "x" is 1 and it has no grad_y side), so that each token's coefficient reads
@@ -296,8 +392,10 @@ __device__ __forceinline__ void load_pair(const T* x_row, const T* g_row, int co
   }
 }
 
-template <typename T, int kMaxLevels, bool kPaired>
+// kStaged (kPaired only): the next group's pairs are copied into shared memory by cp.async while this one's are summed.
+template <typename T, int kMaxLevels, bool kPaired, bool kStaged>
 __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardParams p) {
+  static_assert(kPaired || !kStaged, "staged copies move whole pairs");
   extern __shared__ float smem[];
   const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
   const int tree = blockIdx.z;
@@ -313,6 +411,9 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
   int* s_first = s_token + chunk_size;  // (chunk): the highest level whose node ends at the token (levels: none)
   float2* s_x = reinterpret_cast<float2*>(s_first + chunk_size);           // (kPairGroup, kColumns): own pair only
   float2* s_g = s_x + kPairGroup * kColumns;
+  using Pair = typename Elem<T>::Pair;  // kStaged: (2, kPairGroup, kColumns) raw pairs each, in the same place
+  Pair* s_raw_x = reinterpret_cast<Pair*>(s_x);
+  Pair* s_raw_g = s_raw_x + 2 * kPairGroup * kColumns;
 
   const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
   const int64_t* order = p.order + tree * p.tokens;
@@ -351,24 +452,59 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
 #pragma unroll
   for (int l = 0; l < kMaxLevels; ++l) sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
 
-  for (int g0 = 0; g0 < len; g0 += kPairGroup) {
-    // All of the group's loads in flight at once, then parked in this thread's shared-memory slots so that the
-    // token loop below needs no unrolling.
-    float2 xs[kPairGroup], gs[kPairGroup];
+  // kStaged: the group starting at g0 into its stage (this thread's own slots, which only it reads).
+  auto stage_group = [&](int g0) {
+    const int64_t at = ((g0 / kPairGroup) & 1) * kPairGroup * kColumns + threadIdx.x;
+    if (col < hidden) {  // the bias column's pair is a constant
 #pragma unroll
-    for (int j = 0; j < kPairGroup; ++j) {
-      const int64_t row = (g0 + j < len ? s_token[g0 + j] : s_token[0]) * int64_t{hidden};
-      load_pair<T, kPaired>(x + row, grad_y + row, col, hidden, xs[j], gs[j]);
+      for (int j = 0; j < kPairGroup; ++j) {
+        if (g0 + j < len) {
+          const int64_t row = s_token[g0 + j] * int64_t{hidden};
+          cp_async_ca<sizeof(Pair)>(s_raw_x + at + j * kColumns, x + row + col);
+          cp_async_ca<sizeof(Pair)>(s_raw_g + at + j * kColumns, grad_y + row + col);
+        }
+      }
     }
+    cp_async_commit();
+  };
+  if constexpr (kStaged) stage_group(0);
+
+  for (int g0 = 0; g0 < len; g0 += kPairGroup) {
+    if constexpr (kStaged) {
+      if (g0 + kPairGroup < len) {
+        stage_group(g0 + kPairGroup);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      // All of the group's loads in flight at once, then parked in this thread's shared-memory slots so that the
+      // token loop below needs no unrolling.
+      float2 xs[kPairGroup], gs[kPairGroup];
 #pragma unroll
-    for (int j = 0; j < kPairGroup; ++j) {
-      s_x[j * kColumns + threadIdx.x] = xs[j];
-      s_g[j * kColumns + threadIdx.x] = gs[j];
+      for (int j = 0; j < kPairGroup; ++j) {
+        const int64_t row = (g0 + j < len ? s_token[g0 + j] : s_token[0]) * int64_t{hidden};
+        load_pair<T, kPaired>(x + row, grad_y + row, col, hidden, xs[j], gs[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < kPairGroup; ++j) {
+        s_x[j * kColumns + threadIdx.x] = xs[j];
+        s_g[j * kColumns + threadIdx.x] = gs[j];
+      }
     }
     const int group_len = min(kPairGroup, len - g0);
+    const int64_t stage = ((g0 / kPairGroup) & 1) * kPairGroup * kColumns;
     for (int j = 0; j < group_len; ++j) {
       const int at = g0 + j;
-      const float2 xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
+      float2 xv, gv;
+      if constexpr (kStaged) {
+        const int64_t slot = stage + j * kColumns + threadIdx.x;
+        xv = col < hidden ? Elem<T>::from_pair(s_raw_x[slot]) : make_float2(1.f, 0.f);
+        gv = col < hidden ? Elem<T>::from_pair(s_raw_g[slot]) : make_float2(0.f, 0.f);
+      } else {
+        xv = s_x[j * kColumns + threadIdx.x];
+        gv = s_g[j * kColumns + threadIdx.x];
+      }
       const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
       const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
 #pragma unroll
@@ -472,6 +608,70 @@ __global__ void __launch_bounds__(kColumns) fixup_kernel(const BackwardParams p)
   write_row<T>(p, path_row(tree, level, sorted_leaf[end - 1], depth), col, sum_in, sum_out);
 }
 
+// Fixup with kFixupSplit threads per column (block (kColumns, kFixupSplit)): thread y adds the partials of chunks
+// chunk + 1 + y, + 1 + y + kFixupSplit, ... in order, then the first adds the owner's slot 1 and the kFixupSplit
+// sums in y order. A fixed order (the bits never vary from run to run), a different one from fixup_kernel's: the
+// top levels' nodes span every chunk, and one thread adding all their partials in turn is the fixup's critical path.
+constexpr int kFixupSplit = 4;
+template <typename T>
+__global__ void __launch_bounds__(kColumns * kFixupSplit) fixup_split_kernel(const BackwardParams p) {
+  __shared__ float s_in[kFixupSplit][kColumns], s_out[kFixupSplit][kColumns];
+  const int depth = p.depth, levels = depth + 1, hidden = p.hidden;
+  const int tree = blockIdx.z / levels, level = blockIdx.z % levels;
+  const int64_t chunk = blockIdx.y;
+  const int col = blockIdx.x * kColumns + threadIdx.x, y = threadIdx.y;
+  const int64_t tokens = p.tokens;
+  const int64_t start = chunk * p.chunk, end = min(start + p.chunk, tokens);
+  const int* sorted_leaf = p.sorted_leaf + tree * tokens;
+  const int shift = depth - level;
+  const int node = sorted_leaf[end - 1] >> shift;
+  const bool runs_past = end < tokens && (sorted_leaf[end] >> shift) == node;
+  const bool started_before = start > 0 && (sorted_leaf[start - 1] >> shift) == node;
+  if (!runs_past || started_before) return;  // the same for the whole block
+  const int past = (node + 1) << shift;
+  int64_t lo = end, hi = tokens;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (sorted_leaf[mid] < past) lo = mid + 1; else hi = mid;
+  }
+  const int64_t last_chunk = (lo - 1) / p.chunk;
+
+  const int in_width = hidden + 1;
+  const bool has_in = col <= hidden, has_out = col < hidden;
+  float sum_in = 0.f, sum_out = 0.f;
+  for (int64_t c0 = chunk + 1 + y; c0 <= last_chunk; c0 += int64_t{kFixupSplit} * kFixupBatch) {
+    float in_part[kFixupBatch], out_part[kFixupBatch];
+#pragma unroll
+    for (int j = 0; j < kFixupBatch; ++j) {
+      const int64_t c = c0 + int64_t{j} * kFixupSplit;
+      const bool real = c <= last_chunk;
+      const int64_t slot = partial_index(p, tree, real ? c : chunk, level, 0);
+      in_part[j] = real && has_in ? p.partial_in[slot * in_width + col] : 0.f;
+      out_part[j] = real && has_out ? p.partial_out[slot * hidden + col] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kFixupBatch; ++j) {
+      if (c0 + int64_t{j} * kFixupSplit <= last_chunk) {
+        sum_in += in_part[j];
+        sum_out += out_part[j];
+      }
+    }
+  }
+  s_in[y][threadIdx.x] = sum_in;
+  s_out[y][threadIdx.x] = sum_out;
+  __syncthreads();
+  if (y != 0 || !has_in) return;
+  const int64_t own = partial_index(p, tree, chunk, level, 1);
+  float total_in = p.partial_in[own * in_width + col];
+  float total_out = has_out ? p.partial_out[own * hidden + col] : 0.f;
+#pragma unroll
+  for (int k = 0; k < kFixupSplit; ++k) {
+    total_in += s_in[k][threadIdx.x];
+    total_out += s_out[k][threadIdx.x];
+  }
+  write_row<T>(p, path_row(tree, level, sorted_leaf[end - 1], depth), col, total_in, total_out);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Rows no token visited: their gradients are zero. The passes write every visited row whole, so the outputs need no
 // zeroing beforehand. One warp per node: the node (tree, level, n) covers leaves [n << shift, (n + 1) << shift),
@@ -515,7 +715,18 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
 template <typename T, int kVecs>
 void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
-  token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  if (p.token_staged) {
+    // per warp two stages of a w_in and a w_out row
+    const int64_t smem = int64_t{kTokenWarps} * 4 * p.hidden * sizeof(T);
+    auto kernel = token_pass_staged_kernel<T, kVecs>;
+    if (smem > 48 * 1024) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                 "token pass shared memory");
+    }
+    kernel<<<static_cast<unsigned>(blocks), kTokenWarps * 32, smem, stream>>>(p);
+  } else {
+    token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
+  }
   HF_FFF_BWD_LAUNCH_CHECK("token pass launch");
 }
 
@@ -526,11 +737,14 @@ inline bool is_aligned16(const void* pointer) { return is_aligned_to(pointer, 16
 
 template <typename T, int kMaxLevels>
 void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
   const size_t pair_bytes = 2 * sizeof(T);
   const bool paired = p.hidden % 2 == 0 && is_aligned_to(p.x, pair_bytes) && is_aligned_to(p.grad_y, pair_bytes) &&
                       is_aligned_to(p.grad_w_in, pair_bytes) && is_aligned_to(p.grad_w_out, pair_bytes);
-  auto kernel = paired ? weight_pass_kernel<T, kMaxLevels, true> : weight_pass_kernel<T, kMaxLevels, false>;
+  const bool staged = paired && p.weight_staged;
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1, staged);
+  auto kernel = staged ? weight_pass_kernel<T, kMaxLevels, true, true>
+                       : (paired ? weight_pass_kernel<T, kMaxLevels, true, false>
+                                 : weight_pass_kernel<T, kMaxLevels, false, false>);
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "weight pass shared memory");
@@ -572,7 +786,8 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
 
   if (p.chunks > 1) {
     const dim3 grid(backward_column_tiles(hidden), p.chunks, p.trees * levels);
-    fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
+    if (p.fixup_split) fixup_split_kernel<T><<<grid, dim3(kColumns, kFixupSplit), 0, stream>>>(p);
+    else fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
     HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
   }
   const int64_t nodes = nodes_per_tree(p.depth) * p.trees;

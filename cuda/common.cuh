@@ -341,16 +341,12 @@ __device__ __forceinline__ int subtree_node(int root, int j) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// PTX wrappers. Asynchronous 16-byte copies into shared memory (sm_80 and later):
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
+// PTX wrappers. Asynchronous 16-byte copies into shared memory (sm_80 and later; smem_addr, cp_async_commit and
+// cp_async_wait are in primitives.cuh):
 // 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros (padding rows and columns).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 // Thread-block clusters (few_tokens.cuh's cluster kernel):
 __device__ __forceinline__ void cluster_arrive_relaxed() {

@@ -39,6 +39,11 @@ struct Elem<float> {
   static __device__ __forceinline__ void store2(float* row, int64_t pair, float lo, float hi) {
     reinterpret_cast<float2*>(row)[pair] = make_float2(lo, hi);
   }
+  // A pair's raw bits (as copied into shared memory) and their values.
+  using Pair = uint2;
+  static __device__ __forceinline__ float2 from_pair(const Pair& v) {
+    return make_float2(__uint_as_float(v.x), __uint_as_float(v.y));
+  }
 };
 
 // 16-bit types: a 32-bit word holds two elements, widened and narrowed by the type's unpack2 / pack2.
@@ -65,6 +70,12 @@ struct PairedElem {
   template <typename T>
   static __device__ __forceinline__ void store2(T* row, int64_t pair, float lo, float hi) {
     reinterpret_cast<unsigned*>(row)[pair] = Derived::pack2(lo, hi);
+  }
+  using Pair = unsigned;
+  static __device__ __forceinline__ float2 from_pair(Pair w) {
+    float2 f;
+    Derived::unpack2(w, f.x, f.y);
+    return f;
   }
 };
 
@@ -115,6 +126,21 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 __host__ __device__ __forceinline__ int64_t nodes_per_tree(int depth) { return (int64_t{2} << depth) - 1; }
+
+// Asynchronous global -> shared copies (sm_80 and later). The "memory" clobbers keep the compiler from moving shared
+// memory reads or writes across them.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// kBytes (4, 8 or 16) bytes, cached in L1 on the way (.ca), so that warps reading the same rows share them.
+template <int kBytes>
+__device__ __forceinline__ void cp_async_ca(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(kBytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
 
 }  // namespace
 }  // namespace hf_fff_cuda

@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(RouteSharedThreads<T, NV>::value, 1) route_top
   for (int i = tid; i < n_buckets; i += kRouteSharedThreads) hist[i] = 0;
   if (kFusedSort && blockIdx.x == 0)
     for (int i = tid; i < n_buckets; i += kRouteSharedThreads) p.counts[i] = 0;  // read after the first grid barrier
-  cp_async_wait_all();
+  cp_async_wait<0>();
   __syncthreads();
   // Each block routes one contiguous run of ceil(tokens / blocks) tokens, its warps taking every kW-th: the SMs get
   // equal shares (with warps striding over the whole grid, 100 of 132 blocks routed 256 tokens and 32 routed 224 at
@@ -251,7 +251,7 @@ __device__ __forceinline__ void stage_bucket_rows(T* rows_in, float* bias_s, con
   }
   cp_async_commit();
   for (int i = threadIdx.x; i < sub; i += blockDim.x) bias_s[i] = Elem<T>::load(b_in + subtree_node(root, i));
-  cp_async_wait_all();
+  cp_async_wait<0>();
 }
 
 // A finishing block's shared memory: the bucket's rows in stage_bucket_rows' layout, the subtree's biases and the
