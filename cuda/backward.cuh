@@ -255,7 +255,9 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
 // Token pass with the rows staged in shared memory: cp.async copies the next level's w_in and w_out rows while this
 // level's sums, GELU and butterflies run, without registers to hold them (the kernel above waits on each level's
 // loads before it can start the level). A lane copies exactly the 16-byte vectors it later reads (lane + 32 k), so no
-// lane waits on another's copy. Same arithmetic as above: same bits.
+// lane waits on another's copy. Same arithmetic as above: same bits. Taken for 16-bit types only: on an H100 it took
+// the bf16 backward from 538 to 512 us at 32768 tokens (134 -> 122 at 4096), but the fp32 one from 509 to 577 (its
+// rows are twice the bytes: 96 KB of stages per block).
 template <typename T, int kVecs>
 __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
     token_pass_staged_kernel(const BackwardParams p) {
@@ -392,10 +394,8 @@ __device__ __forceinline__ void load_pair(const T* x_row, const T* g_row, int co
   }
 }
 
-// kStaged (kPaired only): the next group's pairs are copied into shared memory by cp.async while this one's are summed.
-template <typename T, int kMaxLevels, bool kPaired, bool kStaged>
+template <typename T, int kMaxLevels, bool kPaired>
 __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardParams p) {
-  static_assert(kPaired || !kStaged, "staged copies move whole pairs");
   extern __shared__ float smem[];
   const int chunk_size = p.chunk, depth = p.depth, levels = depth + 1, hidden = p.hidden, trees = p.trees;
   const int tree = blockIdx.z;
@@ -411,9 +411,6 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
   int* s_first = s_token + chunk_size;  // (chunk): the highest level whose node ends at the token (levels: none)
   float2* s_x = reinterpret_cast<float2*>(s_first + chunk_size);           // (kPairGroup, kColumns): own pair only
   float2* s_g = s_x + kPairGroup * kColumns;
-  using Pair = typename Elem<T>::Pair;  // kStaged: (2, kPairGroup, kColumns) raw pairs each, in the same place
-  Pair* s_raw_x = reinterpret_cast<Pair*>(s_x);
-  Pair* s_raw_g = s_raw_x + 2 * kPairGroup * kColumns;
 
   const int* sorted_leaf = p.sorted_leaf + tree * p.tokens;
   const int64_t* order = p.order + tree * p.tokens;
@@ -452,59 +449,24 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
 #pragma unroll
   for (int l = 0; l < kMaxLevels; ++l) sum_in[l][0] = sum_in[l][1] = sum_out[l][0] = sum_out[l][1] = 0.f;
 
-  // kStaged: the group starting at g0 into its stage (this thread's own slots, which only it reads).
-  auto stage_group = [&](int g0) {
-    const int64_t at = ((g0 / kPairGroup) & 1) * kPairGroup * kColumns + threadIdx.x;
-    if (col < hidden) {  // the bias column's pair is a constant
-#pragma unroll
-      for (int j = 0; j < kPairGroup; ++j) {
-        if (g0 + j < len) {
-          const int64_t row = s_token[g0 + j] * int64_t{hidden};
-          cp_async_ca<sizeof(Pair)>(s_raw_x + at + j * kColumns, x + row + col);
-          cp_async_ca<sizeof(Pair)>(s_raw_g + at + j * kColumns, grad_y + row + col);
-        }
-      }
-    }
-    cp_async_commit();
-  };
-  if constexpr (kStaged) stage_group(0);
-
   for (int g0 = 0; g0 < len; g0 += kPairGroup) {
-    if constexpr (kStaged) {
-      if (g0 + kPairGroup < len) {
-        stage_group(g0 + kPairGroup);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      // All of the group's loads in flight at once, then parked in this thread's shared-memory slots so that the
-      // token loop below needs no unrolling.
-      float2 xs[kPairGroup], gs[kPairGroup];
+    // All of the group's loads in flight at once, then parked in this thread's shared-memory slots so that the
+    // token loop below needs no unrolling.
+    float2 xs[kPairGroup], gs[kPairGroup];
 #pragma unroll
-      for (int j = 0; j < kPairGroup; ++j) {
-        const int64_t row = (g0 + j < len ? s_token[g0 + j] : s_token[0]) * int64_t{hidden};
-        load_pair<T, kPaired>(x + row, grad_y + row, col, hidden, xs[j], gs[j]);
-      }
+    for (int j = 0; j < kPairGroup; ++j) {
+      const int64_t row = (g0 + j < len ? s_token[g0 + j] : s_token[0]) * int64_t{hidden};
+      load_pair<T, kPaired>(x + row, grad_y + row, col, hidden, xs[j], gs[j]);
+    }
 #pragma unroll
-      for (int j = 0; j < kPairGroup; ++j) {
-        s_x[j * kColumns + threadIdx.x] = xs[j];
-        s_g[j * kColumns + threadIdx.x] = gs[j];
-      }
+    for (int j = 0; j < kPairGroup; ++j) {
+      s_x[j * kColumns + threadIdx.x] = xs[j];
+      s_g[j * kColumns + threadIdx.x] = gs[j];
     }
     const int group_len = min(kPairGroup, len - g0);
-    const int64_t stage = ((g0 / kPairGroup) & 1) * kPairGroup * kColumns;
     for (int j = 0; j < group_len; ++j) {
       const int at = g0 + j;
-      float2 xv, gv;
-      if constexpr (kStaged) {
-        const int64_t slot = stage + j * kColumns + threadIdx.x;
-        xv = col < hidden ? Elem<T>::from_pair(s_raw_x[slot]) : make_float2(1.f, 0.f);
-        gv = col < hidden ? Elem<T>::from_pair(s_raw_g[slot]) : make_float2(0.f, 0.f);
-      } else {
-        xv = s_x[j * kColumns + threadIdx.x];
-        gv = s_g[j * kColumns + threadIdx.x];
-      }
+      const float2 xv = s_x[j * kColumns + threadIdx.x], gv = s_g[j * kColumns + threadIdx.x];
       const float4* ci = reinterpret_cast<const float4*>(s_coef_in + at * stride);
       const float4* co = reinterpret_cast<const float4*>(s_coef_out + at * stride);
 #pragma unroll
@@ -608,70 +570,6 @@ __global__ void __launch_bounds__(kColumns) fixup_kernel(const BackwardParams p)
   write_row<T>(p, path_row(tree, level, sorted_leaf[end - 1], depth), col, sum_in, sum_out);
 }
 
-// Fixup with kFixupSplit threads per column (block (kColumns, kFixupSplit)): thread y adds the partials of chunks
-// chunk + 1 + y, + 1 + y + kFixupSplit, ... in order, then the first adds the owner's slot 1 and the kFixupSplit
-// sums in y order. A fixed order (the bits never vary from run to run), a different one from fixup_kernel's: the
-// top levels' nodes span every chunk, and one thread adding all their partials in turn is the fixup's critical path.
-constexpr int kFixupSplit = 4;
-template <typename T>
-__global__ void __launch_bounds__(kColumns * kFixupSplit) fixup_split_kernel(const BackwardParams p) {
-  __shared__ float s_in[kFixupSplit][kColumns], s_out[kFixupSplit][kColumns];
-  const int depth = p.depth, levels = depth + 1, hidden = p.hidden;
-  const int tree = blockIdx.z / levels, level = blockIdx.z % levels;
-  const int64_t chunk = blockIdx.y;
-  const int col = blockIdx.x * kColumns + threadIdx.x, y = threadIdx.y;
-  const int64_t tokens = p.tokens;
-  const int64_t start = chunk * p.chunk, end = min(start + p.chunk, tokens);
-  const int* sorted_leaf = p.sorted_leaf + tree * tokens;
-  const int shift = depth - level;
-  const int node = sorted_leaf[end - 1] >> shift;
-  const bool runs_past = end < tokens && (sorted_leaf[end] >> shift) == node;
-  const bool started_before = start > 0 && (sorted_leaf[start - 1] >> shift) == node;
-  if (!runs_past || started_before) return;  // the same for the whole block
-  const int past = (node + 1) << shift;
-  int64_t lo = end, hi = tokens;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (sorted_leaf[mid] < past) lo = mid + 1; else hi = mid;
-  }
-  const int64_t last_chunk = (lo - 1) / p.chunk;
-
-  const int in_width = hidden + 1;
-  const bool has_in = col <= hidden, has_out = col < hidden;
-  float sum_in = 0.f, sum_out = 0.f;
-  for (int64_t c0 = chunk + 1 + y; c0 <= last_chunk; c0 += int64_t{kFixupSplit} * kFixupBatch) {
-    float in_part[kFixupBatch], out_part[kFixupBatch];
-#pragma unroll
-    for (int j = 0; j < kFixupBatch; ++j) {
-      const int64_t c = c0 + int64_t{j} * kFixupSplit;
-      const bool real = c <= last_chunk;
-      const int64_t slot = partial_index(p, tree, real ? c : chunk, level, 0);
-      in_part[j] = real && has_in ? p.partial_in[slot * in_width + col] : 0.f;
-      out_part[j] = real && has_out ? p.partial_out[slot * hidden + col] : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < kFixupBatch; ++j) {
-      if (c0 + int64_t{j} * kFixupSplit <= last_chunk) {
-        sum_in += in_part[j];
-        sum_out += out_part[j];
-      }
-    }
-  }
-  s_in[y][threadIdx.x] = sum_in;
-  s_out[y][threadIdx.x] = sum_out;
-  __syncthreads();
-  if (y != 0 || !has_in) return;
-  const int64_t own = partial_index(p, tree, chunk, level, 1);
-  float total_in = p.partial_in[own * in_width + col];
-  float total_out = has_out ? p.partial_out[own * hidden + col] : 0.f;
-#pragma unroll
-  for (int k = 0; k < kFixupSplit; ++k) {
-    total_in += s_in[k][threadIdx.x];
-    total_out += s_out[k][threadIdx.x];
-  }
-  write_row<T>(p, path_row(tree, level, sorted_leaf[end - 1], depth), col, total_in, total_out);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Rows no token visited: their gradients are zero. The passes write every visited row whole, so the outputs need no
 // zeroing beforehand. One warp per node: the node (tree, level, n) covers leaves [n << shift, (n + 1) << shift),
@@ -715,7 +613,7 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
 template <typename T, int kVecs>
 void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
-  if (p.token_staged) {
+  if constexpr (sizeof(T) == 2) {
     // per warp two stages of a w_in and a w_out row
     const int64_t smem = int64_t{kTokenWarps} * 4 * p.hidden * sizeof(T);
     auto kernel = token_pass_staged_kernel<T, kVecs>;
@@ -740,11 +638,8 @@ void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
   const size_t pair_bytes = 2 * sizeof(T);
   const bool paired = p.hidden % 2 == 0 && is_aligned_to(p.x, pair_bytes) && is_aligned_to(p.grad_y, pair_bytes) &&
                       is_aligned_to(p.grad_w_in, pair_bytes) && is_aligned_to(p.grad_w_out, pair_bytes);
-  const bool staged = paired && p.weight_staged;
-  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1, staged);
-  auto kernel = staged ? weight_pass_kernel<T, kMaxLevels, true, true>
-                       : (paired ? weight_pass_kernel<T, kMaxLevels, true, false>
-                                 : weight_pass_kernel<T, kMaxLevels, false, false>);
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
+  auto kernel = paired ? weight_pass_kernel<T, kMaxLevels, true> : weight_pass_kernel<T, kMaxLevels, false>;
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "weight pass shared memory");
@@ -786,8 +681,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
 
   if (p.chunks > 1) {
     const dim3 grid(backward_column_tiles(hidden), p.chunks, p.trees * levels);
-    if (p.fixup_split) fixup_split_kernel<T><<<grid, dim3(kColumns, kFixupSplit), 0, stream>>>(p);
-    else fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
+    fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
     HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
   }
   const int64_t nodes = nodes_per_tree(p.depth) * p.trees;

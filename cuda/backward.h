@@ -8,7 +8,8 @@
 //   1. token pass (one warp per token, tokens in tree 0's sorted order so that neighbouring warps share
 //      rows in L1): along each tree's path recompute z = x.w_in[row] + b and dg = grad_y.w_out[row], store
 //      coef_in = dg * GELU'(z) and coef_out = GELU(z) per (token, tree, level), and accumulate
-//      grad_x = sum coef_in * w_in[row] in registers.
+//      grad_x = sum coef_in * w_in[row] in registers. At 16 bits, a level's rows are copied into shared memory
+//      (cp.async) while the level before is computed.
 //   2. weight pass: a block owns `chunk` consecutive tokens of one tree's sorted order and a tile of
 //      columns, two per thread. Sorted by leaf means sorted by node at every level (node(l) = leaf >> (depth - l)),
 //      so each node's tokens are one run of the sorted order at every level. The block walks its tokens once,
@@ -68,10 +69,6 @@ struct BackwardParams {
   int trees;
   int chunk;   // tokens per weight-pass block
   int chunks;  // ceil(tokens / chunk)
-  // A/B knobs while they are measured (HF_FFF_BWD_* in the binding)
-  bool token_staged = false;   // token pass: rows staged in shared memory by cp.async a level ahead
-  bool weight_staged = false;  // weight pass: the next token group's x / grad_y pairs copied by cp.async
-  bool fixup_split = false;    // fixup: kFixupSplit threads per column sum interleaved partials
 };
 
 // Tokens per weight-pass block. The block stages `chunk * levels` coefficient pairs in shared memory, which caps
@@ -114,11 +111,11 @@ inline int64_t backward_chunk_count(int64_t tokens, int chunk) { return (tokens 
 HF_FFF_BWD_HOST_DEVICE inline int backward_coef_stride(int levels) { return (levels + 3) & ~3; }
 
 // Shared memory of the weight pass: coefficient pairs, leaves, token ids and first ending levels of its chunk, and
-// the x / grad_y pairs of a token group per thread (two groups when `staged`: the next one is copied in meanwhile).
-inline int64_t backward_weight_smem_bytes(int chunk, int levels, bool staged) {
+// the x / grad_y pairs of a token group per thread.
+inline int64_t backward_weight_smem_bytes(int chunk, int levels) {
   const int64_t per_token = 2 * backward_coef_stride(levels) * 4 + 3 * 4;
   const int64_t staging = int64_t{2} * kBackwardPairGroup * kBackwardColumns * 8;  // float2 x and grad_y per thread
-  return int64_t{chunk} * per_token + (staged ? 2 : 1) * staging;
+  return int64_t{chunk} * per_token + staging;
 }
 
 void launch_backward_f32(const BackwardParams& p, cudaStream_t stream);

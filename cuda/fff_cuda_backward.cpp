@@ -7,9 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <tuple>
 
 #include "backward.h"
@@ -63,12 +61,6 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x, con
                   trees * (depth + 1) <= 65535,
               "hf_fff CUDA backward: too large (tokens ", num(tokens), ", hidden ", num(hidden), ", trees ", num(trees),
               ", depth ", num(depth), ")");
-}
-
-// A/B knob while a candidate is measured (benchmarks/bench_backward.py --variants): HF_FFF_BWD_<name>, read at each call.
-bool knob(const char* name, bool fallback) {
-  const char* value = std::getenv((std::string("HF_FFF_BWD_") + name).c_str());
-  return value && *value ? std::atoi(value) != 0 : fallback;
 }
 
 // Each tree's tokens sorted by leaf. Returns (keys, sorted leaves, order), each (trees, tokens): the leaves masked
@@ -170,9 +162,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at
   p.trees = trees;
   p.chunk = chunk;
   p.chunks = static_cast<int>(chunks);
-  p.token_staged = knob("TOKEN_STAGED", true);
-  p.weight_staged = knob("WEIGHT_STAGED", true);
-  p.fixup_split = knob("FIXUP_SPLIT", true);
   switch (x.scalar_type()) {
     case at::kFloat: launch_backward_f32(p, stream); break;
     case at::kHalf: launch_backward_f16(p, stream); break;

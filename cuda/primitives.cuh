@@ -39,11 +39,6 @@ struct Elem<float> {
   static __device__ __forceinline__ void store2(float* row, int64_t pair, float lo, float hi) {
     reinterpret_cast<float2*>(row)[pair] = make_float2(lo, hi);
   }
-  // A pair's raw bits (as copied into shared memory) and their values.
-  using Pair = uint2;
-  static __device__ __forceinline__ float2 from_pair(const Pair& v) {
-    return make_float2(__uint_as_float(v.x), __uint_as_float(v.y));
-  }
 };
 
 // 16-bit types: a 32-bit word holds two elements, widened and narrowed by the type's unpack2 / pack2.
@@ -70,12 +65,6 @@ struct PairedElem {
   template <typename T>
   static __device__ __forceinline__ void store2(T* row, int64_t pair, float lo, float hi) {
     reinterpret_cast<unsigned*>(row)[pair] = Derived::pack2(lo, hi);
-  }
-  using Pair = unsigned;
-  static __device__ __forceinline__ float2 from_pair(Pair w) {
-    float2 f;
-    Derived::unpack2(w, f.x, f.y);
-    return f;
   }
 };
 
