@@ -90,8 +90,9 @@ run_train_bench(device='cuda', batches={task: (int(batch),)}, backward_tokens=()
       done ;;
     bench)
       $PY benchmarks/bench_cuda.py ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
-    bench-backward)
-      box $PY benchmarks/bench_backward.py --tokens 4096 16384 32768 --profile 2>&1 | tee "$OUT/bench_backward.log" || status=1 ;;
+    bench-backward)  # BENCH_BACKWARD_ARGS replaces the arguments, e.g. "--tokens 4096 32768 --variants A=0 A=1" to A/B a knob
+      box $PY benchmarks/bench_backward.py ${BENCH_BACKWARD_ARGS:---tokens 4096 16384 32768 --profile} 2>&1 \
+        | tee "$OUT/bench_backward.log" || status=1 ;;
     bench-quick)
       $PY benchmarks/bench_cuda.py --quick --no-compile ${NAIVE_DIR:+--naive "$NAIVE_DIR"} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
