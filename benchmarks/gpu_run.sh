@@ -56,7 +56,7 @@ raise SystemExit(m is None)" 2>&1 | tee "$OUT/build.log" || status=1 ;;
       tail -8 "$OUT/training.log" ;;
     hf-bench)
       box $PY -m hf_fff_cli bench --device cuda --dtype bfloat16 --tokens 1 4096 32768 --json "$OUT/hf_bench_bf16.json" 2>&1 | tee "$OUT/hf_bench_bf16.log" | tail -30 ;;
-    train-bench)
+    train-bench)  # give it STEP_S of 300 or more: on an H100 its two sequence-classification tables alone took 170 s
       box $PY -m hf_fff_cli bench --device cuda --train --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log" | tail -40 ;;
     train-compile)  # eager and torch.compile'd steps side by side; TRAIN_CASES="task:batch ..." (default seq-cls:32),
                     # COMPILE_MODE (default: default; reduce-overhead replays CUDA graphs)
