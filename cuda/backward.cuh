@@ -182,6 +182,48 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kPerLane > 24 ? 1 : (kPerLan
   }
 }
 
+// Pieces of the 16-byte token passes below. A lane holds vectors lane + 32 k (k < kVecs) of each row, unpacked to
+// fp32 in registers (every index is an unrolled loop counter).
+template <typename T, int kVecs>
+using LaneVectors = float[kVecs][Elem<T>::kVec];
+
+// The token's x and grad_y vectors; its grad_x sums start at zero.
+template <typename T, int kVecs>
+__device__ __forceinline__ void load_token(const T* x, const T* grad_y, int vectors, int lane,
+                                           LaneVectors<T, kVecs>& xr, LaneVectors<T, kVecs>& gr,
+                                           LaneVectors<T, kVecs>& gx) {
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+#pragma unroll
+    for (int e = 0; e < Elem<T>::kVec; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
+    if (v < vectors) {
+      load_vec(x, v, xr[k]);
+      load_vec(grad_y, v, gr[k]);
+    }
+  }
+}
+
+// grad_x += c_in * w_in[row], from the w_in vectors the level's dot loop kept in wr.
+template <typename T, int kVecs>
+__device__ __forceinline__ void accumulate_grad_x(float c_in, const LaneVectors<T, kVecs>& wr,
+                                                  LaneVectors<T, kVecs>& gx) {
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+#pragma unroll
+    for (int e = 0; e < Elem<T>::kVec; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
+  }
+}
+
+template <typename T, int kVecs>
+__device__ __forceinline__ void store_grad_x(T* grad_x, int vectors, int lane, const LaneVectors<T, kVecs>& gx) {
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int v = lane + 32 * k;
+    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
+  }
+}
+
 // Token pass with 16-byte loads: hidden is a multiple of the vector width, the rows are 16-byte aligned and
 // a row is at most 32 * kVecs vectors (lane holds vectors lane + 32 k). Same arithmetic as above, with an
 // eighth of the load instructions at 16 bits.
@@ -202,16 +244,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   float* coef_out = p.coef_out + token * trees * levels;
 
   float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    const int v = lane + 32 * k;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
-    if (v < vectors) {
-      load_vec(x, v, xr[k]);
-      load_vec(grad_y, v, gr[k]);
-    }
-  }
+  load_token<T, kVecs>(x, grad_y, vectors, lane, xr, gr, gx);
   for (int tree = 0; tree < trees; ++tree) {
     const int leaf = p.leaf_keys[tree * p.tokens + token];
     for (int level = 0; level < levels; ++level) {
@@ -237,19 +270,10 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
         }
       }
       const float c_in = row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
-#pragma unroll
-      for (int k = 0; k < kVecs; ++k) {
-#pragma unroll
-        for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
-      }
+      accumulate_grad_x<T, kVecs>(c_in, wr, gx);
     }
   }
-  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    const int v = lane + 32 * k;
-    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
-  }
+  store_grad_x<T, kVecs>(static_cast<T*>(p.grad_x) + token * hidden, vectors, lane, gx);
 }
 
 // Token pass with the rows staged in shared memory: cp.async copies the next level's w_in and w_out rows while this
@@ -298,16 +322,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   const T* x = static_cast<const T*>(p.x) + token * hidden;
   const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
   float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    const int v = lane + 32 * k;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
-    if (v < vectors) {
-      load_vec(x, v, xr[k]);
-      load_vec(grad_y, v, gr[k]);
-    }
-  }
+  load_token<T, kVecs>(x, grad_y, vectors, lane, xr, gr, gx);
   for (int step = 0; step < steps; ++step) {
     if (step + 1 < steps) {
       __syncwarp();  // the reads of the stage refilled here (at the step before) are done
@@ -319,6 +334,8 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
     const uint4* rows = stages + (step & 1) * 2 * vectors;
     float wr[kVecs][kE];
     float z = 0.f, dg = 0.f;
+    // The vector kernel's dot loop with the rows read from the stage. Written out: through a shared helper (rows as
+    // a callback or as pointers) nvcc allocates this kernel's registers differently, and the timed code is this one.
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
       const int v = lane + 32 * k;
@@ -336,18 +353,9 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
       }
     }
     const float c_in = row_coefficients(z, dg, b_in, step_row(step), coef_in, coef_out, step, lane);
-#pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-#pragma unroll
-      for (int e = 0; e < kE; ++e) gx[k][e] = fmaf(c_in, wr[k][e], gx[k][e]);
-    }
+    accumulate_grad_x<T, kVecs>(c_in, wr, gx);
   }
-  T* grad_x = static_cast<T*>(p.grad_x) + token * hidden;
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    const int v = lane + 32 * k;
-    if (v < vectors) reinterpret_cast<uint4*>(grad_x)[v] = Elem<T>::pack(gx[k]);
-  }
+  store_grad_x<T, kVecs>(static_cast<T*>(p.grad_x) + token * hidden, vectors, lane, gx);
 }
 
 // ---------------------------------------------------------------------------------------------------
