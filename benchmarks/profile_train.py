@@ -7,6 +7,10 @@ wall time of a step (CUDA-synchronised median), the GPU's busy time in that step
 busy time split by kernel kind (GEMM, attention, FFF, normalisation, dropout, optimizer, other elementwise), then
 the ten longest kernels. A step whose busy time is well below its wall time is bound by the host's launches.
 The models run one after the other, not interleaved: compare their kernel sums, not their walls.
+
+--free-fff adds a third model: UltraFastBERT-1x11 whose FFF layers cost nothing (each returns its input, so the
+dropout and residual add after it still run). Its step bounds what any FFF kernel can give the model's step.
+--compile times and profiles the steps under torch.compile (default mode; the optimizer stays eager).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -91,21 +96,45 @@ def report(name: str, step, steps: int) -> dict:
     return {"wall_ms": wall, "busy_ms": busy, "by_kind": dict(by_kind)}
 
 
+def free_fff_copy(model: nn.Module) -> nn.Module:
+    """A copy of an UltraFastBERT model whose FFF layers return their input: the step without any FFF cost."""
+    import copy
+
+    from hf_fff.modeling_ultrafastbert import UltraFastBertLayer
+
+    free = copy.deepcopy(model)
+    for layer in free.modules():
+        if isinstance(layer, UltraFastBertLayer):
+            layer.ffn = nn.Identity()
+    return free
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="seq-cls", choices=bench.TRAIN_TASKS)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--free-fff", action="store_true", help="add UltraFastBERT-1x11 with FFF layers that cost nothing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (default mode)")
     args = parser.parse_args()
     device = torch.device("cuda")
     ultrafast, bert = bench.build_training_models(args.task, device)
     vocab = min(ultrafast.config.vocab_size, bert.config.vocab_size)
     inputs = bench.training_batch(args.task, args.batch, args.seq, vocab, device)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.task}, batch {args.batch} x {args.seq}, bf16 autocast, AdamW fused")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.task}, batch {args.batch} x {args.seq}, bf16 autocast, AdamW fused{compiled}")
+    models = [("UltraFastBERT-1x11", ultrafast)]
+    if args.free_fff:
+        models.append(("UltraFastBERT-1x11, FFF free", free_fff_copy(ultrafast)))
+    models.append(("BERT-base", bert))
     results = {}
-    for name, model in (("UltraFastBERT-1x11", ultrafast), ("BERT-base", bert)):
-        step = bench.training_step(model, bench.make_optimizer(model), inputs, device)
+    for name, model in models:
+        optimizer = bench.make_optimizer(model)
+        if args.compile:
+            step = bench.compiled_training_step(model, optimizer, inputs, device, name, fullgraph=False)
+        else:
+            step = bench.training_step(model, optimizer, inputs, device)
         results[name] = report(name, step, args.steps)
     base = results["BERT-base"]["wall_ms"]
     print("\nstep           wall ms  vs BERT-base")
