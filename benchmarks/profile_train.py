@@ -90,6 +90,11 @@ def report(name: str, step, steps: int) -> dict:
     print(f"\n== {name}: step {wall:.2f} ms wall, {busy:.2f} ms of kernels ({busy / wall:.0%} busy)")
     for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
         print(f"   {kind:<18} {ms:7.2f} ms")
+    for kind in ("cast/copy", "other elementwise"):
+        print(f"   longest {kind}:")
+        ours = sorted(((ms, kernel) for kernel, ms in kernels.items() if kind_of(kernel) == kind), reverse=True)
+        for ms, kernel in ours[:4]:
+            print(f"     {ms:7.3f} ms  {kernel[:110]}")
     print("   longest kernels:")
     for kernel, ms in sorted(kernels.items(), key=lambda item: -item[1])[:10]:
         print(f"     {ms:7.3f} ms  {kernel[:110]}")
