@@ -10,6 +10,7 @@ The models run one after the other, not interleaved: compare their kernel sums, 
 
 --free-fff adds a third model: UltraFastBERT-1x11 whose FFF layers cost nothing (each returns its input, so the
 dropout and residual add after it still run). Its step bounds what any FFF kernel can give the model's step.
+--sparse-prediction (mlm) adds the same model with `config.sparse_prediction` on.
 --compile times and profiles the steps under torch.compile (default mode; the optimizer stays eager).
 """
 
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--free-fff", action="store_true", help="add UltraFastBERT-1x11 with FFF layers that cost nothing")
+    parser.add_argument("--sparse-prediction", action="store_true", help="mlm: add UltraFastBERT-1x11 with sparse prediction")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (default mode)")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -130,6 +132,8 @@ def main() -> None:
     compiled = ", torch.compile" if args.compile else ""
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.task}, batch {args.batch} x {args.seq}, bf16 autocast, AdamW fused{compiled}")
     models = [("UltraFastBERT-1x11", ultrafast)]
+    if args.sparse_prediction and args.task == "mlm":
+        models.append(("UltraFastBERT-1x11, sparse prediction", bench.sparse_prediction_copy(ultrafast)))
     if args.free_fff:
         models.append(("UltraFastBERT-1x11, FFF free", free_fff_copy(ultrafast)))
     models.append(("BERT-base", bert))
