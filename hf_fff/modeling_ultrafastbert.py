@@ -34,7 +34,6 @@ from .ops import FastDropout, check_fff_arguments, fast_dropout, leaves_like, ru
 # The published model masks padded keys by adding this to their scores (not -inf): an all-padding row
 # then attends uniformly instead of producing NaN, and unpadded rows are bit-for-bit the original.
 MASKED_SCORE = -10000.0
-_QKV_SPLIT = os.environ.get('HF_FFF_QKV_SPLIT', '0') == '1'  # candidate knob
 IGNORE_INDEX = -100  # a label that takes no loss (torch's and transformers' convention)
 
 
@@ -218,10 +217,7 @@ class UltraFastBertSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, seq_len, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
-        if _QKV_SPLIT:
-            query, key, value = (part.transpose(1, 2) for part in qkv.unbind(2))  # each (B, nh, S, hd)
-        else:
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, S, hd)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, S, hd)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         attention_fn: Callable = eager_attention_forward
         # SDPA cannot return probabilities, and transformers' SDPA wrapper cannot reshape an empty batch.
