@@ -119,43 +119,12 @@ def compare_variants(kernels, variants: list[dict[str, str]], dtypes: list[str],
         torch.cuda.empty_cache()
 
 
-def path_logits(problem) -> torch.Tensor:
-    """(tokens, trees, levels) fp32: each visited node's pre-activation x . w_in[row] + b_in[row], as a forward that
-    kept them would hand them to the backward (candidate: HF_FFF_BWD logits)."""
-    _, x, weight_in, bias_in, _, depth, leaves = problem
-    nodes = reference.nodes_per_tree(depth)
-    levels = []
-    for level in range(depth + 1):
-        in_tree = leaves & (2**depth - 1)
-        rows = torch.arange(leaves.shape[1], device=x.device) * nodes + (2**level - 1) + (in_tree >> (depth - level))
-        levels.append(torch.einsum("th,tkh->tk", x.float(), weight_in[rows].float()) + bias_in[rows].float())
-    return torch.stack(levels, dim=-1).contiguous()
-
-
-def compare_logits(dtypes: list[str], token_counts: list[int]) -> None:
-    from hf_fff.backends import cuda as cuda_backend
-
-    module = cuda_backend.load_module()
-    kernels = cuda_backend.load_kernels()
-    print("the fused backward recomputing the pre-activations vs taking them (medians in us; max |grad difference|)")
-    for dtype_name, tokens in itertools.product(dtypes, token_counts):
-        problem = fff_problem(tokens, DTYPES[dtype_name], kernels)
-        logits = path_logits(problem)
-        recomputed = median_us(lambda: kernels.backward(*problem))
-        taken = median_us(lambda: module.fff_backward(*problem, logits=logits))
-        diff = max((a.float() - b.float()).abs().max().item()
-                   for a, b in zip(kernels.backward(*problem), module.fff_backward(*problem, logits=logits)))
-        print(f"{dtype_name:>5} {tokens:>6} | recomputed {recomputed:8.1f} | taken {taken:8.1f} [{diff:.1e}]", flush=True)
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", nargs="+", type=parse_variant, metavar="NAME=VALUE[,...]")
-    parser.add_argument("--logits", action="store_true", help="candidate: time the backward taking the pre-activations")
     args = parser.parse_args()
 
     from hf_fff.backends import cuda as cuda_backend
@@ -165,9 +134,6 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, hf_fff {hf_fff.__version__ if hasattr(hf_fff, '__version__') else ''}, {datetime.date.today()}")
     if args.variants:
         compare_variants(kernels, args.variants, args.dtypes, args.tokens, args.profile)
-        return
-    if args.logits:
-        compare_logits(args.dtypes, args.tokens)
         return
     print(f"FFF {TREES}x{DEPTH} width {HIDDEN} backward vs dense {HIDDEN}-{DENSE}-{HIDDEN} FF backward; medians in us")
     header = f"{'dtype':>5} {'tokens':>6} | {'fused':>8} {'reference':>9} {'dense':>8} | {'dense/fused':>11} {'ref/fused':>9}"

@@ -62,18 +62,6 @@ __device__ __forceinline__ float row_coefficients(float z, float dg, const T* b_
   return c_in;
 }
 
-// The same from the pre-activation z itself and the summed dg (kLogits candidate).
-__device__ __forceinline__ float logit_coefficients(float z, float dg, float* coef_in, float* coef_out, int at,
-                                                    int lane) {
-  const GeluAndGrad g = gelu_and_grad(z);
-  const float c_in = dg * g.grad;
-  if (lane == 0) {
-    coef_in[at] = c_in;
-    coef_out[at] = g.value;
-  }
-  return c_in;
-}
-
 // Row of the weights visited at `level` by a token that reached `leaf` of `tree`.
 __device__ __forceinline__ int64_t path_row(int tree, int level, int leaf, int depth) {
   return tree * nodes_per_tree(depth) + ((int64_t{1} << level) - 1) + (leaf >> (depth - level));
@@ -200,7 +188,7 @@ template <typename T, int kVecs>
 using LaneVectors = float[kVecs][Elem<T>::kVec];
 
 // The token's x and grad_y vectors; its grad_x sums start at zero.
-template <typename T, int kVecs, bool kLoadX = true>
+template <typename T, int kVecs>
 __device__ __forceinline__ void load_token(const T* x, const T* grad_y, int vectors, int lane,
                                            LaneVectors<T, kVecs>& xr, LaneVectors<T, kVecs>& gr,
                                            LaneVectors<T, kVecs>& gx) {
@@ -210,7 +198,7 @@ __device__ __forceinline__ void load_token(const T* x, const T* grad_y, int vect
 #pragma unroll
     for (int e = 0; e < Elem<T>::kVec; ++e) xr[k][e] = gr[k][e] = gx[k][e] = 0.f;
     if (v < vectors) {
-      if constexpr (kLoadX) load_vec(x, v, xr[k]);
+      load_vec(x, v, xr[k]);
       load_vec(grad_y, v, gr[k]);
     }
   }
@@ -239,8 +227,7 @@ __device__ __forceinline__ void store_grad_x(T* grad_x, int vectors, int lane, c
 // Token pass with 16-byte loads: hidden is a multiple of the vector width, the rows are 16-byte aligned and
 // a row is at most 32 * kVecs vectors (lane holds vectors lane + 32 k). Same arithmetic as above, with an
 // eighth of the load instructions at 16 bits.
-// kLogits (candidate): the forward's pre-activations z come in p.logits, so x is neither loaded nor dotted.
-template <typename T, int kVecs, bool kLogits = false>
+template <typename T, int kVecs>
 __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ? 1 : 2)
     token_pass_vec_kernel(const BackwardParams p) {
   constexpr int kE = Elem<T>::kVec;
@@ -257,13 +244,9 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   float* coef_out = p.coef_out + token * trees * levels;
 
   float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
-  load_token<T, kVecs, !kLogits>(x, grad_y, vectors, lane, xr, gr, gx);
+  load_token<T, kVecs>(x, grad_y, vectors, lane, xr, gr, gx);
   for (int tree = 0; tree < trees; ++tree) {
     const int leaf = p.leaf_keys[tree * p.tokens + token];
-    float lane_logit = 0.f;  // kLogits: lane l holds level l's
-    if constexpr (kLogits) {
-      if (lane < levels) lane_logit = p.logits[(token * trees + tree) * levels + lane];
-    }
     for (int level = 0; level < levels; ++level) {
       const int64_t row = path_row(tree, level, leaf, depth);
       const T* wi = static_cast<const T*>(p.w_in) + row * hidden;
@@ -282,17 +265,11 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
         }
 #pragma unroll
         for (int e = 0; e < kE; ++e) {
-          if constexpr (!kLogits) z = fmaf(xr[k][e], wr[k][e], z);
+          z = fmaf(xr[k][e], wr[k][e], z);
           dg = fmaf(gr[k][e], wo_v[e], dg);
         }
       }
-      float c_in;
-      if constexpr (kLogits) {
-        c_in = logit_coefficients(__shfl_sync(kFullMask, lane_logit, level), warp_sum(dg), coef_in, coef_out,
-                                  tree * levels + level, lane);
-      } else {
-        c_in = row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
-      }
+      const float c_in = row_coefficients(z, dg, b_in, row, coef_in, coef_out, tree * levels + level, lane);
       accumulate_grad_x<T, kVecs>(c_in, wr, gx);
     }
   }
@@ -535,9 +512,6 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
               write_row<T>(p, row, col + 1, sum_in[l][1], sum_out[l][1]);
             }
           } else {
-            if (p.fixup_owners && !started_before && col == 0) {  // this chunk owns the node: list it once
-              p.owners[atomicAdd(p.owner_count, 1)] = (int64_t{tree} * levels + l) * p.chunks + chunk;
-            }
             const int64_t slot = partial_index(p, tree, chunk, l, started_before ? 0 : 1);
             p.partial_in[slot * in_width + col] = sum_in[l][0];
             if (col + 1 <= hidden) p.partial_in[slot * in_width + col + 1] = sum_in[l][1];
@@ -552,17 +526,24 @@ __global__ void __launch_bounds__(kColumns) weight_pass_kernel(const BackwardPar
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Fixup of one spanning node, by the chunk that owns it (the chunk in which the node starts and whose run reaches
-// past it): it adds its slot 1 and the slot 0 of every following chunk the run covers, in chunk order, and writes
-// the row's column `col`.
+// Fixup: block (column tile, chunk, tree * levels). The chunk in which a node starts and whose run reaches
+// past it owns that node: it adds its slot 1 and the slot 0 of every following chunk the run covers, in
+// chunk order, and writes the row.
 template <typename T>
-__device__ __forceinline__ void fixup_node(const BackwardParams& p, int tree, int level, int64_t chunk, int col) {
-  const int depth = p.depth, hidden = p.hidden;
+__global__ void __launch_bounds__(kColumns) fixup_kernel(const BackwardParams p) {
+  const int depth = p.depth, levels = depth + 1, hidden = p.hidden;
+  const int tree = blockIdx.z / levels, level = blockIdx.z % levels;
+  const int64_t chunk = blockIdx.y;
+  const int col = blockIdx.x * kColumns + threadIdx.x;
+  if (col > hidden) return;
   const int64_t tokens = p.tokens;
-  const int64_t end = min((chunk + 1) * p.chunk, tokens);
+  const int64_t start = chunk * p.chunk, end = min(start + p.chunk, tokens);
   const int* sorted_leaf = p.sorted_leaf + tree * tokens;
   const int shift = depth - level;
   const int node = sorted_leaf[end - 1] >> shift;
+  const bool runs_past = end < tokens && (sorted_leaf[end] >> shift) == node;
+  const bool started_before = start > 0 && (sorted_leaf[start - 1] >> shift) == node;
+  if (!runs_past || started_before) return;
   // The run's end: the first position past `end` whose leaf lies beyond the node's leaves.
   const int past = (node + 1) << shift;
   int64_t lo = end, hi = tokens;
@@ -595,42 +576,6 @@ __device__ __forceinline__ void fixup_node(const BackwardParams& p, int tree, in
     }
   }
   write_row<T>(p, path_row(tree, level, sorted_leaf[end - 1], depth), col, sum_in, sum_out);
-}
-
-// Fixup over every (chunk, level): block (column tile, chunk, tree * levels), most of which find that their chunk
-// owns no spanning node and exit.
-template <typename T>
-__global__ void __launch_bounds__(kColumns) fixup_kernel(const BackwardParams p) {
-  const int depth = p.depth, levels = depth + 1;
-  const int tree = blockIdx.z / levels, level = blockIdx.z % levels;
-  const int64_t chunk = blockIdx.y;
-  const int col = blockIdx.x * kColumns + threadIdx.x;
-  if (col > p.hidden) return;
-  const int64_t tokens = p.tokens;
-  const int64_t start = chunk * p.chunk, end = min(start + p.chunk, tokens);
-  const int* sorted_leaf = p.sorted_leaf + tree * tokens;
-  const int shift = depth - level;
-  const int node = sorted_leaf[end - 1] >> shift;
-  const bool runs_past = end < tokens && (sorted_leaf[end] >> shift) == node;
-  const bool started_before = start > 0 && (sorted_leaf[start - 1] >> shift) == node;
-  if (!runs_past || started_before) return;
-  fixup_node<T>(p, tree, level, chunk, col);
-}
-
-// Fixup over the owners the weight pass listed: block (column tile, i) takes owners i, i + gridDim.y, ... The list's
-// order varies from run to run (atomics), but each node's sum does not.
-constexpr int kFixupOwnerBlocks = 256;  // grid rows
-template <typename T>
-__global__ void __launch_bounds__(kColumns) fixup_owners_kernel(const BackwardParams p) {
-  const int col = blockIdx.x * kColumns + threadIdx.x;
-  if (col > p.hidden) return;
-  const int levels = p.depth + 1, count = *p.owner_count;
-  for (int i = blockIdx.y; i < count; i += gridDim.y) {
-    const int64_t owner = p.owners[i];
-    const int64_t tree_level = owner / p.chunks;
-    fixup_node<T>(p, static_cast<int>(tree_level / levels), static_cast<int>(tree_level % levels), owner % p.chunks,
-                  col);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -676,9 +621,7 @@ void launch_token_pass(const BackwardParams& p, cudaStream_t stream) {
 template <typename T, int kVecs>
 void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.tokens + kTokenWarps - 1) / kTokenWarps;
-  if (p.logits != nullptr) {
-    token_pass_vec_kernel<T, kVecs, true><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
-  } else if constexpr (sizeof(T) == 2) {
+  if constexpr (sizeof(T) == 2) {
     // per warp two stages of a w_in and a w_out row
     const int64_t smem = int64_t{kTokenWarps} * 4 * p.hidden * sizeof(T);
     auto kernel = token_pass_staged_kernel<T, kVecs>;
@@ -746,13 +689,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
 
   if (p.chunks > 1) {
     const dim3 grid(backward_column_tiles(hidden), p.chunks, p.trees * levels);
-    if (p.fixup_owners) {
-      const int64_t most = int64_t{p.trees} * levels * p.chunks;
-      const dim3 rows(backward_column_tiles(hidden), static_cast<unsigned>(std::min<int64_t>(most, kFixupOwnerBlocks)));
-      fixup_owners_kernel<T><<<rows, kColumns, 0, stream>>>(p);
-    } else {
-      fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
-    }
+    fixup_kernel<T><<<grid, kColumns, 0, stream>>>(p);
     HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
   }
   const int64_t nodes = nodes_per_tree(p.depth) * p.trees;

@@ -69,14 +69,6 @@ struct BackwardParams {
   int trees;
   int chunk;   // tokens per weight-pass block
   int chunks;  // ceil(tokens / chunk)
-  // A/B knob while it is measured (HF_FFF_BWD_FIXUP_OWNERS in the binding): the weight pass lists the chunks that own
-  // a spanning node, and the fixup visits those only.
-  bool fixup_owners = false;
-  int64_t* owners = nullptr;   // (trees * levels * chunks,): (tree * levels + level) * chunks + chunk of each owner
-  int* owner_count = nullptr;  // how many the weight pass listed (zero before it runs)
-  // Candidate: the forward's pre-activations (tokens, trees, levels) fp32, so the token pass need not recompute them
-  // (16-byte loads only; the binding's `logits` argument).
-  const float* logits = nullptr;
 };
 
 // Tokens per weight-pass block. The block stages `chunk * levels` coefficient pairs in shared memory, which caps
@@ -156,10 +148,11 @@ size_t launch_backward_sort(const BackwardSort& sort, cudaStream_t stream);
 
 #ifndef __CUDACC__
 // Python binding (fff_cuda_backward.cpp): the four gradients of fff_forward along the saved leaves.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias_in,
-    const at::Tensor& weight_out, int64_t depth, const at::Tensor& leaves,
-    const c10::optional<at::Tensor>& logits = c10::nullopt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                      const at::Tensor& weight_in,
+                                                                      const at::Tensor& bias_in,
+                                                                      const at::Tensor& weight_out, int64_t depth,
+                                                                      const at::Tensor& leaves);
 #endif
 
 }  // namespace hf_fff_cuda

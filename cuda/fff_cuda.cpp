@@ -180,7 +180,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "FFF forward (CUDA): x (M, H), weight_in (T*N, H), bias_in (T*N,), weight_out (T*N, H) -> (y, leaves)",
         py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"),
         py::arg("strategy") = 0, py::arg("split") = 0, py::arg("out") = py::none(), py::arg("leaves_out") = py::none());
-  m.def("fff_backward", &hf_fff_cuda::fff_backward, "FFF backward (CUDA): (grad_y, x, weight_in, bias_in, weight_out, depth, leaves) -> (grad_x, grad_weight_in, grad_bias_in, grad_weight_out)", py::arg("grad_y"), py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"), py::arg("leaves"), py::arg("logits") = py::none());
+  m.def("fff_backward", &hf_fff_cuda::fff_backward, "FFF backward (CUDA): (grad_y, x, weight_in, bias_in, weight_out, depth, leaves) -> (grad_x, grad_weight_in, grad_bias_in, grad_weight_out)", py::arg("grad_y"), py::arg("x"), py::arg("weight_in"), py::arg("bias_in"), py::arg("weight_out"), py::arg("depth"), py::arg("leaves"));
   m.def("plan", &hf_fff_cuda::plan_auto, "(strategy, setting) that fff_forward picks for a problem", py::arg("tokens"),
         py::arg("hidden"), py::arg("depth"), py::arg("trees"), py::arg("dtype"), py::arg("num_sms"),
         py::arg("smem_limit") = 232448, py::arg("major") = 9);

@@ -7,9 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <tuple>
 
 #include "backward.h"
@@ -65,12 +63,6 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x, con
               ", depth ", num(depth), ")");
 }
 
-// A/B knob while a candidate is measured (benchmarks/bench_backward.py --variants): HF_FFF_BWD_<name>, read at each call.
-bool knob(const char* name, bool fallback) {
-  const char* value = std::getenv((std::string("HF_FFF_BWD_") + name).c_str());
-  return value && *value ? std::atoi(value) != 0 : fallback;
-}
-
 // Each tree's tokens sorted by leaf. Returns (keys, sorted leaves, order), each (trees, tokens): the leaves masked
 // into the tree in token order (int32), the same sorted (int32), and the token at each sorted position (int64).
 // Stable: equal leaves keep token order, so the summation order (and the bits) never vary. CUB's radix sort passes
@@ -108,16 +100,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_tokens_by_leaf(const at::Ten
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& bias_in,
-    const at::Tensor& weight_out, int64_t depth, const at::Tensor& leaves, const c10::optional<at::Tensor>& logits) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                      const at::Tensor& weight_in,
+                                                                      const at::Tensor& bias_in,
+                                                                      const at::Tensor& weight_out, int64_t depth,
+                                                                      const at::Tensor& leaves) {
   check_backward_arguments(grad_y, x, weight_in, bias_in, weight_out, depth, leaves);
-  if (logits.has_value()) {  // candidate: the forward's pre-activations, (tokens, trees, levels) fp32
-    const at::Tensor& z = *logits;
-    TORCH_CHECK(z.is_cuda() && z.device() == x.device() && z.is_contiguous() && z.scalar_type() == at::kFloat &&
-                    z.dim() == 3 && z.size(0) == x.size(0) && z.size(1) == leaves.size(1) && z.size(2) == depth + 1,
-                "hf_fff CUDA backward: logits must be contiguous float32 (tokens, trees, depth + 1) on x's device");
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const int64_t tokens = x.size(0);
@@ -150,9 +138,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(
   const int64_t slots = chunks > 1 ? int64_t{trees} * chunks * levels * 2 : 0;
   at::Tensor partial_in = at::empty({slots * (hidden + 1)}, fp32);
   at::Tensor partial_out = at::empty({slots * hidden}, fp32);
-  const bool fixup_owners = chunks > 1 && knob("FIXUP_OWNERS", true);
-  at::Tensor owners = at::empty({fixup_owners ? int64_t{trees} * levels * chunks : 0}, x.options().dtype(at::kLong));
-  at::Tensor owner_count = at::zeros({fixup_owners ? 1 : 0}, x.options().dtype(at::kInt));
 
   BackwardParams p{};
   p.grad_y = grad_y.data_ptr();
@@ -177,10 +162,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fff_backward(
   p.trees = trees;
   p.chunk = chunk;
   p.chunks = static_cast<int>(chunks);
-  p.logits = logits.has_value() ? logits->data_ptr<float>() : nullptr;
-  p.fixup_owners = fixup_owners;
-  p.owners = fixup_owners ? owners.data_ptr<int64_t>() : nullptr;
-  p.owner_count = fixup_owners ? owner_count.data_ptr<int>() : nullptr;
   switch (x.scalar_type()) {
     case at::kFloat: launch_backward_f32(p, stream); break;
     case at::kHalf: launch_backward_f16(p, stream); break;
