@@ -69,10 +69,10 @@ run_train_bench(device='cuda', batches={task: (int(batch),)}, backward_tokens=()
           "$case" "$OUT/train_compile_${case/:/_}_${COMPILE_MODE:-default}.json" "${COMPILE_MODE:-default}" 2>&1 \
           | tee "$OUT/train_compile_${case/:/_}_${COMPILE_MODE:-default}.log" | grep -v "^$" | tail -12
       done ;;
-    profile-train)
+    profile-train)  # with the free-FFF bound and (mlm) sparse prediction; PROFILE_ARGS=--compile profiles compiled steps
       for case in "seq-cls 32" "seq-cls 128" "mlm 128"; do
         set -- $case
-        box $PY benchmarks/profile_train.py --task $1 --batch $2 2>&1 | tee "$OUT/profile_train_$1_$2.log" | tail -4 || status=1
+        box $PY benchmarks/profile_train.py --task $1 --batch $2 --free-fff --sparse-prediction ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_train_$1_$2.log" | tail -4 || status=1
       done ;;
     sanitize)  # the forward's strategies and the fused backward's paths
       sanitize_scripts sanitize_cuda sanitize_backward 2>&1 | tee "$OUT/sanitize.log"
