@@ -1,14 +1,16 @@
 """Where a CUDA training step's time goes: UltraFastBERT-1x11 beside BERT-base, kernel time by kind.
 
-    python benchmarks/profile_train.py [--task seq-cls|mlm] [--batch 32] [--steps 5]
+    python benchmarks/profile_train.py [--task seq-cls|mlm] [--batch 32] [--steps 5] [--free-fff]
+                                       [--sparse-prediction] [--compile]
 
 The same models, batch, bf16 autocast and fused AdamW as `hf-fff bench --train`. For each model it prints the
 wall time of a step (CUDA-synchronised median), the GPU's busy time in that step (sum of kernel times) and that
-busy time split by kernel kind (GEMM, attention, FFF, normalisation, dropout, optimizer, other elementwise), then
-the ten longest kernels. A step whose busy time is well below its wall time is bound by the host's launches.
-The models run one after the other, not interleaved: compare their kernel sums, not their walls.
+busy time split by kernel kind (GEMM, attention, FFF, normalisation, dropout, optimizer, other elementwise), the
+four longest cast/copy and other elementwise kernels, and the ten longest of all. A step whose busy time is well
+below its wall time is bound by the host's launches. The models run one after the other, not interleaved: compare
+their kernel sums, not their walls.
 
---free-fff adds a third model: UltraFastBERT-1x11 whose FFF layers cost nothing (each returns its input, so the
+--free-fff adds a model: UltraFastBERT-1x11 whose FFF layers cost nothing (each returns its input, so the
 dropout and residual add after it still run). Its step bounds what any FFF kernel can give the model's step. Its
 optimizer step leaves out the FFF's parameters too (100 M of 164 M, ~1 ms of fused AdamW on an H100), which no
 kernel removes: add that back when reading the bound.
@@ -95,8 +97,8 @@ def report(name: str, step, steps: int) -> dict:
         print(f"   {kind:<18} {ms:7.2f} ms")
     for kind in ("cast/copy", "other elementwise"):
         print(f"   longest {kind}:")
-        ours = sorted(((ms, kernel) for kernel, ms in kernels.items() if kind_of(kernel) == kind), reverse=True)
-        for ms, kernel in ours[:4]:
+        of_kind = sorted(((ms, kernel) for kernel, ms in kernels.items() if kind_of(kernel) == kind), reverse=True)
+        for ms, kernel in of_kind[:4]:
             print(f"     {ms:7.3f} ms  {kernel[:110]}")
     print("   longest kernels:")
     for kernel, ms in sorted(kernels.items(), key=lambda item: -item[1])[:10]:
