@@ -21,6 +21,7 @@ kernel removes: add that back when reading the bound.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -108,8 +109,6 @@ def report(name: str, step, steps: int) -> dict:
 
 def free_fff_copy(model: nn.Module) -> nn.Module:
     """A copy of an UltraFastBERT model whose FFF layers return their input: the step without any FFF cost."""
-    import copy
-
     from hf_fff.modeling_ultrafastbert import UltraFastBertLayer
 
     free = copy.deepcopy(model)

@@ -19,6 +19,7 @@ constexpr int kTokenWarps = 8;                 // token pass: tokens (warps) per
 constexpr int kColumns = kBackwardColumns;     // weight pass: threads per block (a column pair each); fixup: columns
 constexpr int kPairGroup = kBackwardPairGroup; // weight pass: tokens whose x / grad_y pairs are in flight together
 constexpr int kFixupBatch = 8;                 // fixup: chunk partials loaded before they are added in order
+constexpr int kNodeWarps = 8;                  // zeroing: nodes (warps) per block
 
 // The .cu files are compiled without torch headers; a CUDA error becomes a C++ exception, which pybind11
 // hands to Python as a RuntimeError.
@@ -28,6 +29,14 @@ inline void check_cuda(cudaError_t status, const char* what) {
   }
 }
 #define HF_FFF_BWD_LAUNCH_CHECK(what) ::hf_fff_cuda::bwd::check_cuda(cudaGetLastError(), what)
+
+// A kernel launched with more than the default 48 KB of dynamic shared memory must be allowed it first.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int64_t bytes, const char* what) {
+  if (bytes > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), what);
+  }
+}
 
 // Exact GELU (primitives.cuh) and its derivative Phi(z) + z phi(z) from one erfc: the erfc form keeps Phi accurate
 // for z << 0, where 1 + erf(z / sqrt 2) cancels. z * Phi(z) has gelu(z)'s bits (the halving is exact either way).
@@ -586,7 +595,7 @@ template <typename T>
 __global__ void zero_unvisited_kernel(const BackwardParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t per_tree = nodes_per_tree(p.depth);
-  const int64_t node = blockIdx.x * int64_t{kTokenWarps} + (threadIdx.x >> 5);
+  const int64_t node = blockIdx.x * int64_t{kNodeWarps} + (threadIdx.x >> 5);
   if (node >= per_tree * p.trees) return;
   const int tree = static_cast<int>(node / per_tree);
   const int64_t heap = node - tree * per_tree;  // level l holds heap indices [2^l - 1, 2^(l+1) - 1)
@@ -625,10 +634,7 @@ void launch_token_pass_vec(const BackwardParams& p, cudaStream_t stream) {
     // per warp two stages of a w_in and a w_out row
     const int64_t smem = int64_t{kTokenWarps} * 4 * p.hidden * sizeof(T);
     auto kernel = token_pass_staged_kernel<T, kVecs>;
-    if (smem > 48 * 1024) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                 "token pass shared memory");
-    }
+    allow_dynamic_smem(kernel, smem, "token pass shared memory");
     kernel<<<static_cast<unsigned>(blocks), kTokenWarps * 32, smem, stream>>>(p);
   } else {
     token_pass_vec_kernel<T, kVecs><<<static_cast<unsigned>(blocks), kTokenWarps * 32, 0, stream>>>(p);
@@ -643,15 +649,12 @@ inline bool is_aligned16(const void* pointer) { return is_aligned_to(pointer, 16
 
 template <typename T, int kMaxLevels>
 void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
   const size_t pair_bytes = 2 * sizeof(T);
   const bool paired = p.hidden % 2 == 0 && is_aligned_to(p.x, pair_bytes) && is_aligned_to(p.grad_y, pair_bytes) &&
                       is_aligned_to(p.grad_w_in, pair_bytes) && is_aligned_to(p.grad_w_out, pair_bytes);
-  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
   auto kernel = paired ? weight_pass_kernel<T, kMaxLevels, true> : weight_pass_kernel<T, kMaxLevels, false>;
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "weight pass shared memory");
-  }
+  allow_dynamic_smem(kernel, smem, "weight pass shared memory");
   const dim3 grid(backward_weight_tiles(p.hidden), p.chunks, p.trees);
   kernel<<<grid, kColumns, smem, stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("weight pass launch");
@@ -693,7 +696,7 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
     HF_FFF_BWD_LAUNCH_CHECK("fixup launch");
   }
   const int64_t nodes = nodes_per_tree(p.depth) * p.trees;
-  zero_unvisited_kernel<T><<<static_cast<unsigned>((nodes + kTokenWarps - 1) / kTokenWarps), kTokenWarps * 32, 0,
+  zero_unvisited_kernel<T><<<static_cast<unsigned>((nodes + kNodeWarps - 1) / kNodeWarps), kNodeWarps * 32, 0,
                              stream>>>(p);
   HF_FFF_BWD_LAUNCH_CHECK("zeroing launch");
 }
