@@ -2,10 +2,10 @@
 
 On this machine, side by side: the kernel built for AVX2 (-march=x86-64-v3) and for the native target
 (AVX-512 where present), the plain torch reference and the dense 768-4095-768 layer the FFF replaces, at
-1, 128 and 4096 tokens on 1 and 2 threads; the fused backward against the forward at 4096 tokens; and
-the one-thread vs two-thread times of small calls behind the kernel's thread threshold. fp32, the BERT
-layer (hidden 768, one tree of depth 11). Medians of interleaved repeats. The machine's load average is
-printed beside the numbers: on a busy machine they are indicative only.
+1, 128 and 4096 tokens on 1 and 2 threads, each call starting from evicted caches; the fused backward against
+the forward at 4096 tokens; and the one-thread vs two-thread times of small calls behind the kernel's thread
+threshold. fp32, the BERT layer (hidden 768, one tree of depth 11). Medians of interleaved repeats. The
+machine's load average is printed beside the numbers: on a busy machine they are indicative only.
 """
 
 from __future__ import annotations
@@ -48,11 +48,17 @@ def cpu_description() -> dict:
     return info
 
 
-def median_times(functions: dict, repeats: int, idle_s: float = 0.0) -> dict:
+# Written before each timed call of the forward tables so that every call starts with cold caches, as a layer in a
+# model does (the other layers ran in between). Without it, a build timed right after another build of the same
+# kernel finds the tree rows that one read still cached: at 1 token that made the second 2.5x "faster".
+CACHE_EVICTION = torch.empty(64 * 2**20 // 4)
+
+
+def median_times(functions: dict, repeats: int, idle_s: float = 0.0, cold: bool = False) -> dict:
     """Median wall time (s) of each function, called in turn `repeats` times after one warm-up each.
 
     idle_s > 0 sleeps that long before every call, so that the OpenMP threads stop spinning and their
-    vCPUs go idle: what a call arriving after a pause pays.
+    vCPUs go idle: what a call arriving after a pause pays. cold=True evicts the caches before every call.
     """
     for fn in functions.values():
         fn()
@@ -61,6 +67,8 @@ def median_times(functions: dict, repeats: int, idle_s: float = 0.0) -> dict:
         for name, fn in functions.items():
             if idle_s:
                 time.sleep(idle_s)
+            if cold:
+                CACHE_EVICTION.fill_(0.0)
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
@@ -117,7 +125,7 @@ def main() -> int:
                 functions["dense"] = lambda x=x: F.linear(F.gelu(F.linear(x, dense_in, dense_bias)), dense_out_t)
                 repeats = args.repeats if tokens < 4096 else max(3, args.repeats // 3)
                 with torch.inference_mode():
-                    times = median_times(functions, repeats)
+                    times = median_times(functions, repeats, cold=True)
                 results["forward_ms"][f"{threads}t_{tokens}"] = {name: round(t * 1e3, 4) for name, t in times.items()}
                 line = "  ".join(f"{name} {t * 1e3:9.3f} ms" for name, t in times.items())
                 ratios = "  ".join(f"dense/{name} {times['dense'] / times[name]:6.1f}x" for name in functions if name.startswith("fff_"))
