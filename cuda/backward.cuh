@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
   float* coef_in = p.coef_in + token * trees * levels;
   float* coef_out = p.coef_out + token * trees * levels;
 
-  float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
+  LaneVectors<T, kVecs> xr, gr, gx;
   load_token<T, kVecs>(x, grad_y, vectors, lane, xr, gr, gx);
   for (int tree = 0; tree < trees; ++tree) {
     const int leaf = p.leaf_keys[tree * p.tokens + token];
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
       const int64_t row = path_row(tree, level, leaf, depth);
       const T* wi = static_cast<const T*>(p.w_in) + row * hidden;
       const T* wo = static_cast<const T*>(p.w_out) + row * hidden;
-      float wr[kVecs][kE];
+      LaneVectors<T, kVecs> wr;
       float z = 0.f, dg = 0.f;
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
 
   const T* x = static_cast<const T*>(p.x) + token * hidden;
   const T* grad_y = static_cast<const T*>(p.grad_y) + token * hidden;
-  float xr[kVecs][kE], gr[kVecs][kE], gx[kVecs][kE];
+  LaneVectors<T, kVecs> xr, gr, gx;
   load_token<T, kVecs>(x, grad_y, vectors, lane, xr, gr, gx);
   for (int step = 0; step < steps; ++step) {
     if (step + 1 < steps) {
@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(kTokenWarps * 32, kVecs * Elem<T>::kVec > 24 ?
       cp_async_wait<0>();
     }
     const uint4* rows = stages + (step & 1) * 2 * vectors;
-    float wr[kVecs][kE];
+    LaneVectors<T, kVecs> wr;
     float z = 0.f, dg = 0.f;
     // The vector kernel's dot loop with the rows read from the stage. Written out: through a shared helper (rows as
     // a callback or as pointers) nvcc allocates this kernel's registers differently, and the timed code is this one.
@@ -649,10 +649,10 @@ inline bool is_aligned16(const void* pointer) { return is_aligned_to(pointer, 16
 
 template <typename T, int kMaxLevels>
 void launch_weight_pass(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
   const size_t pair_bytes = 2 * sizeof(T);
   const bool paired = p.hidden % 2 == 0 && is_aligned_to(p.x, pair_bytes) && is_aligned_to(p.grad_y, pair_bytes) &&
                       is_aligned_to(p.grad_w_in, pair_bytes) && is_aligned_to(p.grad_w_out, pair_bytes);
+  const int64_t smem = backward_weight_smem_bytes(p.chunk, p.depth + 1);
   auto kernel = paired ? weight_pass_kernel<T, kMaxLevels, true> : weight_pass_kernel<T, kMaxLevels, false>;
   allow_dynamic_smem(kernel, smem, "weight pass shared memory");
   const dim3 grid(backward_weight_tiles(p.hidden), p.chunks, p.trees);
