@@ -50,7 +50,9 @@ def cpu_description() -> dict:
 
 # Written before each timed call of the forward tables so that every call starts with cold caches, as a layer in a
 # model does (the other layers ran in between). Without it, a build timed right after another build of the same
-# kernel finds the tree rows that one read still cached: at 1 token that made the second 2.5x "faster".
+# kernel finds the tree rows that one read still cached: at 1 token that made the second over 2x "faster".
+# 64 MB: many times a core's L2 and more than the 25 MB of tree rows; a large shared L3 may still keep some rows,
+# as it would between a model's layers.
 CACHE_EVICTION = torch.empty(64 * 2**20 // 4)
 
 

@@ -89,16 +89,17 @@ def report(name: str, step, steps: int) -> dict:
         step()
     wall = wall_ms(step, steps)
     kernels = kernel_ms(step, steps)
+    kind_by_kernel = {kernel: kind_of(kernel) for kernel in kernels}
     by_kind: dict[str, float] = defaultdict(float)
     for kernel, ms in kernels.items():
-        by_kind[kind_of(kernel)] += ms
+        by_kind[kind_by_kernel[kernel]] += ms
     busy = sum(kernels.values())
     print(f"\n== {name}: step {wall:.2f} ms wall, {busy:.2f} ms of kernels ({busy / wall:.0%} busy)")
     for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
         print(f"   {kind:<18} {ms:7.2f} ms")
     for kind in ("cast/copy", "other elementwise"):
         print(f"   longest {kind}:")
-        of_kind = sorted(((ms, kernel) for kernel, ms in kernels.items() if kind_of(kernel) == kind), reverse=True)
+        of_kind = sorted(((ms, kernel) for kernel, ms in kernels.items() if kind_by_kernel[kernel] == kind), reverse=True)
         for ms, kernel in of_kind[:4]:
             print(f"     {ms:7.3f} ms  {kernel[:110]}")
     print("   longest kernels:")
